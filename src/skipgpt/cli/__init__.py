@@ -1,0 +1,1 @@
+"""The `skipgpt` command line: one module per subcommand."""

@@ -1,0 +1,124 @@
+"""Dataclass configs that round-trip to JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+FORMAT_VERSION = 1
+
+ROUTER_KINDS = ("linear", "mlp")
+ROUTER_INPUTS = ("module", "layer")
+ROUTER_NORMS = ("rms", "none")
+ACCOUNTINGS = ("param", "module", "flop")
+
+
+@dataclass
+class BaseModelInfo:
+    """Identity of the base model a set of routers was trained on."""
+
+    name: str = ""
+    architecture: str = ""
+    model_type: str = ""
+    hidden_size: int = 0
+    num_layers: int = 0
+    fingerprint: str = ""
+
+
+@dataclass
+class SkipConfig:
+    """How routers are built and used.
+
+    router:        "linear" (the paper: hidden -> 2 logits) or "mlp" (hidden -> hidden/4 -> ReLU -> 2,
+                   as the published code).
+    router_input:  "module": each router reads its module's own input (attention: the layer input;
+                   MLP: the residual after attention). "layer": both read the layer input, so both
+                   decisions are known at the start of the layer.
+    router_norm:   "rms" rescales the router input to unit RMS before the linear map, because
+                   LLaMA-family residual streams carry outliers in the tens of thousands that make
+                   an unnormalised linear router jump; "none" is the paper's plain linear map.
+    execute_bias:  initial logit margin for "execute", so training starts from the dense model.
+    threshold:     inference-time shift: a module is skipped when skip_logit - execute_logit > threshold.
+    """
+
+    router: str = "linear"
+    router_input: str = "module"
+    router_norm: str = "rms"
+    execute_bias: float = 2.0
+    target_sparsity: float = 0.25
+    accounting: str = "param"
+    threshold: float = 0.0
+    base: BaseModelInfo = field(default_factory=BaseModelInfo)
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        if self.router not in ROUTER_KINDS:
+            raise ConfigError(f"router must be one of {ROUTER_KINDS}, got {self.router!r}")
+        if self.router_input not in ROUTER_INPUTS:
+            raise ConfigError(f"router_input must be one of {ROUTER_INPUTS}, got {self.router_input!r}")
+        if self.router_norm not in ROUTER_NORMS:
+            raise ConfigError(f"router_norm must be one of {ROUTER_NORMS}, got {self.router_norm!r}")
+        if self.accounting not in ACCOUNTINGS:
+            raise ConfigError(f"accounting must be one of {ACCOUNTINGS}, got {self.accounting!r}")
+        check_sparsity(self.target_sparsity)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> SkipConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object")
+        version = data.get("format_version", FORMAT_VERSION)
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ConfigError(
+                f"{source}: format_version {version} is newer than this skipgpt understands "
+                f"({FORMAT_VERSION}); upgrade skipgpt"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown keys {unknown}")
+        data = dict(data)
+        base = data.pop("base", {}) or {}
+        base_known = {f.name for f in dataclasses.fields(BaseModelInfo)}
+        if set(base) - base_known:
+            raise ConfigError(f"{source}: unknown keys in 'base': {sorted(set(base) - base_known)}")
+        try:
+            return cls(base=BaseModelInfo(**base), **data)
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "config") -> SkipConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source}: not valid JSON ({e})") from None
+        return cls.from_dict(data, source)
+
+    @classmethod
+    def load(cls, path: str | Path) -> SkipConfig:
+        path = Path(path)
+        return cls.from_json(path.read_text(encoding="utf-8"), source=str(path))
+
+
+def check_sparsity(value: float, name: str = "target sparsity") -> float:
+    """Sparsity targets are fractions in [0, 1); 1.0 would skip every module and leave no model."""
+    if not isinstance(value, (int, float)) or value != value:
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ConfigError(f"{name} must be in [0, 1) as a fraction (e.g. 0.25 for 25%), got {value}")
+    return float(value)

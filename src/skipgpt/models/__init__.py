@@ -1,0 +1,1 @@
+"""Model adapters, the routed wrapper, and model loading."""

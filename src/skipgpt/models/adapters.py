@@ -1,0 +1,131 @@
+"""Architecture adapters: find the decoder layers, attention, MLP and norms of a HF causal LM.
+
+Support is decided by structure, not by class name: a pre-norm decoder layer with `self_attn`
+(separate q/k/v/o projections), `mlp`, `input_layernorm` and `post_attention_layernorm` is the
+LLaMA shape (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2); one that also has
+`pre_feedforward_layernorm`/`post_feedforward_layernorm` is the Gemma-2/3 "sandwich" shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..routing.sparsity import ModuleCosts
+
+SUPPORTED = "Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2 (LLaMA-shaped) and Gemma 2/3 (sandwich norms)"
+
+
+@dataclass
+class LayerParts:
+    """The pieces of one decoder layer that routing needs. Sandwich models normalise module outputs too."""
+
+    layer: nn.Module
+    attn: nn.Module
+    mlp: nn.Module
+    attn_norm: nn.Module
+    mlp_norm: nn.Module
+    attn_out_norm: nn.Module | None = None
+    mlp_out_norm: nn.Module | None = None
+
+    @property
+    def sandwich(self) -> bool:
+        return self.attn_out_norm is not None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The HF causal LM inside a PEFT wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def find_decoder(model: nn.Module) -> nn.Module:
+    model = unwrap(model)
+    decoder = getattr(model, "model", None)
+    if decoder is None or not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
+        raise UnsupportedModelError(
+            f"{type(model).__name__}: no decoder with a `layers` list found; skipgpt supports {SUPPORTED}"
+        )
+    return decoder
+
+
+def _need(obj: nn.Module, name: str, where: str) -> nn.Module:
+    sub = getattr(obj, name, None)
+    if not isinstance(sub, nn.Module):
+        raise UnsupportedModelError(f"{where} has no `{name}` module; skipgpt supports {SUPPORTED}")
+    return sub
+
+
+def layer_parts(layer: nn.Module, index: int) -> LayerParts:
+    where = f"decoder layer {index} ({type(layer).__name__})"
+    attn = _need(layer, "self_attn", where)
+    for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        _need(attn, proj, f"{where}.self_attn")
+    mlp = _need(layer, "mlp", where)
+    input_norm = _need(layer, "input_layernorm", where)
+    post_attn = _need(layer, "post_attention_layernorm", where)
+    pre_ff = getattr(layer, "pre_feedforward_layernorm", None)
+    post_ff = getattr(layer, "post_feedforward_layernorm", None)
+    if pre_ff is not None or post_ff is not None:
+        if not (isinstance(pre_ff, nn.Module) and isinstance(post_ff, nn.Module)):
+            raise UnsupportedModelError(f"{where} has only one feed-forward norm; skipgpt supports {SUPPORTED}")
+        return LayerParts(layer, attn, mlp, input_norm, pre_ff, attn_out_norm=post_attn, mlp_out_norm=post_ff)
+    return LayerParts(layer, attn, mlp, input_norm, post_attn)
+
+
+def find_layers(model: nn.Module) -> list[LayerParts]:
+    decoder = find_decoder(model)
+    if len(decoder.layers) == 0:
+        raise UnsupportedModelError("the model has no decoder layers")
+    return [layer_parts(layer, i) for i, layer in enumerate(decoder.layers)]
+
+
+def _numel(module: nn.Module | None) -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() for n, p in module.named_parameters() if "lora_" not in n)
+
+
+def _weight_numel(linear: nn.Module) -> int:
+    return _numel(linear)
+
+
+def module_costs(model: nn.Module, layers: list[LayerParts]) -> ModuleCosts:
+    config = unwrap(model).config
+    rows = []
+    for p in layers:
+        a = p.attn
+        heads = config.num_attention_heads
+        head_dim = getattr(a, "head_dim", config.hidden_size // heads)
+        q_o = _weight_numel(a.q_proj) + _weight_numel(a.o_proj)
+        k_v = _weight_numel(a.k_proj) + _weight_numel(a.v_proj)
+        attn_params = _numel(a) + _numel(p.attn_norm) + _numel(p.attn_out_norm)
+        mlp_params = _numel(p.mlp) + _numel(p.mlp_norm) + _numel(p.mlp_out_norm)
+        rows.append((attn_params, mlp_params, 2.0 * q_o, 2.0 * k_v, 4.0 * heads * head_dim, 2.0 * _numel(p.mlp)))
+    t = torch.tensor(rows, dtype=torch.float64)
+    return ModuleCosts(*(t[:, i].contiguous() for i in range(6)))
+
+
+def fingerprint(model: nn.Module, samples: int = 256) -> str:
+    """A cheap identity of the base weights: names, shapes and a strided sample of values.
+
+    Values are rounded to bfloat16 so the same weights loaded in fp32, fp16-free bf16 or dequantised
+    from GGUF agree; LoRA parameters and PEFT name prefixes are ignored, so a base with an adapter
+    attached keeps the fingerprint of the base.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, param in sorted(unwrap(model).named_parameters(), key=lambda kv: kv[0]):
+        if "lora_" in name:
+            continue
+        name = name.replace(".base_layer", "")
+        flat = param.detach().reshape(-1)
+        step = max(1, flat.numel() // samples)
+        sample = flat[::step][:samples].to("cpu", torch.bfloat16).float()
+        h.update(f"{name}:{tuple(param.shape)};".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Routing core: routers, Gumbel decisions, forced policies, sparsity accounting."""

@@ -1,0 +1,137 @@
+"""Sparsity accounting: what fraction of the decoder a forward pass skipped.
+
+Three ratios, all over non-pad tokens only:
+- module: skipped module executions / all module executions (attention and MLP weigh the same);
+- param:  skipped decoder parameters / all decoder parameters, averaged over tokens (the paper's);
+- flop:   skipped FLOPs / all decoder FLOPs, under this project's semantics that a skipped attention
+          still computes its keys and values (they stay visible to later tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ModuleCosts:
+    """Per-layer costs, each a float64 tensor of shape (num_layers,)."""
+
+    attn_params: torch.Tensor  # all attention weights, its input norm included
+    mlp_params: torch.Tensor  # all MLP weights, its input norm included
+    attn_flops: torch.Tensor  # per executing token: q and o projections (and q/k norms)
+    attn_kv_flops: torch.Tensor  # per token, always paid: k and v projections
+    attn_ctx_flops: torch.Tensor  # per executing token and per visible key: QK^T and AV
+    mlp_flops: torch.Tensor  # per executing token
+
+    @property
+    def num_layers(self) -> int:
+        return self.attn_params.numel()
+
+    def to(self, device: torch.device | str) -> ModuleCosts:
+        return ModuleCosts(**{k: v.to(device) for k, v in self.__dict__.items()})
+
+
+def skip_totals(
+    gates: torch.Tensor, token_mask: torch.Tensor, context: torch.Tensor, costs: ModuleCosts
+) -> dict[str, torch.Tensor]:
+    """Sums behind every ratio for one forward pass (differentiable in `gates`).
+
+    gates:      (L, 2, B, T) execute gates, index 0 attention, 1 MLP.
+    token_mask: (B, T) 1 for real tokens, 0 for pads.
+    context:    (B, T) number of keys each token attends to (its position + 1).
+    """
+    m = token_mask.to(gates.dtype)
+    skip = (1.0 - gates) * m  # (L, 2, B, T)
+    per_module = skip.sum(dim=(2, 3))  # (L, 2)
+    c = costs.to(gates.device)
+    dt = gates.dtype
+    attn_tok = c.attn_flops.to(dt)[:, None, None] + c.attn_ctx_flops.to(dt)[:, None, None] * context.to(dt)
+    flop_skipped = (skip[:, 0] * attn_tok).sum() + (skip[:, 1].sum(dim=(1, 2)) * c.mlp_flops.to(dt)).sum()
+    flop_total = (m * attn_tok).sum() + m.sum() * (c.attn_kv_flops + c.mlp_flops).sum().to(dt)
+    param_skipped = (per_module[:, 0] * c.attn_params.to(dt)).sum() + (per_module[:, 1] * c.mlp_params.to(dt)).sum()
+    return {
+        "tokens": m.sum(),
+        "skipped": per_module,
+        "param_skipped": param_skipped,
+        "flop_skipped": flop_skipped,
+        "flop_total": flop_total,
+    }
+
+
+def ratios(totals: dict[str, torch.Tensor], costs: ModuleCosts) -> dict[str, torch.Tensor]:
+    """Turn summed totals into ratios (still differentiable)."""
+    tokens = totals["tokens"].clamp_min(1.0)
+    L = costs.num_layers
+    per_module = totals["skipped"] / tokens  # (L, 2) skip rate of each module
+    total_params = (costs.attn_params + costs.mlp_params).sum().to(per_module.dtype)
+    return {
+        "module": per_module.mean(),
+        "param": totals["param_skipped"] / (tokens * total_params),
+        "flop": totals["flop_skipped"] / totals["flop_total"].clamp_min(1.0),
+        "attention": per_module[:, 0].sum() / L,
+        "mlp": per_module[:, 1].sum() / L,
+        "per_module": per_module,
+    }
+
+
+@dataclass
+class SparsityReport:
+    """Realised sparsity over every token seen since the last reset."""
+
+    param: float
+    module: float
+    flop: float
+    attention: float
+    mlp: float
+    tokens: int
+    per_layer_attention: list[float]
+    per_layer_mlp: list[float]
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def short(self) -> dict[str, float]:
+        return {"param": self.param, "attention": self.attention, "mlp": self.mlp}
+
+    def __str__(self) -> str:
+        return (
+            f"param {self.param:.1%}  attention {self.attention:.1%}  mlp {self.mlp:.1%}  "
+            f"(module {self.module:.1%}, flop {self.flop:.1%}, {self.tokens} tokens)"
+        )
+
+
+class SparsityMeter:
+    """Accumulates skip totals over many forward passes (detached, float64)."""
+
+    def __init__(self, costs: ModuleCosts):
+        self.costs = costs
+        self.reset()
+
+    def reset(self) -> None:
+        self.totals: dict[str, torch.Tensor] | None = None
+
+    def add(self, totals: dict[str, torch.Tensor]) -> None:
+        t = {k: v.detach().double().cpu() for k, v in totals.items()}
+        if self.totals is None:
+            self.totals = t
+        else:
+            self.totals = {k: self.totals[k] + t[k] for k in t}
+
+    def report(self) -> SparsityReport:
+        if self.totals is None or float(self.totals["tokens"]) == 0:
+            L = self.costs.num_layers
+            return SparsityReport(0.0, 0.0, 0.0, 0.0, 0.0, 0, [0.0] * L, [0.0] * L)
+        r = ratios(self.totals, self.costs.to("cpu"))
+        pm = r["per_module"]
+        return SparsityReport(
+            param=float(r["param"]),
+            module=float(r["module"]),
+            flop=float(r["flop"]),
+            attention=float(r["attention"]),
+            mlp=float(r["mlp"]),
+            tokens=int(self.totals["tokens"]),
+            per_layer_attention=[float(x) for x in pm[:, 0]],
+            per_layer_mlp=[float(x) for x in pm[:, 1]],
+        )
