@@ -101,7 +101,8 @@ def load_routers(model: torch.nn.Module, directory: str | Path, check: bool = Tr
     for key, value in state.items():
         if value.shape != expected[key].shape:
             routed.unpatch()
-            raise ArtifactError(f"{weights}: {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+            want = tuple(expected[key].shape)
+            raise ArtifactError(f"{weights}: {key} has shape {tuple(value.shape)}, expected {want}")
         if not torch.isfinite(value).all():
             routed.unpatch()
             raise ArtifactError(f"{weights}: {key} holds NaN or infinite values")

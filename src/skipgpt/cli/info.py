@@ -13,7 +13,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description="Print the routable structure of MODEL (layers, parameters per module) and, with "
         "--routers, the router config and whether it matches the model.",
     )
-    p.add_argument("--model", default="smollm2-135m", help="hub name, HF folder, .gguf file or alias (default %(default)s)")
+    p.add_argument(
+        "--model", default="smollm2-135m", help="hub name, HF folder, .gguf file or alias (default %(default)s)"
+    )
     p.add_argument("--routers", default=None, help="router directory to check against the model")
     return p
 

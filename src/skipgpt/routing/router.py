@@ -25,7 +25,8 @@ class Router(nn.Module):
             self.net = nn.Linear(hidden_size, 2)
             last = self.net
         else:
-            self.net = nn.Sequential(nn.Linear(hidden_size, hidden_size // 4), nn.ReLU(), nn.Linear(hidden_size // 4, 2))
+            inner = hidden_size // 4
+            self.net = nn.Sequential(nn.Linear(hidden_size, inner), nn.ReLU(), nn.Linear(inner, 2))
             last = self.net[-1]
         # Zero weights + an execute bias: training starts at "execute everything" whatever the
         # scale of the hidden state (random weights on LLaMA outliers give near-random routing).

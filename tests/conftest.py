@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny random models of each supported architecture, and the embedded SmolLM2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+def tiny_config(arch: str):
+    import transformers as tf
+
+    if arch == "llama":
+        return tf.LlamaConfig(**TINY)
+    if arch == "mistral":
+        return tf.MistralConfig(**TINY, sliding_window=None)
+    if arch == "qwen2":
+        return tf.Qwen2Config(**TINY)
+    if arch == "qwen3":
+        return tf.Qwen3Config(**TINY, head_dim=8)
+    if arch == "gemma2":
+        return tf.Gemma2Config(**TINY, head_dim=8, query_pre_attn_scalar=8, sliding_window=16)
+    raise ValueError(arch)
+
+
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2"]
+
+
+def make_tiny(arch: str = "llama", seed: int = 0):
+    """A tiny randomly initialised causal LM (fp32, eval mode) of the given architecture."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    config._attn_implementation = "eager" if arch == "gemma2" else "sdpa"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random init is tiny; scale weights up so modules matter and skipping changes the logits.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny("llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct, fp32; do not mutate its weights."""
+    from skipgpt.models.loading import load_model
+
+    return load_model("smollm2-135m")

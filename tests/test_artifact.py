@@ -1,0 +1,118 @@
+"""Router artifacts: round trip, and one clear error for each kind of bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from skipgpt import RoutedModel, SkipConfig, load_routers, save_routers
+from skipgpt.artifact import CONFIG_NAME, WEIGHTS_NAME
+from skipgpt.errors import ArtifactError
+
+from conftest import make_tiny
+
+
+def trained_like(model) -> RoutedModel:
+    routed = RoutedModel(model, SkipConfig(router="mlp", target_sparsity=0.4))
+    torch.manual_seed(7)
+    for p in routed.routers.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    routed.threshold = 0.3
+    return routed
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = make_tiny("llama")
+    routed = trained_like(model)
+    save_routers(routed, tmp_path / "r")
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = routed(input_ids=ids).logits
+    decisions = routed.decisions()
+    routed.unpatch()
+    return tmp_path / "r", ids, logits, decisions
+
+
+def test_round_trip_gives_identical_routing(saved):
+    path, ids, logits, decisions = saved
+    assert json.loads((path / CONFIG_NAME).read_text())["threshold"] == 0.3
+    routed = load_routers(make_tiny("llama"), path)
+    assert routed.config.router == "mlp" and routed.threshold == 0.3
+    with torch.no_grad():
+        again = routed(input_ids=ids).logits
+    assert torch.equal(routed.decisions(), decisions)
+    torch.testing.assert_close(again, logits, rtol=0, atol=0)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_routers(make_tiny("llama"), tmp_path / "nope")
+
+
+def test_missing_config(saved):
+    path = saved[0]
+    (path / CONFIG_NAME).unlink()
+    with pytest.raises(ArtifactError, match="no skip_config.json"):
+        load_routers(make_tiny("llama"), path)
+
+
+def test_missing_weights(saved):
+    path = saved[0]
+    (path / WEIGHTS_NAME).unlink()
+    with pytest.raises(ArtifactError, match="no routers.safetensors"):
+        load_routers(make_tiny("llama"), path)
+
+
+def test_corrupt_weights(saved):
+    path = saved[0]
+    data = (path / WEIGHTS_NAME).read_bytes()
+    (path / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match="corrupt or truncated"):
+        load_routers(make_tiny("llama"), path)
+
+
+def test_corrupt_config(saved):
+    path = saved[0]
+    (path / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        load_routers(make_tiny("llama"), path)
+
+
+def test_config_from_a_newer_format(saved):
+    path = saved[0]
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    cfg["format_version"] = 99
+    (path / CONFIG_NAME).write_text(json.dumps(cfg))
+    with pytest.raises(ArtifactError, match="newer than this skipgpt"):
+        load_routers(make_tiny("llama"), path)
+
+
+def test_other_weights_are_refused(saved):
+    with pytest.raises(ArtifactError, match="different weights"):
+        load_routers(make_tiny("llama", seed=1), saved[0])
+    # ...unless the user insists.
+    load_routers(make_tiny("llama", seed=1), saved[0], check=False).unpatch()
+
+
+def test_other_architecture_is_refused(saved):
+    with pytest.raises(ArtifactError, match="layer count|hidden size|model type"):
+        load_routers(make_tiny("qwen3"), saved[0])
+
+
+def test_nan_weights_are_refused(saved):
+    from safetensors.torch import load_file, save_file
+
+    path = saved[0]
+    state = load_file(path / WEIGHTS_NAME)
+    key = next(iter(state))
+    state[key][..., 0] = float("nan")
+    save_file(state, path / WEIGHTS_NAME)
+    with pytest.raises(ArtifactError, match="NaN"):
+        load_routers(make_tiny("llama"), path, check=False)
+
+
+def test_save_leaves_no_temporary_files(saved):
+    assert sorted(p.name for p in saved[0].iterdir()) == [WEIGHTS_NAME, CONFIG_NAME]
