@@ -142,7 +142,8 @@ def test_sparsity_accounting_against_hand_computation():
     assert report.module == pytest.approx(sum(map(sum, skipped)) / (6 * n))
     assert report.attention == pytest.approx(sum(s[0] for s in skipped) / (3 * n))
     assert report.mlp == pytest.approx(sum(s[1] for s in skipped) / (3 * n))
-    expected_param = sum(s[0] * a + s[1] * m for s, a, m in zip(skipped, attn_p, mlp_p)) / (n * (sum(attn_p) + sum(mlp_p)))
+    skipped_params = sum(s[0] * a + s[1] * m for s, a, m in zip(skipped, attn_p, mlp_p))
+    expected_param = skipped_params / (n * (sum(attn_p) + sum(mlp_p)))
     assert report.param == pytest.approx(expected_param)
     assert report.per_layer_attention == pytest.approx([s[0] / n for s in skipped])
 
