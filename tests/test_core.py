@@ -226,3 +226,52 @@ def test_smollm2_parity_and_skip_all(smollm2):
             torch.testing.assert_close(skipped, skip_everything_reference(model, batch["input_ids"]))
         finally:
             routed.unpatch()
+
+
+def test_layer_input_option_feeds_the_mlp_router_the_layer_input():
+    model = make_tiny("llama")
+    ids, _ = ids_and_mask()
+    routed = RoutedModel(model, SkipConfig(router_input="layer"))
+    torch.manual_seed(2)
+    for p in routed.routers.parameters():
+        torch.nn.init.normal_(p, std=1.0)
+    with torch.no_grad():
+        routed(input_ids=ids)
+        x = model.model.embed_tokens(ids)
+        logits = routed.routers.mlp[0](x)
+    assert torch.equal(routed.decisions()[0, 1], logits[..., 1] - logits[..., 0] <= 0)
+
+
+def test_gumbel_sampling_at_inference_is_an_explicit_option():
+    model = make_tiny("llama")
+    ids, _ = ids_and_mask(seq=40)
+    routed = RoutedModel(model)
+    with torch.no_grad():
+        for r in list(routed.routers.attn) + list(routed.routers.mlp):
+            r.net.bias.zero_()  # 50/50 logits: argmax executes, sampling skips about half
+        routed(input_ids=ids)
+        assert routed.decisions().all()
+        routed.sample = True
+        torch.manual_seed(0)
+        routed(input_ids=ids)
+        first = routed.decisions()
+        torch.manual_seed(0)
+        routed(input_ids=ids)
+    assert torch.equal(first, routed.decisions())
+    assert 0.3 < first.float().mean() < 0.7
+
+
+def test_gradient_checkpointing_gives_the_same_router_gradients():
+    ids, mask = ids_and_mask()
+    grads = []
+    for ckpt in (False, True):
+        routed = RoutedModel(make_tiny("llama"))
+        routed.freeze_base()
+        routed.routers.train()
+        routed.gradient_checkpointing = ckpt
+        torch.manual_seed(11)
+        out = routed(input_ids=ids, attention_mask=mask).logits
+        (out.float().pow(2).mean() + routed.realised_sparsity()["param"]).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in routed.routers.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0

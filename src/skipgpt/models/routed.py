@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import SkipConfig
 from ..errors import ConfigError
@@ -51,6 +52,7 @@ class RoutedModel(nn.Module):
         self.sample = False  # Gumbel sampling at inference (the published code's behaviour)
         self.policy: Policy | None = None
         self.track = True  # accumulate sparsity statistics
+        self.gradient_checkpointing = False  # trade compute for activation memory in training
         self.last_totals: dict[str, torch.Tensor] | None = None
         self._gates: list[list[torch.Tensor | None]] = [[None, None] for _ in self.layers]
         self._token_mask: torch.Tensor | None = None
@@ -214,7 +216,17 @@ def _routed_layer_forward(
         from ..inference.sparse import sparse_layer_forward
 
         return sparse_layer_forward(routed, index, parts, hidden, kwargs)
+    if routed.gradient_checkpointing and torch.is_grad_enabled():
+        # Recompute the layer in backward; the saved RNG state replays the same Gumbel noise.
+        # A KV cache would be appended to twice, so training under checkpointing runs without one.
+        kwargs = {**kwargs, "cache": None, "use_cache": False}
+        return checkpoint(_masked_layer_forward, routed, index, parts, hidden, kwargs, use_reentrant=False)
+    return _masked_layer_forward(routed, index, parts, hidden, kwargs)
 
+
+def _masked_layer_forward(
+    routed: RoutedModel, index: int, parts: LayerParts, hidden: torch.Tensor, kwargs: dict
+) -> torch.Tensor:
     x = hidden
     g = routed.gate(index, "attn", x)
     h = parts.attn(hidden_states=parts.attn_norm(x), **kwargs)[0]
