@@ -22,7 +22,7 @@ demo: install
 	$(VENV)/bin/skipgpt demo
 
 lint: install
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check .
 
 test: lint
 	$(PY) -m pytest -q
