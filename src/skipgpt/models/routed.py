@@ -57,12 +57,18 @@ class RoutedModel(nn.Module):
         self._gates: list[list[torch.Tensor | None]] = [[None, None] for _ in self.layers]
         self._token_mask: torch.Tensor | None = None
         self._context: torch.Tensor | None = None
-        self._patch()
+        self._hooks: list = []
+        self.patch()
 
     # -- wiring -------------------------------------------------------------------------------------------
 
-    def _patch(self) -> None:
+    def patch(self) -> RoutedModel:
+        """Route the HF model's decoder layers through this object (done on construction)."""
+        if self._hooks:
+            return self
         decoder = find_decoder(self.model)
+        if any("forward" in parts.layer.__dict__ for parts in self.layers):
+            raise ConfigError("this model is already routed by another RoutedModel; call .unpatch() on that one first")
         for i, parts in enumerate(self.layers):
             signature = inspect.signature(type(parts.layer).forward)
             parts.layer.forward = functools.partial(_routed_layer_forward, self, i, parts, signature)
@@ -70,6 +76,7 @@ class RoutedModel(nn.Module):
             decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True),
             decoder.register_forward_hook(self._after_decoder),
         ]
+        return self
 
     def unpatch(self) -> nn.Module:
         """Restore the plain HF model (routers detached) and return it."""
@@ -77,6 +84,7 @@ class RoutedModel(nn.Module):
             parts.layer.__dict__.pop("forward", None)
         for h in self._hooks:
             h.remove()
+        self._hooks = []
         return self.model
 
     def _before_decoder(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
