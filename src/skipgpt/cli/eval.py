@@ -1,0 +1,102 @@
+"""`skipgpt eval`: the paper's zero-shot table and perplexities for one model, on local data."""
+
+from __future__ import annotations
+
+import argparse
+
+TASK_HELP = """\
+tasks (NAME=PATH, repeat --task for each):
+  boolq         dev.jsonl (question, title, passage, answer true/false)
+  piqa          valid.jsonl with valid-labels.lst next to it
+  hellaswag     hellaswag_val.jsonl, or llama.cpp's 6-lines-per-item hellaswag_val_full.txt
+  winogrande    dev.jsonl (sentence with _, option1, option2, answer 1/2)
+  arc_easy      ARC-Easy-Test.jsonl (question.stem, question.choices, answerKey)
+  arc_challenge ARC-Challenge-Test.jsonl
+  openbookqa    test.jsonl (same shape as ARC)
+  wikitext2     wiki.test.raw, wiki.test.tokens or test.txt (perplexity)
+  ptb           ptb.test.txt (perplexity)
+PATH may be that file, a folder holding it, or a file/folder in the Hugging Face datasets layout
+(.parquet/.jsonl/.json with the hub dataset's columns). NAME alone uses the hub dataset (needs network).
+
+example:
+  skipgpt eval --model smollm2-135m --routers out/routers \\
+      --task piqa=data/piqa --task wikitext2=data/wikitext2/wiki.test.raw --limit 200 --output r.json
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "eval",
+        help="zero-shot accuracy (lm-evaluation-harness) and perplexity, with realised sparsity",
+        description="Evaluate a model, with or without routers, as the SkipGPT paper does: multiple-choice "
+        "tasks through lm-evaluation-harness's stock prompts and acc/acc_norm scoring on local data, and "
+        "WikiText-2/PTB perplexity over non-overlapping windows. Reports the realised sparsity of every task "
+        "(pads excluded), prints a markdown table and writes JSON.",
+        epilog=TASK_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2-135m",
+                   help="hub name, HF folder, .gguf file or alias (default %(default)s)")
+    p.add_argument("--routers", default=None, help="router directory from `skipgpt train`; omit for the dense model")
+    p.add_argument("--lora", default=None, help="LoRA adapter folder (PEFT, safetensors), merged into the base after "
+                   "the routers are attached")
+    p.add_argument("--mode", choices=["masked", "sparse"], default="masked",
+                   help="masked: every module runs and skipped outputs are zeroed (training semantics); "
+                   "sparse: skipped tokens are not computed. Same decisions, same scores (default %(default)s)")
+    p.add_argument("--task", action="append", required=True, metavar="NAME[=PATH]",
+                   help="a task and where its data is; repeat for several tasks (see the list below)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="quick run: first N items of each multiple-choice task, first N windows of a perplexity task")
+    p.add_argument("--batch-size", type=int, default=1, help="items (or windows) per forward pass (default 1)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="perplexity window length in tokens (default 2048, or the model's maximum if smaller)")
+    p.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16 (default %(default)s)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
+    p.add_argument("--output", default=None, help="write the results JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_tasks(specs: list[str]) -> dict[str, str | None]:
+    from ..errors import ConfigError
+    from ..evaluation.tasks import TASKS
+
+    tasks: dict[str, str | None] = {}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        name = name.strip()
+        if name not in TASKS:
+            raise ConfigError(f"--task {spec}: unknown task {name!r}; known tasks: {' '.join(TASKS)}")
+        if name in tasks:
+            raise ConfigError(f"--task {name} given twice")
+        tasks[name] = path or None
+    return tasks
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+    from ..io import write_json_atomic
+
+    tasks = parse_tasks(args.task)
+    for flag in ("limit", "batch_size", "seq_len"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    from ..evaluation.tasks import find_file
+
+    for name, path in tasks.items():  # fail on a wrong path before the model loads
+        if path:
+            find_file(name, path)
+    from ..evaluation.harness import prepare_model
+    from ..evaluation.runner import evaluate, markdown_table
+
+    model, tokenizer = prepare_model(args.model, args.routers, args.lora, args.mode, args.dtype, args.device)
+    results = evaluate(
+        model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
+        progress=not args.no_progress, model_name=args.model, routers=args.routers, lora=args.lora,
+    )
+    print(markdown_table(results))
+    if args.output:
+        write_json_atomic(args.output, results)
+        print(f"wrote {args.output}")
+    return 0

@@ -1,0 +1,194 @@
+"""lm-evaluation-harness integration: the `skipgpt` model and stock tasks that read local data.
+
+`SkipGPTLM` is the harness's own HFLM around a model whose routers (and LoRA) are applied, so the
+harness's request building, batching and acc/acc_norm scoring are used unchanged. It is registered
+with the harness as `skipgpt` when this module is imported; `python -m skipgpt.evaluation.harness`
+is the harness's command line with it registered:
+
+    python -m skipgpt.evaluation.harness run --model skipgpt \\
+        --model_args pretrained=smollm2-135m,routers=out/routers --tasks piqa --device cpu
+
+Local data: `build_task` loads the stock task YAML shipped with the harness (prompt, choices, target,
+metrics) and swaps its dataset for the items read by skipgpt.evaluation.tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from lm_eval.api.registry import register_model
+from lm_eval.models.huggingface import HFLM
+
+from ..errors import ArtifactError, ConfigError, DataError
+from .tasks import TaskData
+
+# Stock task YAML of each task, relative to lm_eval/tasks.
+STOCK_YAML = {
+    "boolq": "super_glue/boolq/default.yaml",
+    "piqa": "piqa/piqa.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
+    "winogrande": "winogrande/default.yaml",
+    "arc_easy": "arc/arc_easy.yaml",
+    "arc_challenge": "arc/arc_challenge.yaml",
+    "openbookqa": "openbookqa/openbookqa.yaml",
+}
+# The metric the paper reports per task.
+PAPER_METRIC = {"hellaswag": "acc_norm", "openbookqa": "acc_norm"}
+
+
+def prepare_model(
+    pretrained: str, routers: str | None = None, lora: str | None = None, mode: str = "masked",
+    dtype: str = "float32", device: str | None = None,
+):
+    """(routed or plain HF model, tokenizer): load the base, attach routers, then merge a LoRA adapter."""
+    from ..artifact import load_routers
+    from ..models.loading import load_model
+
+    model, tokenizer = load_model(pretrained, dtype=dtype, device=device)
+    routed = load_routers(model, routers) if routers else None
+    if lora:
+        lora_dir = Path(lora)
+        if not (lora_dir / "adapter_config.json").is_file():
+            raise ArtifactError(f"{lora_dir}: not a LoRA adapter folder (no adapter_config.json)")
+        if not (lora_dir / "adapter_model.safetensors").is_file():
+            raise ArtifactError(f"{lora_dir}: no adapter_model.safetensors (only safetensors adapters are read)")
+        from peft import PeftModel
+
+        # Merging keeps the same module objects, so the routed layers stay patched.
+        PeftModel.from_pretrained(model, str(lora_dir)).merge_and_unload()
+    if routed is not None:
+        routed.routers.eval()
+        routed.set_mode(mode)
+    elif mode == "sparse":
+        raise ConfigError("--mode sparse needs --routers (a dense model has nothing to skip)")
+    return (routed if routed is not None else model), tokenizer
+
+
+def _real_tokens(inps: torch.Tensor) -> torch.Tensor:
+    """Mask of non-pad tokens in a batch the harness right-padded with id 0.
+
+    The harness does not pass a mask to causal models; its padding is a run of zeros after each row,
+    and one row is never padded. A row whose own last token is id 0 is counted one token short; that
+    only touches sparsity accounting, never the scores (pads sit after every scored token).
+    """
+    zero = inps == 0
+    trailing = zero.flip(-1).int().cumprod(-1).sum(-1)  # length of each row's final run of zeros
+    length = inps.shape[1] - trailing
+    return torch.arange(inps.shape[1], device=inps.device)[None, :] < length[:, None]
+
+
+@register_model("skipgpt")
+class SkipGPTLM(HFLM):
+    """HFLM over a SkipGPT model. model_args: pretrained, routers, lora, mode (masked|sparse), dtype."""
+
+    def __init__(
+        self, pretrained="smollm2-135m", routers: str | None = None, lora: str | None = None,
+        mode: str = "masked", dtype: str = "float32", tokenizer=None, device: str | None = "cpu", **kwargs,
+    ) -> None:
+        from ..models.routed import RoutedModel
+
+        if isinstance(pretrained, str):
+            pretrained, tok = prepare_model(pretrained, routers, lora, mode, dtype, None if device is None else device)
+            tokenizer = tokenizer or tok
+        elif routers or lora:
+            raise ConfigError("routers= and lora= apply only when pretrained= names a model to load")
+        if tokenizer is None:
+            raise ConfigError("a model instance needs its tokenizer (tokenizer=...)")
+        self.routed = pretrained if isinstance(pretrained, RoutedModel) else None
+        model = self.routed.model if self.routed is not None else pretrained
+        kwargs.pop("dtype", None)
+        super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
+
+    def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
+        if self.routed is None or attn_mask is not None or inps.shape[0] == 1:
+            return super()._model_call(inps, attn_mask, labels)
+        real = _real_tokens(inps)
+        if bool(real.all()):
+            return super()._model_call(inps)
+        # A mask keeps pads out of the routed sparsity statistics; causal attention means it
+        # changes nothing for the real tokens.
+        with torch.no_grad():
+            return self.model(inps, attention_mask=real.long()).logits
+
+
+def stock_config(name: str) -> dict:
+    """The harness's own task config (YAML with !function hooks resolved)."""
+    import lm_eval.tasks
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    config = load_yaml(Path(lm_eval.tasks.__file__).parent / STOCK_YAML[name], resolve_func=True)
+    for key in ("tag", "group"):
+        config.pop(key, None)
+    metrics = [m["metric"] for m in config.get("metric_list") or []]
+    if "acc_norm" not in metrics and name != "winogrande":
+        # BoolQ's stock config lists acc only; acc_norm comes from the same log-likelihoods.
+        config["metric_list"] = list(config["metric_list"]) + [
+            {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}
+        ]
+    return config
+
+
+def build_task(data: TaskData | None, name: str | None = None):
+    """A harness task with the stock prompt and metrics over `data`'s items (None: the hub dataset)."""
+    import datasets
+    from lm_eval.api.task import ConfigurableTask
+
+    name = data.name if data is not None else name
+    config = stock_config(name)
+    if data is None:
+        try:
+            return ConfigurableTask(config=config)
+        except Exception as e:  # network or hub errors surface as many types
+            why = type(e).__name__
+            raise DataError(f"{name}: no PATH given and the hub dataset could not be loaded ({why})") from None
+    docs = data.docs
+    if data.format == "llamacpp":
+        # The text file's first line is already "activity_label: ctx" with brackets removed.
+        config.update(process_docs=None, doc_to_text="{{query}}", doc_to_choice="choices", doc_to_target="{{label}}")
+    dataset = datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
+    config.update(
+        custom_dataset=lambda **_: dataset, dataset_path=None, dataset_name=None, dataset_kwargs=None,
+        training_split=None, validation_split=None, test_split="test", fewshot_split=None,
+        metadata={**(config.get("metadata") or {}), "skipgpt_source": data.source},
+    )
+    harness_logger = logging.getLogger("lm_eval")
+    level = harness_logger.level
+    harness_logger.setLevel(logging.ERROR)  # silence the custom-dataset notice
+    try:
+        return ConfigurableTask(config=config)
+    finally:
+        harness_logger.setLevel(level)
+
+
+def run_task(lm: HFLM, task, limit: int | None = None, log_samples: bool = False) -> dict:
+    """Score one harness task; returns {n, acc, acc_norm} (plus samples when asked)."""
+    from lm_eval.evaluator import evaluate
+
+    name = task.config.task
+    results = evaluate(lm, {name: task}, limit=limit, bootstrap_iters=0, log_samples=log_samples, verbosity="ERROR")
+    row = results["results"][name]
+    out = {
+        "n": int(results["n-samples"][name]["effective"]),
+        "acc": float(row["acc,none"]),
+        "acc_norm": float(row["acc_norm,none"]) if "acc_norm,none" in row else None,
+    }
+    if log_samples:
+        out["samples"] = results["samples"][name]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The harness's command line, with the `skipgpt` model registered."""
+    import sys
+
+    from lm_eval.__main__ import cli_evaluate
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    cli_evaluate()
+
+
+if __name__ == "__main__":
+    main()

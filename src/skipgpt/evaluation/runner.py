@@ -1,0 +1,122 @@
+"""`evaluate`: every task of the paper's table on local data, with realised sparsity per task."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+from . import tasks as task_data
+from .harness import PAPER_METRIC, SkipGPTLM, build_task, run_task
+from .perplexity import default_seq_len, perplexity, tokenize_text
+
+COLUMNS = ("task", "n", "acc", "acc_norm", "ppl", "tokens", "seq_len", "param", "attention", "mlp")
+
+
+def _hub_text(name: str) -> str:
+    import datasets
+
+    try:
+        if name == "wikitext2":
+            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+            return "\n\n".join(rows)
+        rows = datasets.load_dataset("ptb_text_only", "penn_treebank", split="test")["sentence"]
+        return " ".join(rows)
+    except Exception as e:  # network or hub errors surface as many types
+        raise DataError(f"{name}: no PATH given and the hub dataset could not be loaded ({type(e).__name__})") from None
+
+
+def _sparsity(routed) -> dict:
+    if routed is None:
+        return {"param": 0.0, "attention": 0.0, "mlp": 0.0}
+    return routed.sparsity().short()
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: dict[str, str | None],
+    limit: int | None = None,
+    batch_size: int = 1,
+    seq_len: int | None = None,
+    progress: bool = True,
+    model_name: str | None = None,
+    routers: str | None = None,
+    lora: str | None = None,
+) -> dict:
+    """Evaluate `model` (a RoutedModel or a plain HF causal LM) on {task name: data path or None}.
+
+    Multiple-choice tasks run through lm-evaluation-harness (stock prompts and metrics, first `limit`
+    items); perplexity tasks score the first `limit` windows of `seq_len` tokens. Returns the results
+    dict written by `skipgpt eval --output` (see docs/RESULTS.md for its shape).
+    """
+    from ..models.routed import RoutedModel
+
+    for name in tasks:
+        task_data.check_name(name)
+    routed = model if isinstance(model, RoutedModel) else None
+    seq_len = default_seq_len(model.model if routed is not None else model, seq_len)
+    lm = None
+    out_tasks: dict[str, dict] = {}
+    bar = tqdm(list(tasks.items()), desc="tasks", unit="task", disable=not progress)
+    for name, path in bar:
+        bar.set_postfix_str(name)
+        start = time.perf_counter()
+        if routed is not None:
+            routed.reset_sparsity()
+        if name in task_data.PPL_TASKS:
+            text = task_data.load_perplexity_text(name, path) if path else _hub_text(name)
+            ids = tokenize_text(tokenizer, text)
+            total = ids.numel() // seq_len if limit is None else min(ids.numel() // seq_len, limit)
+            with tqdm(total=total, desc=f"{name} windows", leave=False, disable=not progress) as windows:
+                result = perplexity(model, ids, seq_len, limit=limit, batch_size=batch_size, progress=windows.update)
+            row = {"ppl": result["ppl"], "nll": result["nll"], "tokens": result["tokens"],
+                   "seq_len": result["seq_len"], "windows": result["windows"], "source": path}
+        else:
+            data = task_data.load_task(name, path) if path else None
+            if data is not None and limit is not None:
+                data.docs = data.docs[:limit]  # the first N items, in file order
+            task = build_task(data, name)
+            if lm is None:
+                lm = SkipGPTLM(model, tokenizer=tokenizer, batch_size=batch_size)
+            with torch.no_grad():
+                result = run_task(lm, task, limit=limit if data is None else None)
+            row = {**result, "metric": PAPER_METRIC.get(name, "acc"),
+                   "source": data.source if data else None, "format": data.format if data else "hub"}
+        row["sparsity"] = _sparsity(routed)
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        out_tasks[name] = row
+    mc = [row[row["metric"]] for name, row in out_tasks.items() if "metric" in row]
+    hf = routed.model if routed is not None else model
+    return {
+        "model": model_name or getattr(getattr(hf, "config", None), "skipgpt_name", None) or type(hf).__name__,
+        "routers": routers,
+        "lora": lora,
+        "mode": routed.mode if routed is not None else "dense",
+        "limit": limit,
+        "batch_size": batch_size,
+        "tasks": out_tasks,
+        "average_acc": sum(mc) / len(mc) if mc else None,
+    }
+
+
+def _fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def markdown_table(results: dict) -> str:
+    """The results as a markdown table, one row per task, sparsity in percent."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for name, row in results["tasks"].items():
+        sp = row.get("sparsity", {})
+        cells = [
+            name, _fmt(row.get("n"), "d"), _fmt(row.get("acc"), ".4f"), _fmt(row.get("acc_norm"), ".4f"),
+            _fmt(row.get("ppl"), ".2f"), _fmt(row.get("tokens"), "d"), _fmt(row.get("seq_len"), "d"),
+            _fmt(sp.get("param"), ".1%"), _fmt(sp.get("attention"), ".1%"), _fmt(sp.get("mlp"), ".1%"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if results.get("average_acc") is not None:
+        lines.append(f"\naverage_acc (acc_norm for hellaswag/openbookqa, acc otherwise): {results['average_acc']:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,333 @@
+"""Read a task's data from a file or folder, in its official release format or the Hugging Face layout.
+
+Multiple-choice items come out in the schema of the Hugging Face dataset that lm-evaluation-harness's
+stock task reads, so the harness's own prompts, choices and targets apply unchanged. The one exception
+is HellaSwag from the llama.cpp text file, whose first line is already the preprocessed prompt.
+Perplexity tasks come out as the joined test text, the way the pruning literature builds it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DataError
+
+MC_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+PPL_TASKS = ("wikitext2", "ptb")
+TASKS = MC_TASKS + PPL_TASKS
+
+# Release file names, tried in order when PATH is a folder.
+RELEASE_FILES = {
+    "boolq": ["dev.jsonl"],
+    "piqa": ["valid.jsonl"],
+    "hellaswag": ["hellaswag_val.jsonl", "hellaswag_val_full.txt"],
+    "winogrande": ["dev.jsonl"],
+    "arc_easy": ["ARC-Easy-Test.jsonl"],
+    "arc_challenge": ["ARC-Challenge-Test.jsonl"],
+    "openbookqa": ["test.jsonl"],
+    "wikitext2": ["wiki.test.raw", "wiki.test.tokens", "test.txt"],
+    "ptb": ["ptb.test.txt"],
+}
+# The split each task is scored on (as the harness does), for folders in the Hugging Face layout.
+EVAL_SPLIT = {"arc_easy": "test", "arc_challenge": "test", "openbookqa": "test", "wikitext2": "test", "ptb": "test"}
+HF_EXTENSIONS = (".parquet", ".jsonl", ".json")
+
+
+@dataclass
+class TaskData:
+    name: str
+    source: str  # the file read
+    format: str  # "release", "hf" or "llamacpp"
+    docs: list[dict] = field(default_factory=list)
+
+
+def check_name(name: str) -> None:
+    if name not in TASKS:
+        raise DataError(f"unknown task {name!r}; known tasks: {' '.join(TASKS)}")
+
+
+# -- finding the file ---------------------------------------------------------------------------------------
+
+
+def _hf_file(name: str, folder: Path) -> Path | None:
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(HF_EXTENSIONS))
+    if not files:
+        return None
+    split = EVAL_SPLIT.get(name, "validation")
+    for wanted in (split, "validation" if split == "test" else "test", "dev", "val"):
+        hits = [p for p in files if p.name.startswith(wanted) or p.parent.name == wanted]
+        if hits:
+            if len(hits) > 1 and hits[0].suffix == ".parquet":
+                raise DataError(f"{folder}: split {wanted!r} is sharded over {len(hits)} files; pass one file")
+            return hits[0]
+    if len(files) == 1:
+        return files[0]
+    raise DataError(f"{folder}: cannot tell which of {len(files)} data files holds the {split} split of {name}")
+
+
+def find_file(name: str, path: str | Path) -> Path:
+    """The file holding task `name` under `path` (a file, or a folder in release or HF layout)."""
+    check_name(name)
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder (data for task {name})")
+    if path.is_file():
+        return path
+    for candidate in RELEASE_FILES[name]:
+        if (path / candidate).is_file():
+            return path / candidate
+    found = _hf_file(name, path)
+    if found is None:
+        expected = ", ".join(RELEASE_FILES[name])
+        raise DataError(f"{path}: no {name} data found (expected {expected}, or .parquet/.jsonl/.json files)")
+    return found
+
+
+# -- reading records ----------------------------------------------------------------------------------------
+
+
+def _read_text(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not a UTF-8 text file") from None
+    if not text.strip():
+        raise DataError(f"{path}: file is empty")
+    return text
+
+
+def read_records(path: Path) -> list[dict]:
+    """Rows of a .jsonl, .json (list, or JSON lines) or .parquet file, as dicts."""
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several unrelated types for a bad file
+            raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
+        if not rows:
+            raise DataError(f"{path}: file has no rows")
+        return rows
+    text = _read_text(path)
+    if path.suffix == ".json" and text.lstrip()[:1] in "[{":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None  # JSON lines under a .json name, as the HF json builder accepts
+        if isinstance(data, list):
+            rows = data
+        elif isinstance(data, dict) and isinstance(data.get("data"), list):
+            rows = data["data"]
+        else:
+            rows = None
+        if rows is not None:
+            if not rows or not all(isinstance(r, dict) for r in rows):
+                raise DataError(f"{path}: expected a non-empty list of JSON objects")
+            return rows
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"{path}: line {number} is not JSON (expected one JSON object per line)") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {number} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _need(path: Path, row: dict, keys: tuple[str, ...], index: int, what: str) -> None:
+    missing = [k for k in keys if k not in row]
+    if missing:
+        raise DataError(f"{path}: item {index + 1} lacks {', '.join(missing)}; not {what}")
+
+
+# -- multiple-choice tasks: convert to the HF schema the stock harness task reads ---------------------------
+
+
+def _gold_index(path: Path, index: int, value, n: int) -> int:
+    try:
+        gold = int(value)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: item {index + 1} has label {value!r}, not an integer") from None
+    if not 0 <= gold < n:
+        raise DataError(f"{path}: item {index + 1} has label {gold}, out of range for {n} choices")
+    return gold
+
+
+def _piqa(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
+    for i, r in enumerate(rows):
+        _need(path, r, ("goal", "sol1", "sol2"), i, "PIQA (goal, sol1, sol2)")
+    labels_file = path.with_name(path.stem + "-labels.lst")
+    hf = all("label" in r for r in rows)
+    if not hf:
+        if not labels_file.exists():
+            raise DataError(f"{path}: PIQA items have no label and {labels_file.name} is missing next to it")
+        labels = [x.strip() for x in _read_text(labels_file).splitlines() if x.strip()]
+        if len(labels) != len(rows):
+            raise DataError(f"{labels_file}: {len(labels)} labels for {len(rows)} items in {path.name}")
+    docs = []
+    for i, r in enumerate(rows):
+        where = path if hf else labels_file
+        label = _gold_index(where, i, r["label"] if hf else labels[i], 2)
+        docs.append({"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": label})
+    return ("hf" if hf else "release"), docs
+
+
+def _boolq(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
+    docs, fmt = [], "hf"
+    for i, r in enumerate(rows):
+        if "answer" in r:  # release: title and passage apart, answer true/false
+            fmt = "release"
+            _need(path, r, ("question", "passage"), i, "BoolQ (question, passage, answer)")
+            if not isinstance(r["answer"], bool):
+                raise DataError(f"{path}: item {i + 1} has answer {r['answer']!r}, expected true or false")
+            # SuperGLUE, which the stock task reads, writes the passage as "title -- passage".
+            passage = f"{r['title']} -- {r['passage']}" if r.get("title") else r["passage"]
+            docs.append({"question": r["question"], "passage": passage, "label": int(r["answer"])})
+        else:
+            _need(path, r, ("question", "passage", "label"), i, "BoolQ (question, passage, label)")
+            label = _gold_index(path, i, r["label"], 2)
+            docs.append({"question": r["question"], "passage": r["passage"], "label": label})
+    return fmt, docs
+
+
+def _hellaswag_jsonl(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
+    docs = []
+    for i, r in enumerate(rows):
+        _need(path, r, ("activity_label", "ctx_a", "ctx_b", "endings", "label"), i, "HellaSwag")
+        if not isinstance(r["endings"], list) or len(r["endings"]) < 2:
+            raise DataError(f"{path}: item {i + 1} has no list of endings")
+        gold = _gold_index(path, i, r["label"], len(r["endings"]))
+        docs.append({"activity_label": r["activity_label"], "ctx_a": r["ctx_a"], "ctx_b": r["ctx_b"],
+                     "endings": list(r["endings"]), "label": str(gold)})
+    return ("release" if isinstance(rows[0]["label"], int) else "hf"), docs
+
+
+def _hellaswag_text(path: Path) -> list[dict]:
+    """llama.cpp's HellaSwag file: 6 lines per item (prompt, gold index, four endings)."""
+    lines = _read_text(path).rstrip("\n").split("\n")
+    if len(lines) % 6:
+        raise DataError(f"{path}: {len(lines)} lines is not a multiple of 6 (prompt, gold index, 4 endings per item)")
+    docs = []
+    for i in range(len(lines) // 6):
+        block = lines[6 * i : 6 * i + 6]
+        gold = _gold_index(path, i, block[1].strip(), 4)
+        docs.append({"query": block[0], "choices": block[2:6], "label": str(gold)})
+    return docs
+
+
+def _arc(path: Path, rows: list[dict], stem_key: str) -> tuple[str, list[dict]]:
+    docs, fmt = [], "hf"
+    for i, r in enumerate(rows):
+        _need(path, r, ("question", "answerKey") if stem_key == "question" else ("answerKey",), i, "ARC/OpenBookQA")
+        q = r.get("question")
+        if isinstance(q, dict):  # release: question.stem and a list of {text, label}
+            fmt = "release"
+            if "stem" not in q or not isinstance(q.get("choices"), list):
+                raise DataError(f"{path}: item {i + 1} has no question.stem / question.choices")
+            stem = q["stem"]
+            texts = [c["text"] for c in q["choices"]]
+            labels = [c["label"] for c in q["choices"]]
+        else:
+            _need(path, r, (stem_key, "choices"), i, "ARC/OpenBookQA in the HF layout")
+            stem, texts, labels = r[stem_key], list(r["choices"]["text"]), list(r["choices"]["label"])
+        key = str(r["answerKey"]).strip()
+        if key not in labels:
+            raise DataError(f"{path}: item {i + 1} has answerKey {key!r}, not among its choice labels {labels}")
+        docs.append({"id": r.get("id", str(i)), stem_key: stem, "choices": {"text": texts, "label": labels},
+                     "answerKey": key})
+    return fmt, docs
+
+
+def _winogrande(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
+    docs = []
+    for i, r in enumerate(rows):
+        _need(path, r, ("sentence", "option1", "option2", "answer"), i, "WinoGrande")
+        if str(r["answer"]) not in ("1", "2"):
+            raise DataError(f"{path}: item {i + 1} has answer {r['answer']!r}, expected 1 or 2")
+        if "_" not in r["sentence"]:
+            raise DataError(f"{path}: item {i + 1} has no blank '_' in its sentence")
+        docs.append({"sentence": r["sentence"], "option1": r["option1"], "option2": r["option2"],
+                     "answer": str(r["answer"])})
+    return "release", docs
+
+
+def load_task(name: str, path: str | Path) -> TaskData:
+    """Items of a multiple-choice task from a release file, a llama.cpp text file or an HF-layout file/folder."""
+    check_name(name)
+    if name in PPL_TASKS:
+        raise DataError(f"{name} is a perplexity task; use load_perplexity_text")
+    file = find_file(name, path)
+    if name == "hellaswag" and file.suffix == ".txt":
+        return TaskData(name, str(file), "llamacpp", _hellaswag_text(file))
+    if file.suffix not in HF_EXTENSIONS:
+        raise DataError(f"{file}: unsupported file type for {name} (use .jsonl, .json or .parquet)")
+    rows = read_records(file)
+    if not rows:
+        raise DataError(f"{file}: file has no items")
+    if name == "piqa":
+        fmt, docs = _piqa(file, rows)
+    elif name == "boolq":
+        fmt, docs = _boolq(file, rows)
+    elif name == "hellaswag":
+        fmt, docs = _hellaswag_jsonl(file, rows)
+    elif name == "winogrande":
+        fmt, docs = _winogrande(file, rows)
+    else:
+        fmt, docs = _arc(file, rows, "question_stem" if name == "openbookqa" else "question")
+    return TaskData(name, str(file), fmt, docs)
+
+
+def choices_and_gold(name: str, doc: dict) -> tuple[list[str], int]:
+    """The answer options and the gold index of one loaded item (for checks; the harness builds its own)."""
+    if name == "piqa":
+        return [doc["sol1"], doc["sol2"]], doc["label"]
+    if name == "boolq":
+        return ["no", "yes"], doc["label"]
+    if name == "hellaswag":
+        return list(doc["choices"] if "query" in doc else doc["endings"]), int(doc["label"])
+    if name == "winogrande":
+        return [doc["option1"], doc["option2"]], int(doc["answer"]) - 1
+    return list(doc["choices"]["text"]), doc["choices"]["label"].index(doc["answerKey"])
+
+
+# -- perplexity tasks -----------------------------------------------------------------------------------------
+
+
+def load_perplexity_text(name: str, path: str | Path) -> str:
+    """The whole test split joined as SparseGPT / LLM-Pruner do.
+
+    WikiText-2: the HF rows (one per line of the release file, blank lines as "") joined with "\\n\\n".
+    PTB: the sentences (stripped lines) joined with a single space.
+    """
+    check_name(name)
+    if name not in PPL_TASKS:
+        raise DataError(f"{name} is a multiple-choice task, not a perplexity task")
+    file = find_file(name, path)
+    column = "text" if name == "wikitext2" else "sentence"
+    if file.suffix in HF_EXTENSIONS:
+        rows = read_records(file)
+        if any(column not in r for r in rows):
+            raise DataError(f"{file}: rows have no {column!r} column, so this is not {name} in the HF layout")
+        rows = [str(r[column]) for r in rows]
+    else:
+        text = _read_text(file)
+        if text.lstrip()[:1] in "{[" and file.suffix not in (".raw", ".tokens"):
+            raise DataError(f"{file}: looks like JSON; give it a .jsonl/.json name for the HF layout")
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        if name == "wikitext2":
+            # HF keeps each line with its newline, and a blank line (" " in the release) as "".
+            rows = ["" if not line.strip() else line + "\n" for line in lines]
+        else:
+            rows = [line.strip() for line in lines if line.strip()]
+    joined = "\n\n".join(rows) if name == "wikitext2" else " ".join(rows)
+    if not joined.strip():
+        raise DataError(f"{file}: no text")
+    return joined

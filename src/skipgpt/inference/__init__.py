@@ -1,0 +1,1 @@
+"""Inference that really skips: sparse execution, generation with routing, speed measurement."""

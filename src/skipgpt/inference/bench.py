@@ -1,0 +1,206 @@
+"""Speed measurement shared by `skipgpt bench`, benchmarks/speed.py and the demo.
+
+Three variants of the same weights are timed interleaved (so a noisy machine slows all alike),
+each after a warm-up, and medians over repeats are reported:
+- dense:  the unmodified HF model (the routed layer forwards are detached for the run);
+- masked: routing with every module computed and multiplied by its gate (training semantics);
+- sparse: routing that computes only executing tokens (skipgpt.inference.sparse).
+Prefill is one forward over (batch, seq_len) tokens with logits for every position and a KV
+cache being filled; decode is `decode_tokens` greedy steps of one token per sequence from that cache.
+The ideal speedup is the FLOP ratio of the whole forward, LM head included, under this project's
+semantics (a skipped attention still computes its keys and values): total / (total - skipped).
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from contextlib import contextmanager
+
+import torch
+
+from ..models.adapters import unwrap
+from ..routing import policies
+
+VARIANTS = ("dense", "masked", "sparse")
+
+
+def skip_fraction_policy(num_layers: int, fraction: float, seed: int = 0) -> policies.Policy | None:
+    """Stand-in for trained routers: every token skips every module with probability `fraction`.
+
+    A uniform rate per module makes the parameter sparsity equal `fraction`. None at 0: the routers'
+    own zero-initialised "execute everything" decision is used, so the overhead measured includes them.
+    """
+    if fraction <= 0:
+        return None
+    return policies.random(torch.full((num_layers, 2), float(fraction)), seed=seed)
+
+
+@contextmanager
+def _variant(routed, variant: str, policy_factory):
+    """Run the wrapped model as `variant`; routing decisions restart from the same seed each time."""
+    saved_mode, saved_policy = routed.mode, routed.policy
+    saved_forwards = {}
+    if variant == "dense":
+        for parts in routed.layers:
+            saved_forwards[parts.layer] = parts.layer.__dict__.pop("forward")
+    else:
+        routed.mode = variant
+        if policy_factory is not None:
+            routed.policy = policy_factory()
+    try:
+        yield
+    finally:
+        for layer, forward in saved_forwards.items():
+            layer.forward = forward
+        routed.mode, routed.policy = saved_mode, saved_policy
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _prefill(model, ids: torch.Tensor):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=unwrap(model).config)
+    out = model(input_ids=ids, cache=cache, use_cache=True)
+    return out.logits[:, -1:].argmax(-1), cache
+
+
+def _decode(model, token: torch.Tensor, cache, steps: int) -> torch.Tensor:
+    for _ in range(steps):
+        token = model(input_ids=token, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    return token
+
+
+def _peak_memory(device: torch.device) -> float:
+    """Peak memory in MiB: allocator peak on CUDA (per variant), process peak RSS on CPU (all variants)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _ideal(totals: dict | None, head_flops_per_token: float) -> tuple[float, float]:
+    """(FLOP sparsity of the whole forward, ideal speedup) from the meter's summed totals."""
+    if totals is None:
+        return 0.0, 1.0
+    head = float(totals["tokens"]) * head_flops_per_token
+    total = float(totals["flop_total"]) + head
+    skipped = float(totals["flop_skipped"])
+    return skipped / total, total / max(total - skipped, 1e-9)
+
+
+@torch.no_grad()
+def measure_speed(
+    routed,
+    tokenizer_or_vocab,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    decode_tokens: int = 32,
+    repeats: int = 5,
+    sparsity: float | None = None,
+    seed: int = 0,
+) -> dict:
+    """Prefill and decode throughput of dense HF, masked and sparse routing, side by side.
+
+    routed:             a RoutedModel; its routers decide unless `sparsity` is given.
+    tokenizer_or_vocab: a tokenizer (its vocabulary size is used) or the vocabulary size; inputs are
+                        random token ids, so routing sees the same tokens in every variant.
+    sparsity:           None = use the routers; a fraction = every module skips that fraction of
+                        tokens at random (the stand-in for untrained routers; 0 = routers, all execute).
+    Returns the JSON-able dict of `skipgpt bench` (speedup = sparse / dense tokens per second).
+    """
+    vocab = tokenizer_or_vocab if isinstance(tokenizer_or_vocab, int) else len(tokenizer_or_vocab)
+    hf = unwrap(routed.model)
+    device = next(hf.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device)
+    layers = len(routed.layers)
+    factory = None
+    if sparsity is not None:
+        factory = lambda: skip_fraction_policy(layers, sparsity, seed)  # noqa: E731
+    head_flops = 2.0 * hf.config.hidden_size * hf.get_output_embeddings().weight.shape[0]
+
+    times = {v: {"prefill": [], "decode": []} for v in VARIANTS}
+    memory = {}
+    totals = {}
+    for rep in range(repeats + 1):  # the first round is warm-up
+        for variant in VARIANTS:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with _variant(routed, variant, factory):
+                routed.reset_sparsity()
+                _sync(device)
+                t0 = time.perf_counter()
+                token, cache = _prefill(routed.model, ids)
+                _sync(device)
+                t1 = time.perf_counter()
+                prefill_totals = routed.meter.totals
+                routed.reset_sparsity()
+                _decode(routed.model, token, cache, decode_tokens)
+                _sync(device)
+                t2 = time.perf_counter()
+                decode_totals = routed.meter.totals
+                del cache
+            if rep > 0:
+                times[variant]["prefill"].append(t1 - t0)
+                times[variant]["decode"].append(t2 - t1)
+            memory[variant] = max(memory.get(variant, 0.0), _peak_memory(device))
+            if variant == "sparse":
+                totals = {"prefill": prefill_totals, "decode": decode_totals}
+    routed.reset_sparsity()
+
+    def tok_s(variant: str, phase: str) -> float:
+        n = batch_size * (seq_len if phase == "prefill" else decode_tokens)
+        return n / statistics.median(times[variant][phase])
+
+    result = {"device": _device_name(device), "dtype": str(next(hf.parameters()).dtype).replace("torch.", "")}
+    for phase in ("prefill", "decode"):
+        flop_sparsity, ideal = _ideal(totals[phase], head_flops)
+        dense, masked, sparse = (tok_s(v, phase) for v in VARIANTS)
+        result[phase] = {
+            "dense_tok_s": dense,
+            "masked_tok_s": masked,
+            "sparse_tok_s": sparse,
+            "speedup": sparse / dense,
+            "masked_speedup": masked / dense,
+            "ideal_speedup": ideal,
+            "flop_sparsity": flop_sparsity,
+            "dense_s": statistics.median(times["dense"][phase]),
+            "sparse_s": statistics.median(times["sparse"][phase]),
+        }
+    # parameter/attention/MLP sparsity of the prefill (the decode steps are reported in decode_sparsity)
+    prefill_report = _report(routed, totals["prefill"])
+    result["sparsity"] = prefill_report
+    result["decode_sparsity"] = _report(routed, totals["decode"])
+    result["peak_memory_mib"] = memory
+    result["peak_memory_note"] = (
+        "CUDA allocator peak per variant" if device.type == "cuda" else "process peak RSS (all variants so far)"
+    )
+    result["shape"] = {"seq_len": seq_len, "batch_size": batch_size, "decode_tokens": decode_tokens,
+                       "repeats": repeats, "threads": torch.get_num_threads()}
+    result["routing"] = "routers" if sparsity is None else f"random per-token skip of {sparsity:.0%} per module"
+    return result
+
+
+def _report(routed, totals) -> dict[str, float]:
+    if totals is None:
+        return {"param": 0.0, "attention": 0.0, "mlp": 0.0, "flop": 0.0}
+    saved = routed.meter.totals
+    routed.meter.totals = totals
+    try:
+        r = routed.sparsity()
+    finally:
+        routed.meter.totals = saved
+    return {"param": r.param, "attention": r.attention, "mlp": r.mlp, "flop": r.flop}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    import platform
+
+    return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

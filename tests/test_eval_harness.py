@@ -1,0 +1,296 @@
+"""Scores through lm-evaluation-harness equal an independent log-likelihood loop; perplexity equals
+exp of the mean token NLL computed directly; the CLI writes the documented JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from skipgpt import RoutedModel, SkipConfig
+from skipgpt.errors import ConfigError, DataError
+from skipgpt.evaluation.harness import SkipGPTLM, _real_tokens, build_task, run_task
+from skipgpt.evaluation.perplexity import perplexity
+from skipgpt.evaluation.runner import evaluate, markdown_table
+from skipgpt.evaluation.tasks import choices_and_gold, load_task
+
+from conftest import tiny_config
+
+FIX = Path(__file__).resolve().parent / "fixtures" / "eval"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from skipgpt.models.loading import resolve
+
+    folder, _ = resolve("smollm2-135m")
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def tiny_lm(vocab: int, seed: int = 0):
+    """A tiny random llama that speaks the SmolLM2 tokenizer's vocabulary."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config("llama")
+    config.vocab_size = vocab
+    config.max_position_embeddings = 256
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_lm(len(tokenizer))
+
+
+def hidden_sign_policy(layer, kind, x):
+    """Skip where the first hidden feature is negative: token-dependent and causal, so batching can't change it."""
+    return x[..., 0] > 0
+
+
+# -- an independent scorer: the prompt written out by hand, log-probs summed directly ------------------------
+
+
+def prompt(name: str, doc: dict) -> str:
+    if name == "piqa":
+        return f"Question: {doc['goal']}\nAnswer:"
+    if name in ("arc_easy", "arc_challenge"):
+        return f"Question: {doc['question']}\nAnswer:"
+    if name == "boolq":
+        return f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:"
+    if name == "hellaswag":
+        return doc["query"]
+    raise ValueError(name)
+
+
+@torch.no_grad()
+def loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    ctx = tokenizer(context, add_special_tokens=False).input_ids
+    whole = tokenizer(context + continuation, add_special_tokens=False).input_ids
+    cont = whole[len(ctx):]
+    logits = model(input_ids=torch.tensor([whole[:-1]])).logits[0].float().log_softmax(-1)
+    positions = range(len(whole) - 1 - len(cont), len(whole) - 1)
+    return sum(float(logits[p, t]) for p, t in zip(positions, cont))
+
+
+def flat(nested: list[list[float]]) -> list[float]:
+    return [x for row in nested for x in row]
+
+
+def independent_scores(model, tokenizer, name: str, docs: list[dict]) -> tuple[float, float, list[list[float]]]:
+    acc = acc_norm = 0
+    all_ll = []
+    for doc in docs:
+        choices, gold = choices_and_gold(name, doc)
+        ll = [loglikelihood(model, tokenizer, prompt(name, doc), " " + c) for c in choices]
+        norm = [x / len(c) for x, c in zip(ll, choices)]
+        acc += int(max(range(len(ll)), key=ll.__getitem__) == gold)
+        acc_norm += int(max(range(len(norm)), key=norm.__getitem__) == gold)
+        all_ll.append(ll)
+    return acc / len(docs), acc_norm / len(docs), all_ll
+
+
+@pytest.mark.parametrize(
+    "name, path",
+    [("piqa", "piqa"), ("arc_easy", "arc_easy"), ("boolq", "boolq"), ("hellaswag", "hellaswag/hellaswag_val_full.txt")],
+)
+def test_harness_accuracy_equals_independent_loglikelihood(model, tokenizer, name, path):
+    data = load_task(name, FIX / path)
+    lm = SkipGPTLM(model, tokenizer=tokenizer, batch_size=2)
+    got = run_task(lm, build_task(data), log_samples=True)
+    acc, acc_norm, ll = independent_scores(model, tokenizer, name, data.docs)
+    assert got["n"] == len(data.docs)
+    assert got["acc"] == pytest.approx(acc) and got["acc_norm"] == pytest.approx(acc_norm)
+    harness_ll = [[r[0][0] for r in s["resps"]] for s in sorted(got["samples"], key=lambda s: s["doc_id"])]
+    assert flat(harness_ll) == pytest.approx(flat(ll), abs=1e-3)
+
+
+def test_hellaswag_jsonl_goes_through_the_stock_preprocessing(model, tokenizer):
+    task = build_task(load_task("hellaswag", FIX / "hellaswag" / "hellaswag_val.jsonl"))
+    doc = list(task.test_docs())[0]
+    # ctx_b capitalised, " [title]" turned into ". " and double spaces collapsed, as the harness does.
+    assert task.doc_to_text(doc) == "Baking cookies: A woman mixes flour and sugar in a bowl. She"
+    assert task.doc_to_choice(doc)[1] == "paints the bowl. blue."
+    assert task.doc_to_target(doc) == 2
+
+
+def test_routed_model_scores_and_sparsity_exclude_pads(model, tokenizer):
+    routed = RoutedModel(model, SkipConfig())
+    try:
+        routed.force(hidden_sign_policy)
+        data = load_task("arc_easy", FIX / "arc_easy")
+        acc, acc_norm, ll = independent_scores(routed, tokenizer, "arc_easy", data.docs)
+        reports = []
+        for batch_size in (1, 4):  # batch 4 right-pads; pads must not enter the statistics
+            routed.reset_sparsity()
+            lm = SkipGPTLM(routed, tokenizer=tokenizer, batch_size=batch_size)
+            got = run_task(lm, build_task(data), log_samples=True)
+            reports.append(routed.sparsity())
+            harness_ll = [[r[0][0] for r in s["resps"]] for s in sorted(got["samples"], key=lambda s: s["doc_id"])]
+            assert flat(harness_ll) == pytest.approx(flat(ll), abs=1e-3)
+            assert (got["acc"], got["acc_norm"]) == pytest.approx((acc, acc_norm))
+        assert reports[0].tokens == reports[1].tokens > 0
+        assert 0.05 < reports[0].param < 0.95
+        assert reports[1].param == pytest.approx(reports[0].param, abs=1e-9)
+    finally:
+        routed.unpatch()
+
+
+def test_real_token_mask_from_right_padding():
+    inps = torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0], [0, 3, 0, 0]])
+    assert _real_tokens(inps).tolist() == [[True] * 4, [True, True, False, False], [True, True, False, False]]
+
+
+# -- perplexity ---------------------------------------------------------------------------------------------
+
+
+def direct_nll(model, ids: torch.Tensor, seq_len: int, windows: int) -> tuple[float, int]:
+    total, count = 0.0, 0
+    for w in range(windows):
+        chunk = ids[w * seq_len : (w + 1) * seq_len]
+        with torch.no_grad():
+            logp = model(input_ids=chunk[None]).logits[0].double().log_softmax(-1)
+        for t in range(1, seq_len):
+            total -= float(logp[t - 1, chunk[t]])
+            count += 1
+    return total / count, count
+
+
+def test_perplexity_is_exp_of_mean_token_nll(model):
+    ids = torch.randint(0, model.config.vocab_size, (103,), generator=torch.Generator().manual_seed(1))
+    nll, count = direct_nll(model, ids, 16, 6)
+    got = perplexity(model, ids, seq_len=16)
+    assert got["windows"] == 6 and got["tokens"] == count == 6 * 15 and got["seq_len"] == 16
+    assert got["nll"] == pytest.approx(nll, rel=1e-5) and got["ppl"] == pytest.approx(math.exp(nll), rel=1e-5)
+    limited = perplexity(model, ids, seq_len=16, limit=2, batch_size=4)
+    assert limited["windows"] == 2 and limited["nll"] == pytest.approx(direct_nll(model, ids, 16, 2)[0], rel=1e-5)
+    routed = RoutedModel(model, SkipConfig())
+    try:
+        with routed.forced(hidden_sign_policy):
+            routed_ppl = perplexity(routed, ids, seq_len=16, batch_size=3)
+            assert routed_ppl["nll"] == pytest.approx(direct_nll(routed, ids, 16, 6)[0], rel=1e-5)
+    finally:
+        routed.unpatch()
+    assert routed_ppl["ppl"] != pytest.approx(got["ppl"])
+
+
+# -- the whole evaluation, from Python and from the command line ---------------------------------------------
+
+
+def test_evaluate_shape_and_average(model, tokenizer):
+    routed = RoutedModel(model, SkipConfig())
+    try:
+        routed.force(hidden_sign_policy)
+        tasks = {"piqa": str(FIX / "piqa"), "hellaswag": str(FIX / "hellaswag" / "hellaswag_val_full.txt"),
+                 "wikitext2": str(FIX / "hf" / "wikitext2")}
+        out = evaluate(routed, tokenizer, tasks, limit=2, batch_size=2, seq_len=8, progress=False)
+    finally:
+        routed.unpatch()
+    assert out["mode"] == "masked" and out["routers"] is None and list(out["tasks"]) == list(tasks)
+    piqa, hs, wt = (out["tasks"][k] for k in tasks)
+    assert piqa["n"] == 2 and hs["n"] == 2
+    assert out["average_acc"] == pytest.approx((piqa["acc"] + hs["acc_norm"]) / 2)
+    assert wt["seq_len"] == 8 and wt["tokens"] == wt["windows"] * 7 and wt["windows"] <= 2
+    for row in out["tasks"].values():
+        assert set(row["sparsity"]) == {"param", "attention", "mlp"} and 0 < row["sparsity"]["param"] < 1
+    assert "| piqa | 2 |" in markdown_table(out)
+
+
+def test_cli_end_to_end_with_a_model_folder(tmp_path, model, tokenizer, capsys):
+    from skipgpt.cli import eval as cli
+
+    folder = tmp_path / "tiny"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers())
+    out = tmp_path / "results.json"
+    args = parser.parse_args(["eval", "--model", str(folder), "--task", f"arc_easy={FIX / 'arc_easy'}",
+                              "--task", f"ptb={FIX / 'ptb'}", "--seq-len", "8", "--output", str(out), "--no-progress"])
+    assert cli.run(args) == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == str(folder) and result["mode"] == "dense" and result["lora"] is None
+    assert result["tasks"]["arc_easy"]["n"] == 3
+    assert result["tasks"]["ptb"]["sparsity"] == {"param": 0.0, "attention": 0.0, "mlp": 0.0}
+    assert result["average_acc"] == result["tasks"]["arc_easy"]["acc"]
+    assert "| arc_easy | 3 |" in capsys.readouterr().out
+    bad = parser.parse_args(["eval", "--model", str(folder), "--task", "mmlu=x"])
+    with pytest.raises(ConfigError, match="unknown task 'mmlu'"):
+        cli.run(bad)
+    missing = parser.parse_args(["eval", "--model", str(tmp_path / "no-model"), "--task", f"piqa={tmp_path / 'nope'}"])
+    with pytest.raises(DataError, match="nope: no such file"):  # data checked before the model loads
+        cli.run(missing)
+
+
+def test_registered_with_the_harness():
+    from lm_eval.api.registry import get_model
+
+    assert get_model("skipgpt") is SkipGPTLM
+
+
+def test_prepare_model_attaches_routers_then_merges_lora(tmp_path, tokenizer):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from skipgpt import save_routers
+    from skipgpt.errors import ArtifactError
+    from skipgpt.evaluation.harness import prepare_model
+
+    base = tiny_lm(len(tokenizer), seed=3)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    routed = RoutedModel(base, SkipConfig(), name=str(tmp_path / "base"))
+    with torch.no_grad():  # routers that skip some tokens and not others
+        for router in [*routed.routers.attn, *routed.routers.mlp]:
+            for p in router.parameters():
+                p.normal_(0.0, 0.05)
+    save_routers(routed, tmp_path / "routers")
+    routed.unpatch()
+    lora_config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(tiny_lm(len(tokenizer), seed=3), lora_config).save_pretrained(tmp_path / "lora")
+
+    loaded, _ = prepare_model(str(tmp_path / "base"), str(tmp_path / "routers"), str(tmp_path / "lora"))
+    ids = torch.tensor([tokenizer("The river runs past the old mill.").input_ids])
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+        decisions = loaded.decisions()
+        # Reference: the same routers on a separately built PEFT model, decisions forced to match.
+        ref_model = PeftModel.from_pretrained(tiny_lm(len(tokenizer), seed=3), str(tmp_path / "lora"))
+        ref_model = ref_model.merge_and_unload()
+        ref = RoutedModel(ref_model, SkipConfig())
+        ref.force(decisions)
+        want = ref(input_ids=ids).logits
+        plain = tiny_lm(len(tokenizer), seed=3)(input_ids=ids).logits
+    assert 0 < decisions.float().mean() < 1
+    assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
+    with pytest.raises(ArtifactError, match="not a LoRA adapter folder"):
+        prepare_model(str(tmp_path / "base"), lora=str(tmp_path))
+
+
+def test_sparse_mode_scores_like_masked_mode(model, tokenizer):
+    """--mode only switches the execution path; the same decisions give the same log-likelihoods."""
+    routed = RoutedModel(model, SkipConfig())
+    data = load_task("arc_easy", FIX / "arc_easy")
+    got = {}
+    try:
+        routed.force(hidden_sign_policy)
+        for mode in ("masked", "sparse"):
+            routed.set_mode(mode)
+            routed.reset_sparsity()
+            result = run_task(SkipGPTLM(routed, tokenizer=tokenizer, batch_size=4), build_task(data), log_samples=True)
+            ll = flat([[r[0][0] for r in s["resps"]] for s in sorted(result["samples"], key=lambda s: s["doc_id"])])
+            got[mode] = (ll, routed.sparsity().param)
+    finally:
+        routed.unpatch()
+    assert got["sparse"][0] == pytest.approx(got["masked"][0], abs=1e-3)
+    assert got["sparse"][1] == pytest.approx(got["masked"][1]) and got["masked"][1] > 0

@@ -1,0 +1,190 @@
+"""Sparse execution computes only executing tokens and matches the masked computation exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import skipgpt
+
+from conftest import ARCHS, make_tiny
+
+B, T = 3, 12
+
+
+def _batch(seed: int = 0, vocab: int = 128):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    mask[1, -4:] = 0  # right padding
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _random_masks(layers: int, rate: float, seed: int = 0, batch: int = B, seq: int = T) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(layers, 2, batch, seq, generator=g) >= rate
+
+
+def _both_modes(routed, batch, force):
+    with torch.no_grad(), routed.forced(force):
+        masked = routed(**batch).logits
+        masked_decisions = routed.decisions()
+        with routed.mode_as("sparse"):
+            sparse = routed(**batch).logits
+            sparse_decisions = routed.decisions()
+    assert torch.equal(masked_decisions, sparse_decisions)
+    return masked, sparse
+
+
+class _RowCounter:
+    """Counts the token rows that reach a module, to show skipped tokens are never computed."""
+
+    def __init__(self, modules):
+        self.rows = 0
+        self.handles = [m.register_forward_pre_hook(self) for m in modules]
+
+    def __call__(self, module, args):
+        self.rows += args[0].shape[:-1].numel()
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparse_equals_masked_random_routing_with_padding(arch):
+    routed = skipgpt.RoutedModel(make_tiny(arch))
+    batch = _batch()
+    masks = _random_masks(len(routed.layers), 0.4, seed=1)
+    masked, sparse = _both_modes(routed, batch, masks)
+    torch.testing.assert_close(sparse, masked, rtol=1e-5, atol=1e-5)
+    # the routing matters (otherwise equality says nothing)
+    with torch.no_grad(), routed.forced("execute"):
+        dense = routed(**batch).logits
+    assert (dense - masked).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_sparse_computes_only_executing_tokens(arch):
+    routed = skipgpt.RoutedModel(make_tiny(arch))
+    batch = _batch(seed=2)
+    masks = _random_masks(len(routed.layers), 0.5, seed=3)
+    mlp = _RowCounter([p.mlp for p in routed.layers])
+    query = _RowCounter([p.attn.q_proj for p in routed.layers])
+    keys = _RowCounter([p.attn.k_proj for p in routed.layers])
+    with torch.no_grad(), routed.forced(masks), routed.mode_as("sparse"):
+        routed(**batch)
+    for c in (mlp, query, keys):
+        c.remove()
+    assert mlp.rows == int(masks[:, 1].sum())
+    # queries are padded to the longest row of each layer; keys are computed for every token
+    longest = masks[:, 0].sum(dim=2).max(dim=1).values
+    assert query.rows == int(longest.sum()) * B
+    assert query.rows < masks[:, 0].numel()
+    assert keys.rows == len(routed.layers) * B * T
+
+
+@pytest.mark.parametrize("force", ["skip", "execute"])
+def test_sparse_edge_routing_all_or_nothing(force):
+    routed = skipgpt.RoutedModel(make_tiny("llama"))
+    batch = _batch(seed=4)
+    masked, sparse = _both_modes(routed, batch, force)
+    torch.testing.assert_close(sparse, masked, rtol=1e-5, atol=1e-5)
+    if force == "execute":  # everything executes: exactly the unmodified HF model
+        reference = make_tiny("llama")
+        with torch.no_grad():
+            hf = reference(**batch).logits
+        torch.testing.assert_close(sparse, hf, rtol=0, atol=0)
+    else:  # nothing executes: final norm and LM head of the embeddings, computed here by hand
+        hf = routed.model
+        with torch.no_grad():
+            direct = hf.lm_head(hf.model.norm(hf.model.embed_tokens(batch["input_ids"])))
+        torch.testing.assert_close(sparse, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_one_token_and_one_module_executing():
+    routed = skipgpt.RoutedModel(make_tiny("mistral"))
+    one = {"input_ids": torch.tensor([[5]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    for decision in (True, False):
+        masks = torch.full((len(routed.layers), 2, 1, 1), decision)
+        masked, sparse = _both_modes(routed, one, masks)
+        torch.testing.assert_close(sparse, masked, rtol=1e-5, atol=1e-5)
+    # a single executing token in the whole batch, in the middle of a padded row
+    masks = torch.zeros(len(routed.layers), 2, B, T, dtype=torch.bool)
+    masks[:, :, 1, 5] = True
+    masked, sparse = _both_modes(routed, _batch(seed=5), masks)
+    torch.testing.assert_close(sparse, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_without_mask_and_batch_rows_that_skip_entirely():
+    routed = skipgpt.RoutedModel(make_tiny("qwen2"))
+    batch = {"input_ids": _batch(seed=6)["input_ids"]}  # no padding: HF passes no 4-D mask to SDPA
+    masks = _random_masks(len(routed.layers), 0.3, seed=7)
+    masks[:, :, 0] = False  # the first sequence skips every module
+    masked, sparse = _both_modes(routed, batch, masks)
+    torch.testing.assert_close(sparse, masked, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_sparsity_accounting_matches_masked():
+    routed = skipgpt.RoutedModel(make_tiny("llama"))
+    batch = _batch(seed=8)
+    masks = _random_masks(len(routed.layers), 0.35, seed=9)
+    with torch.no_grad(), routed.forced(masks):
+        routed.reset_sparsity()
+        routed(**batch)
+        masked = routed.sparsity()
+        routed.reset_sparsity()
+        with routed.mode_as("sparse"):
+            routed(**batch)
+        sparse = routed.sparsity()
+    assert masked.to_dict() == sparse.to_dict()
+    assert 0.2 < sparse.param < 0.5
+
+
+def test_sparse_kv_cache_after_prefill_equals_masked():
+    routed = skipgpt.RoutedModel(make_tiny("qwen3"))
+    batch = _batch(seed=10)
+    masks = _random_masks(len(routed.layers), 0.5, seed=11)
+    caches = {}
+    with torch.no_grad(), routed.forced(masks):
+        for mode in ("masked", "sparse"):
+            cache = DynamicCache(config=routed.model.config)
+            with routed.mode_as(mode):
+                routed(**batch, cache=cache, use_cache=True)
+            caches[mode] = cache
+    for a, b in zip(caches["masked"].layers, caches["sparse"].layers, strict=True):
+        torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_with_learned_style_routers_keeps_router_gradients():
+    # Straight-through training in sparse mode: gradients still reach the routers through the gates.
+    routed = skipgpt.RoutedModel(make_tiny("llama"))
+    for r in list(routed.routers.attn) + list(routed.routers.mlp):
+        torch.nn.init.normal_(r.net.weight, std=0.5)
+        r.net.bias.data.zero_()
+    routed.freeze_base()
+    routed.routers.train()
+    torch.manual_seed(0)
+    batch = _batch(seed=12)
+    with routed.mode_as("sparse"):
+        loss = routed(**batch).logits.float().pow(2).mean()
+    loss.backward()
+    grads = [r.net.weight.grad for r in routed.routers.attn]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_sparse_smollm2_matches_masked(smollm2):
+    model, tok = smollm2
+    routed = skipgpt.RoutedModel(model)
+    try:
+        batch = tok(["The quick brown fox jumps over", "Hi"], return_tensors="pt", padding=True)
+        seq = batch["input_ids"].shape[1]
+        masks = _random_masks(len(routed.layers), 0.25, seed=13, batch=2, seq=seq)
+        masked, sparse = _both_modes(routed, dict(batch), masks)
+        real = batch["attention_mask"].bool()
+        torch.testing.assert_close(sparse[real], masked[real], rtol=1e-4, atol=1e-4)
+    finally:
+        routed.unpatch()

@@ -1,0 +1,64 @@
+"""measure_speed: the JSON shape the CLI, benchmark and demo share, and its ideal speedup by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import skipgpt
+from skipgpt.inference.bench import measure_speed
+from skipgpt.routing import policies
+
+from conftest import make_tiny
+
+
+def test_measure_speed_shape_and_dense_ideal():
+    routed = skipgpt.RoutedModel(make_tiny("llama"))
+    r = measure_speed(routed, 128, seq_len=8, batch_size=2, decode_tokens=3, repeats=1, sparsity=0.0)
+    json.dumps(r)  # JSON-able
+    for key in ("dense_tok_s", "masked_tok_s", "sparse_tok_s", "speedup", "ideal_speedup"):
+        assert r["prefill"][key] > 0
+    for key in ("dense_tok_s", "sparse_tok_s", "speedup", "ideal_speedup"):
+        assert r["decode"][key] > 0
+    assert r["prefill"]["ideal_speedup"] == 1.0 and r["sparsity"]["param"] == 0.0
+    assert r["prefill"]["speedup"] == pytest.approx(r["prefill"]["sparse_tok_s"] / r["prefill"]["dense_tok_s"])
+    assert isinstance(r["device"], str) and r["device"].startswith("cpu")
+    assert set(r["sparsity"]) >= {"param", "attention", "mlp"}
+    assert routed.mode == "masked" and routed.policy is None  # state restored
+    # the routed forwards are back in place after the dense variant ran
+    assert all("forward" in p.layer.__dict__ for p in routed.layers)
+
+
+def test_measure_speed_ideal_speedup_by_hand():
+    model = make_tiny("llama")
+    routed = skipgpt.RoutedModel(model)
+    keep = torch.tensor([[False, True], [True, True], [True, False]])  # skip attn 0 and MLP 2 everywhere
+    routed.force(policies.static(keep))
+    seq, batch = 6, 2
+    r = measure_speed(routed, 128, seq_len=seq, batch_size=batch, decode_tokens=2, repeats=1, sparsity=None)
+    c = model.config
+    h, inter, heads, kv, d, v = c.hidden_size, c.intermediate_size, c.num_attention_heads, 2, 8, c.vocab_size
+    q_o = 2 * (h * heads * d + heads * d * h)  # q and o projections, per token
+    k_v = 2 * 2 * h * kv * d
+    mlp = 2 * 3 * h * inter
+    ctx_tokens = batch * seq * (seq + 1) / 2  # keys seen by every query, causal
+    tokens = batch * seq
+    per_layer = tokens * (q_o + k_v + mlp) + ctx_tokens * 4 * heads * d
+    total = 3 * per_layer + tokens * 2 * h * v
+    skipped = tokens * q_o + ctx_tokens * 4 * heads * d + tokens * mlp
+    assert r["prefill"]["ideal_speedup"] == pytest.approx(total / (total - skipped), rel=1e-6)
+    assert r["sparsity"]["attention"] == pytest.approx(1 / 3)
+    assert r["sparsity"]["mlp"] == pytest.approx(1 / 3)
+    assert routed.policy is not None  # the caller's forced routing is left as it was
+
+
+def test_bench_cli_rejects_bad_arguments(tmp_path, capsys):
+    from skipgpt.cli.main import main
+
+    assert main(["bench", "--seq-len", "0", "--output", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--seq-len" in err
+    assert main(["bench", "--sparsity", "1.5", "--output", str(tmp_path / "b.json")]) == 2
+    assert "--sparsity" in capsys.readouterr().err
