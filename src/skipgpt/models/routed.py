@@ -103,9 +103,7 @@ class RoutedModel(nn.Module):
     def _after_decoder(self, module: nn.Module, args: tuple, output) -> None:
         if not self.track or any(g is None for pair in self._gates for g in pair):
             return
-        gates = torch.stack([torch.stack(pair) for pair in self._gates]).float()  # (L, 2, B, T)
-        context = self._context if self._context is not None else torch.ones_like(gates[0, 0])
-        self.last_totals = skip_totals(gates, self._token_mask, context.expand_as(gates[0, 0]), self.costs)
+        self.last_totals = skip_totals(*self.last_forward(), self.costs)
         self.meter.add(self.last_totals)
 
     # -- decisions ------------------------------------------------------------------------------------------
@@ -191,6 +189,15 @@ class RoutedModel(nn.Module):
         r = ratios(self.last_totals, self.costs)
         r["target_metric"] = r[accounting]
         return r
+
+    def last_forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gates (L, 2, B, T) (differentiable in training), non-pad mask (B, T) and context lengths (B, T)
+        of the last forward pass: what the sparsity accounting and the regulariser are computed from."""
+        if any(g is None for pair in self._gates for g in pair):
+            raise RuntimeError("no complete routed forward pass has run yet")
+        gates = torch.stack([torch.stack(pair) for pair in self._gates]).float()
+        context = self._context if self._context is not None else torch.ones_like(gates[0, 0])
+        return gates, self._token_mask, context.expand_as(gates[0, 0])
 
     def decisions(self) -> torch.Tensor:
         """Execute decisions of the last forward pass as a (L, 2, B, T) bool tensor."""

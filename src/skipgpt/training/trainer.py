@@ -1,0 +1,298 @@
+"""The training loop for all three stages.
+
+- router: the base is frozen (requires_grad off, so no weight gradient is computed or stored); only
+  routers train, under straight-through hard Gumbel with a linearly annealed temperature, on
+  LM (or distillation) loss + alpha * |target - realised sparsity|.
+- lora:   routers frozen at their calibrated argmax decisions, LoRA trains on the LM/KD loss.
+- joint:  routers and LoRA from step 0 (the paper's unstable ablation).
+
+Scaling out needs no code here: Accelerator handles device placement and DDP, so the same script
+runs as `accelerate launch -m skipgpt train ...` (or `torchrun --nproc-per-node 8 -m skipgpt train ...`);
+FSDP or DeepSpeed come from an `accelerate config` file. Each process draws its own micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, SkipGPTError
+from ..io import write_text_atomic
+from ..routing.calibrate import calibrate_threshold
+from ..routing.router import anneal_temperature
+from . import loss as L
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import PackedData, data_files, load_data, micro_batches
+
+LOG_NAME = "train_log.csv"
+LOG_FIELDS = ("step", "loss", "lm_loss", "kd_loss", "reg", "sparsity", "attention", "mlp", "temperature", "lr",
+              "tokens_per_s")
+
+
+class TrainingError(SkipGPTError):
+    """Training cannot go on (e.g. the loss became NaN); the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    routed: Any
+    output_dir: Path
+    history: list[dict[str, float]]
+    summary: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Any = None
+
+
+def learning_rate(step: int, total: int, base: float, schedule: str, warmup: float) -> float:
+    """Constant, or linear warmup over `warmup` of the steps then cosine decay to zero."""
+    warm = int(round(warmup * total))
+    if step < warm:
+        return base * (step + 1) / warm
+    if schedule == "constant":
+        return base
+    progress = (step - warm) / max(1, total - warm)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def step_gradients(routed, batches: list[dict[str, torch.Tensor]], cfg: TrainConfig, forward=None,
+                   backward=None, no_sync=None) -> dict[str, float]:
+    """Forward/backward every micro-batch of one optimizer step; gradients equal those of one big batch."""
+    forward = forward or routed
+    backward = backward or (lambda t: t.backward())
+    alpha = cfg.alpha if cfg.trains_routers else 0.0
+    n_pred = sum(float(L.target_mask(b).sum()) for b in batches)
+    n_real = sum(float(L.token_mask(b).sum()) for b in batches)
+    stats = {"loss": 0.0, "lm_loss": 0.0, "kd_loss": 0.0, "reg": 0.0}
+    routed.reset_sparsity()
+    for i, batch in enumerate(batches):
+        dense = _dense_logits(routed, batch) if cfg.distill > 0 else None
+        sync = no_sync() if (no_sync is not None and i < len(batches) - 1) else contextlib.nullcontext()
+        with sync:
+            logits = forward(**batch).logits
+            nll = L.nll_sum(logits, batch) / n_pred
+            kd = L.kd_sum(logits, dense, batch) / n_pred if dense is not None else torch.zeros_like(nll)
+            reg = L.regulariser_sum(routed, cfg.accounting, cfg.target_sparsity) / n_real
+            total = (1.0 - cfg.distill) * nll + cfg.distill * kd + alpha * reg
+            if not torch.isfinite(total.detach()):
+                return {**stats, "loss": float("nan")}
+            backward(total)
+        for key, value in (("loss", total), ("lm_loss", nll), ("kd_loss", kd), ("reg", reg)):
+            stats[key] += float(value.detach())
+    report = routed.sparsity()
+    stats.update(sparsity=getattr(report, cfg.accounting), attention=report.attention, mlp=report.mlp)
+    return stats
+
+
+@torch.no_grad()
+def _dense_logits(routed, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The frozen dense model: every module executes and no LoRA is applied."""
+    disable = getattr(routed.model, "disable_adapter", None)
+    track, routed.track = routed.track, False
+    try:
+        with routed.forced("execute"), (disable() if callable(disable) else contextlib.nullcontext()):
+            return routed(**batch).logits
+    finally:
+        routed.track = track
+
+
+@torch.no_grad()
+def held_out_nll(routed, sequences: torch.Tensor, batch_size: int, dense: bool = False) -> float:
+    """Mean next-token NLL over `sequences` (N, T) with argmax routing (or every module executing).
+
+    Each packed sequence is one perplexity window, so this is the evaluation's perplexity function.
+    """
+    from ..evaluation.perplexity import perplexity
+
+    was_training, model_training = routed.routers.training, routed.model.training
+    routed.routers.eval()
+    routed.model.eval()
+    try:
+        with routed.forced("execute") if dense else contextlib.nullcontext():
+            result = perplexity(routed, sequences.reshape(-1), seq_len=sequences.shape[1], batch_size=batch_size)
+    finally:
+        routed.routers.train(was_training)
+        routed.model.train(model_training)
+    return result["nll"]
+
+
+def build_routed(cfg: TrainConfig):
+    """(routed, tokenizer) for cfg: the model, with routers loaded from cfg.routers or freshly initialised."""
+    from ..artifact import load_routers
+    from ..config import SkipConfig
+    from ..models.loading import load_model
+    from ..models.routed import RoutedModel
+
+    if cfg.stage == "lora" and not cfg.routers:
+        raise ConfigError("stage 'lora' trains LoRA under frozen routers: pass the stage-1 router directory "
+                          "with --routers DIR")
+    model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
+    if cfg.routers:
+        routed = load_routers(model, cfg.routers)
+    else:
+        skip = SkipConfig(router=cfg.router, router_input=cfg.router_input, router_norm=cfg.router_norm,
+                          execute_bias=cfg.execute_bias, target_sparsity=cfg.target_sparsity,
+                          accounting=cfg.accounting)
+        routed = RoutedModel(model, skip, name=cfg.model)
+    return routed, tokenizer
+
+
+def _setup_parameters(routed, cfg: TrainConfig) -> list[dict]:
+    from .lora import attach_lora, lora_parameters
+
+    routed.freeze_base()
+    for p in routed.routers.parameters():
+        p.requires_grad_(cfg.trains_routers)
+    groups = []
+    if cfg.trains_routers:
+        groups.append({"params": list(routed.routers.parameters()), "lr": cfg.lr, "base_lr": cfg.lr})
+    if cfg.trains_lora:
+        if not hasattr(routed.model, "peft_config"):
+            attach_lora(routed, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        groups.append({"params": lora_parameters(routed), "lr": cfg.lora_lr, "base_lr": cfg.lora_lr})
+    routed.routers.train(cfg.trains_routers)
+    routed.model.train(cfg.trains_lora)  # LoRA dropout on; router tuning keeps the base deterministic
+    return groups
+
+
+def _write_log(path: Path, history: list[dict[str, float]]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(path, buf.getvalue())
+
+
+def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None = None) -> TrainResult:
+    """Run one stage as `cfg` says. Pass `routed` to train routers (or LoRA) of a model you built,
+    e.g. under a custom gating policy; `data` skips loading text (then no tokenizer is needed)."""
+    from accelerate import Accelerator
+
+    from ..artifact import save_routers
+    from .lora import ADAPTER_DIR, save_adapter
+
+    output = Path(cfg.output)
+    if data is None and cfg.data != "self":
+        data_files(cfg.data)  # a wrong path fails before minutes of model loading
+    if routed is None:
+        routed, tokenizer = build_routed(cfg)
+    elif data is None and tokenizer is None:
+        raise ConfigError("train(cfg, routed=...) needs a tokenizer or pre-packed `data`")
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+                              log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(output))
+    main = accelerator.is_main_process
+    routed.to(accelerator.device)
+    torch.manual_seed(cfg.seed)
+    if data is None:
+        data = load_data(cfg, routed, tokenizer, output / "cache")
+    routed.config.target_sparsity = cfg.target_sparsity
+    routed.config.accounting = cfg.accounting
+    groups = _setup_parameters(routed, cfg)
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    wrapped, optimizer = accelerator.prepare(routed, optimizer)
+    schedule, warmup = cfg.effective_schedule()
+
+    ckpt = output / CHECKPOINT_NAME
+    start, history = 0, []
+    torch.manual_seed(cfg.seed)
+    if cfg.resume and ckpt.exists():
+        meta = load_checkpoint(ckpt, routed, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+        start, history = int(meta["step"]), list(meta.get("history", []))
+        if main:
+            print(f"resuming from {ckpt} at step {start}/{cfg.steps}")
+    if cfg.report_to != "none":
+        accelerator.init_trackers("skipgpt", config={k: str(v) for k, v in cfg.to_dict().items()})
+    if main:
+        output.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(output / "train_config.yaml", cfg.to_yaml())
+        _write_log(output / LOG_NAME, history)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and main), desc=f"train {cfg.stage}",
+               dynamic_ncols=True)
+    t_start, tokens_seen = time.perf_counter(), 0
+    for step in range(start, cfg.steps):
+        tic = time.perf_counter()
+        routed.temperature = anneal_temperature(step, cfg.steps, cfg.temperature_start, cfg.temperature_end)
+        for g in optimizer.param_groups:
+            g["lr"] = learning_rate(step, cfg.steps, g["base_lr"], schedule, warmup)
+        batches = [{"input_ids": ids.to(accelerator.device)} for ids in micro_batches(
+            data.train, step, cfg.batch_size, cfg.grad_accum, cfg.seed, accelerator.process_index,
+            accelerator.num_processes)]
+        optimizer.zero_grad(set_to_none=True)
+        stats = step_gradients(routed, batches, cfg, forward=wrapped, backward=accelerator.backward,
+                               no_sync=lambda: accelerator.no_sync(wrapped))
+        if not math.isfinite(stats["loss"]):
+            bar.close()
+            kept = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
+            raise TrainingError(f"loss became NaN/inf at step {step + 1}; stopped ({kept}). Lower --lr or "
+                                f"check the data and --dtype")
+        optimizer.step()
+        tokens = sum(b["input_ids"].numel() for b in batches) * accelerator.num_processes
+        tokens_seen += tokens
+        row = {"step": step + 1, **stats, "temperature": routed.temperature, "lr": optimizer.param_groups[0]["lr"],
+               "tokens_per_s": tokens / max(time.perf_counter() - tic, 1e-9)}
+        history.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", lm=f"{row['lm_loss']:.3f}", attn=f"{row['attention']:.1%}",
+                        mlp=f"{row['mlp']:.1%}", temp=f"{row['temperature']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        if main:
+            with open(output / LOG_NAME, "a", newline="", encoding="utf-8") as f:
+                csv.DictWriter(f, fieldnames=LOG_FIELDS, extrasaction="ignore").writerow(row)
+            if cfg.report_to != "none":
+                accelerator.log({k: v for k, v in row.items() if k != "step"}, step=step + 1)
+        done = step + 1
+        if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            accelerator.wait_for_everyone()
+            if main:
+                save_checkpoint(ckpt, routed, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
+                                done, {"history": history, "config": cfg.to_dict()})
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+    summary = _finish(routed, cfg, data, history, elapsed, tokens_seen)
+    if main:
+        save_routers(routed, output)
+        if cfg.trains_lora:
+            save_adapter(routed, output / ADAPTER_DIR)
+        _write_log(output / LOG_NAME, history)
+    if cfg.report_to != "none":
+        accelerator.end_training()
+    routed.routers.eval()
+    routed.model.eval()
+    return TrainResult(routed, output, history, summary, tokenizer)
+
+
+def _finish(routed, cfg: TrainConfig, data: PackedData, history: list, elapsed: float, tokens: int) -> dict:
+    """Calibrate the argmax threshold on held-out text, measure it, and record it in routed.config.extra."""
+    device = next(routed.model.parameters()).device
+    val = [{"input_ids": data.val[i : i + cfg.batch_size].to(device)} for i in range(0, len(data.val), cfg.batch_size)]
+    routed.routers.eval()
+    routed.model.eval()
+    if cfg.calibrate and routed.policy is None:
+        calibrate_threshold(routed, val, cfg.target_sparsity, cfg.accounting)
+    routed.reset_sparsity()
+    nll = held_out_nll(routed, data.val, cfg.batch_size)
+    report = routed.sparsity()
+    dense_nll = held_out_nll(routed, data.val, cfg.batch_size, dense=True)
+    routed.reset_sparsity()
+    summary = {
+        "stage": cfg.stage, "steps": cfg.steps, "target_sparsity": cfg.target_sparsity,
+        "accounting": cfg.accounting, "threshold": routed.threshold,
+        "held_out_sparsity": {"param": report.param, "module": report.module, "flop": report.flop,
+                              "attention": report.attention, "mlp": report.mlp},
+        "held_out_ppl": math.exp(nll), "held_out_dense_ppl": math.exp(dense_nll),
+        "held_out_tokens": int(data.val.numel()), "train_seconds": elapsed,
+        "tokens_per_s": tokens / max(elapsed, 1e-9), "final_loss": history[-1]["loss"] if history else None,
+        "data": data.source, "distill": cfg.distill, "alpha": cfg.alpha, "seq_len": cfg.seq_len,
+        "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
+    }
+    routed.config.extra = {**routed.config.extra, f"train_{cfg.stage}": summary}
+    return summary

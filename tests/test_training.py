@@ -1,0 +1,369 @@
+"""Two-stage training on tiny random models: gradients, schedules, accumulation, resume, LoRA, errors."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from skipgpt import RoutedModel, SkipConfig
+from skipgpt.errors import ConfigError, SkipGPTError
+from skipgpt.training import TrainConfig, TrainingError, load_trained, merge_lora, train
+from skipgpt.training import loss as L
+from skipgpt.training.checkpoint import CHECKPOINT_NAME
+from skipgpt.training.data import PackedData, load_self
+from skipgpt.training.trainer import _setup_parameters, learning_rate, step_gradients
+
+from conftest import make_tiny
+
+WORDS = "the a of and to in is was he she it they said time man day long house water old king go came".split()
+
+
+def packed(seed: int = 0, n: int = 12, seq: int = 16, vocab: int = 128) -> PackedData:
+    g = torch.Generator().manual_seed(seed)
+    train_ids = torch.randint(0, vocab, (n, seq), generator=g)
+    return PackedData(train_ids, torch.randint(0, vocab, (4, seq), generator=g), "t")
+
+
+def tiny_cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(output=str(tmp_path / "out"), steps=4, seq_len=16, batch_size=2, checkpoint_every=0, progress=False,
+                val_sequences=4)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama saved as an HF folder with the SmolLM2 tokenizer, plus a small text file."""
+    import transformers as tf
+
+    from skipgpt.models.loading import resolve
+
+    folder, _ = resolve("smollm2-135m")
+    tok = tf.AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = tf.AutoModelForCausalLM.from_config(config)
+    root = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rng = random.Random(0)
+    (root / "text.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(1500)), encoding="utf-8")
+    return root
+
+
+def run_cli(argv: list[str]) -> int:
+    """`skipgpt train ...` through the same parser and error handling as the real entry point."""
+    from skipgpt.cli import train as command
+
+    parser = argparse.ArgumentParser(prog="skipgpt")
+    command.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    try:
+        return command.run(args)
+    except SkipGPTError as e:
+        print(f"skipgpt train: error: {e}", file=sys.stderr)
+        return 2
+
+
+# -- gradients ------------------------------------------------------------------------------------------
+
+
+def test_stage1_only_routers_get_gradients(tmp_path):
+    routed = RoutedModel(make_tiny("llama"))
+    cfg = tiny_cfg(tmp_path, distill=0.5)
+    _setup_parameters(routed, cfg)
+    routed.temperature = 2.0
+    step_gradients(routed, [{"input_ids": packed().train[:2]}], cfg)
+    for name, p in routed.model.named_parameters():
+        assert not p.requires_grad and p.grad is None, name
+    grads = [p.grad for p in routed.routers.parameters()]
+    assert all(g is not None for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_stage2_only_lora_gets_gradients(tmp_path):
+    routed = RoutedModel(make_tiny("llama"))
+    cfg = tiny_cfg(tmp_path, stage="lora", lora_targets=["q_proj", "v_proj", "gate_proj"])
+    _setup_parameters(routed, cfg)
+    assert not routed.routers.training  # frozen routers decide by argmax, as at inference
+    step_gradients(routed, [{"input_ids": packed().train[:2]}], cfg)
+    lora = {n: p for n, p in routed.model.named_parameters() if "lora_" in n}
+    assert len(lora) == 2 * 3 * 3  # A and B for 3 targets in 3 layers
+    assert all(p.grad is not None for n, p in lora.items() if "lora_B" in n)
+    assert sum(float(p.grad.abs().sum()) for n, p in lora.items() if "lora_B" in n) > 0
+    for name, p in routed.model.named_parameters():
+        if "lora_" not in name:
+            assert not p.requires_grad and p.grad is None, name
+    assert all(p.grad is None and not p.requires_grad for p in routed.routers.parameters())
+
+
+def test_regulariser_gradient_pushes_sparsity_toward_target():
+    routed = RoutedModel(make_tiny("llama"))
+    routed.routers.train()
+    batch = {"input_ids": packed().train[:4]}
+    for target, sign in ((0.9, -1.0), (0.0, 1.0)):
+        routed.routers.zero_grad()
+        torch.manual_seed(0)
+        routed(**batch)
+        realised = float(L.sequence_sparsity(routed, "param")[0].detach().mean())
+        assert 0.0 < realised < 0.9
+        L.regulariser_sum(routed, "param", target).backward()
+        # d loss / d skip-bias: negative (raise skip logits) below the target, positive above it.
+        skip_bias = torch.stack([r.net.bias.grad[1] for r in list(routed.routers.attn) + list(routed.routers.mlp)])
+        assert (skip_bias * sign >= 0).all() and float((skip_bias * sign).sum()) > 0
+
+
+def test_gradient_accumulation_equals_the_large_batch_gradient(tmp_path):
+    routed = RoutedModel(make_tiny("llama"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in routed.routers.parameters():
+            p.normal_(0.0, 0.5)
+    # A deterministic float gate from the routers (as a baseline policy would), so both runs see the same gates.
+    routed.force(lambda layer, kind, x: torch.softmax(routed.routers.get(layer, kind)(x), -1)[..., 0])
+    cfg = tiny_cfg(tmp_path, distill=0.3, alpha=8.0, accounting="flop")
+    _setup_parameters(routed, cfg)
+    ids = packed().train[:4]
+    mask = torch.ones_like(ids)
+    mask[0, -5:] = 0  # pads in one micro-batch only: token counts differ between micro-batches
+    big = [{"input_ids": ids, "attention_mask": mask}]
+    small = [{"input_ids": ids[i : i + 2], "attention_mask": mask[i : i + 2]} for i in (0, 2)]
+    grads = []
+    for batches in (big, small):
+        routed.routers.zero_grad()
+        stats = step_gradients(routed, batches, cfg)
+        grads.append([p.grad.clone() for p in routed.routers.parameters()])
+        assert stats["reg"] > 0 and stats["kd_loss"] > 0
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+# -- schedules ------------------------------------------------------------------------------------------
+
+
+def test_temperature_anneals_linearly_and_lr_schedules(tmp_path):
+    cfg = tiny_cfg(tmp_path, steps=5, calibrate=False)
+    result = train(cfg, routed=RoutedModel(make_tiny("llama")), data=packed())
+    assert [h["temperature"] for h in result.history] == pytest.approx([5.0, 4.0, 3.0, 2.0, 1.0])
+    assert [h["lr"] for h in result.history] == [cfg.lr] * 5  # router tuning: constant
+    lrs = [learning_rate(s, 10, 1.0, "cosine", 0.2) for s in range(10)]
+    assert lrs[:2] == pytest.approx([0.5, 1.0])  # linear warmup over 2 steps
+    assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+    assert TrainConfig(stage="joint").effective_schedule() == ("cosine", 0.1)
+
+
+# -- end-to-end on tiny models ---------------------------------------------------------------------------
+
+
+def test_router_tuning_reduces_loss_and_meets_the_target_after_calibration(tmp_path):
+    cfg = tiny_cfg(tmp_path, steps=25, lr=2e-2, target_sparsity=0.3)
+    result = train(cfg, routed=RoutedModel(make_tiny("llama")), data=packed(n=20))
+    first = sum(h["loss"] for h in result.history[:5]) / 5
+    last = sum(h["loss"] for h in result.history[-5:]) / 5
+    assert last < first
+    assert result.history[-1]["sparsity"] > result.history[0]["sparsity"]  # moved from ~dense toward 30%
+    assert abs(result.summary["held_out_sparsity"]["param"] - 0.3) < 0.05  # calibrated argmax
+    saved = SkipConfig.load(Path(cfg.output) / "skip_config.json")
+    assert saved.threshold == result.routed.threshold and "train_router" in saved.extra
+    assert (Path(cfg.output) / "train_log.csv").read_text().count("\n") == 26
+
+
+def test_lora_run_reduces_lm_loss(tmp_path):
+    seq = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    data = PackedData(seq.repeat(8, 1), seq.repeat(4, 1), "repeat")
+    cfg = tiny_cfg(tmp_path, stage="lora", steps=15, lora_lr=1e-2, lora_dropout=0.0, schedule="constant",
+                   warmup_ratio=0.0)
+    result = train(cfg, routed=RoutedModel(make_tiny("llama")), data=data)
+    assert result.history[-1]["lm_loss"] < 0.7 * result.history[0]["lm_loss"]
+
+
+def test_joint_artifact_reloads_exactly_and_merges(tmp_path, tiny_dir):
+    out = tmp_path / "joint"
+    cfg = tiny_cfg(tmp_path, stage="joint", model=str(tiny_dir / "model"), data=str(tiny_dir / "text.txt"),
+                   output=str(out), steps=3, lora_lr=1e-2)
+    result = train(cfg)
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    batch = {"input_ids": torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(5))}
+    with torch.no_grad():
+        want = result.routed(**batch).logits
+        want_decisions = result.routed.decisions()
+
+    from skipgpt import load_model
+
+    base, _ = load_model(str(tiny_dir / "model"))
+    routed = load_trained(base, out)
+    with torch.no_grad():
+        got = routed(**batch).logits
+    assert torch.equal(got, want) and torch.equal(routed.decisions(), want_decisions)
+    merge_lora(routed)
+    assert not hasattr(routed.model, "peft_config")
+    with torch.no_grad():
+        merged = routed(**batch).logits
+    torch.testing.assert_close(merged, want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(routed.decisions(), want_decisions)  # the layers are still routed after merging
+
+
+def test_stage2_cli_from_stage1_routers(tmp_path, tiny_dir):
+    common = ["--model", str(tiny_dir / "model"), "--data", str(tiny_dir / "text.txt"), "--seq-len", "16",
+              "--batch-size", "2", "--val-sequences", "4", "--no-progress", "--checkpoint-every", "0"]
+    assert run_cli(["train", *common, "--steps", "3", "--output", str(tmp_path / "s1")]) == 0
+    s1 = load_file(tmp_path / "s1" / "routers.safetensors")
+    assert run_cli(["train", *common, "--stage", "lora", "--routers", str(tmp_path / "s1"), "--steps", "2",
+                    "--output", str(tmp_path / "s2")]) == 0
+    s2 = load_file(tmp_path / "s2" / "routers.safetensors")
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)  # routers frozen in stage 2
+    assert (tmp_path / "s2" / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "s2" / "train_summary.json").exists()
+
+
+def test_self_data_is_sampled_once_and_cached(tmp_path, tiny_dir, monkeypatch):
+    from skipgpt import load_model
+    from skipgpt.training import data as data_module
+
+    model, tok = load_model(str(tiny_dir / "model"))
+    routed = RoutedModel(model)
+    ids = load_self(routed, tok, count=3, seq_len=10, seed=0, cache_dir=tmp_path)
+    assert ids.shape == (3, 10) and int(ids.max()) < len(tok)
+    assert routed.policy is None  # the dense forcing is undone
+    monkeypatch.setattr(data_module, "sample_self", lambda *a, **k: pytest.fail("cache not reused"))
+    assert torch.equal(load_self(routed, tok, count=3, seq_len=10, seed=0, cache_dir=tmp_path), ids)
+
+
+# -- resume ---------------------------------------------------------------------------------------------
+
+RUNNER = """
+import argparse, sys
+from skipgpt.cli import train as command
+parser = argparse.ArgumentParser()
+command.add_parser(parser.add_subparsers())
+command.run(parser.parse_args(sys.argv[1:]))
+"""
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dir):
+    argv = ["train", "--model", str(tiny_dir / "model"), "--data", str(tiny_dir / "text.txt"), "--seq-len", "16",
+            "--batch-size", "2", "--grad-accum", "2", "--val-sequences", "4", "--steps", "12",
+            "--checkpoint-every", "3", "--no-progress", "--distill", "0.5"]
+    killed = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    proc = subprocess.Popen([sys.executable, "-c", RUNNER, *argv, "--output", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed / CHECKPOINT_NAME).exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert not (killed / "routers.safetensors").exists()  # it really died mid-run
+
+    assert run_cli([*argv, "--output", str(killed), "--resume"]) == 0
+    assert run_cli([*argv, "--output", str(tmp_path / "straight")]) == 0
+    a = load_file(killed / "routers.safetensors")
+    b = load_file(tmp_path / "straight" / "routers.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    log_a = (killed / "train_log.csv").read_text().splitlines()
+    log_b = (tmp_path / "straight" / "train_log.csv").read_text().splitlines()
+    assert len(log_a) == len(log_b) == 13
+    strip = lambda rows: [r.rsplit(",", 1)[0] for r in rows]  # noqa: E731 - tokens/s is wall-clock
+    assert strip(log_a) == strip(log_b)
+
+
+# -- errors ---------------------------------------------------------------------------------------------
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path):
+    from skipgpt.training.checkpoint import load_checkpoint
+
+    routed = RoutedModel(make_tiny("llama"))
+    calls = {"n": 0}
+    good = routed.routers.attn[0].net.bias
+
+    def policy(layer, kind, x):
+        calls["n"] += 1
+        # Float gates that depend on a router (so it trains), NaN from the third step on (6 gates per forward).
+        gate = torch.sigmoid(good[0] - good[1] + 0 * x[..., 0])
+        return gate * float("nan") if calls["n"] > 12 else gate
+
+    routed.force(policy)
+    cfg = tiny_cfg(tmp_path, steps=6, checkpoint_every=1)
+    with pytest.raises(TrainingError, match=r"NaN/inf at step 3.*last good checkpoint") as info:
+        train(cfg, routed=routed, data=packed())
+    assert "\n" not in str(info.value)
+    fresh = RoutedModel(make_tiny("llama"))
+    _setup_parameters(fresh, cfg)
+    opt = torch.optim.AdamW([p for p in fresh.routers.parameters()])
+    meta = load_checkpoint(Path(cfg.output) / CHECKPOINT_NAME, fresh, opt)
+    assert meta["step"] == 2
+    assert all(torch.isfinite(p).all() for p in fresh.routers.parameters())
+
+
+@pytest.mark.parametrize("target", [1.5, -0.1, 1.0, float("nan")])
+def test_impossible_targets_are_refused(target, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="target sparsity"):
+        TrainConfig(target_sparsity=target)
+    assert run_cli(["train", "--target-sparsity", str(target), "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("skipgpt train: error:") and "target sparsity" in err and "\n" not in err
+
+
+def test_bad_data_is_reported_in_one_line(tmp_path, tiny_dir, capsys):
+    (tmp_path / "empty.txt").write_text("")
+    common = ["train", "--model", str(tiny_dir / "model"), "--output", str(tmp_path / "o"), "--no-progress"]
+    for data, message in ((tmp_path / "missing.txt", "does not exist"), (tmp_path / "empty.txt", "no text found")):
+        assert run_cli([*common, "--data", str(data)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("skipgpt train: error:") and message in err and str(data) in err
+    assert run_cli([*common, "--data", str(tiny_dir / "text.txt"), "--seq-len", "512"]) == 2
+    assert "need at least" in capsys.readouterr().err
+    assert run_cli(["train", "--stage", "lora", "--output", str(tmp_path / "o")]) == 2
+    assert "--routers" in capsys.readouterr().err
+
+
+# -- configuration --------------------------------------------------------------------------------------
+
+
+def test_yaml_config_roundtrip_and_flags_override(tmp_path):
+    import dataclasses
+
+    from skipgpt.cli.train import config_from_args
+
+    cfg = TrainConfig(stage="joint", steps=7, lora_targets=["q_proj"], distill=1.0, warmup_ratio=0.05)
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    assert TrainConfig.load(path) == cfg
+    json_path = tmp_path / "c.json"
+    json_path.write_text(cfg.to_json())
+    assert TrainConfig.load(json_path) == cfg
+
+    from skipgpt.cli import train as command
+
+    parser = argparse.ArgumentParser()
+    command.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["train", "--config", str(path), "--steps", "9", "--no-calibrate",
+                              "--lora-targets", "q_proj,o_proj"])
+    got = config_from_args(args)
+    assert (got.steps, got.calibrate, got.lora_targets, got.stage) == (9, False, ["q_proj", "o_proj"], "joint")
+    # Every option is a flag.
+    flags = {a.dest for a in parser._subparsers._group_actions[0].choices["train"]._actions}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} <= flags
+
+    path.write_text("steps: 3\nbogus: 1\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: unknown options \['bogus'\]"):
+        TrainConfig.load(path)
+    path.write_text("steps: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        TrainConfig.load(path)
