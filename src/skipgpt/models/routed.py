@@ -132,6 +132,11 @@ class RoutedModel(nn.Module):
         return self.model.generate(*args, **kwargs)
 
     @property
+    def token_mask(self) -> torch.Tensor | None:
+        """(B, T) bool: which tokens of the forward pass in progress are real (not padding)."""
+        return self._token_mask
+
+    @property
     def threshold(self) -> float:
         return self.config.threshold
 

@@ -1,0 +1,168 @@
+"""What the routers learned: per-layer skip rates, skip rate against position, a decision heatmap.
+
+Every figure is written as a PNG next to the CSV it is drawn from, so the numbers can be re-plotted
+or checked. Decisions come from real forward passes of the routed model (argmax routing unless the
+caller set routed.sample), on non-overlapping windows of the given text.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ..errors import DataError  # noqa: E402
+from ..io import write_text_atomic  # noqa: E402
+
+ATTN_COLOR, MLP_COLOR = "#d62728", "#1f77b4"
+
+
+def collect_decisions(routed, tokenizer, text: str, seq_len: int = 256, max_windows: int = 16) -> torch.Tensor:
+    """Execute decisions (windows, L, 2, seq_len) over consecutive windows of `text`."""
+    text = text[: seq_len * max_windows * 16]  # tokens average well under 16 characters: enough text
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    if ids.numel() < 2:
+        raise DataError("the analysis text is empty or shorter than two tokens")
+    seq_len = min(seq_len, ids.numel())
+    windows = ids[: (ids.numel() // seq_len) * seq_len].reshape(-1, seq_len)[:max_windows]
+    device = next(routed.model.parameters()).device
+    was_training = routed.routers.training
+    routed.routers.eval()
+    out = []
+    try:
+        with torch.no_grad():
+            for w in windows:
+                routed(input_ids=w[None].to(device), use_cache=False)
+                out.append(routed.decisions()[:, :, 0].cpu())
+    finally:
+        routed.routers.train(was_training)
+    return torch.stack(out)
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+    return path
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def per_layer_figure(skip: torch.Tensor, out: Path, title: str) -> list[Path]:
+    """skip: (L, 2) skip rates. Grouped bars, attention vs MLP, one group per layer."""
+    L = skip.shape[0]
+    csv_path = _write_csv(out / "per_layer_skip.csv", ["layer", "attention_skip_rate", "mlp_skip_rate"],
+                          [[i, f"{float(skip[i, 0]):.6f}", f"{float(skip[i, 1]):.6f}"] for i in range(L)])
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * L + 2), 3.6))
+    x = torch.arange(L).float().numpy()
+    ax.bar(x - 0.2, skip[:, 0].numpy() * 100, 0.4, label="attention", color=ATTN_COLOR)
+    ax.bar(x + 0.2, skip[:, 1].numpy() * 100, 0.4, label="MLP", color=MLP_COLOR)
+    ax.set_xlabel("decoder layer")
+    ax.set_ylabel("tokens skipping the module (%)")
+    ax.set_ylim(0, 100)
+    ax.set_xticks(range(0, L, max(1, L // 15)))
+    ax.set_title(f"Per-layer skip rate, attention vs MLP\n{title}")
+    ax.legend()
+    return [_save(fig, out / "per_layer_skip.png"), csv_path]
+
+
+def position_figure(decisions: torch.Tensor, out: Path, title: str, window: int = 16) -> list[Path]:
+    """Skip rate (averaged over layers and text windows) against token position, in position buckets."""
+    skip = 1.0 - decisions.float().mean(dim=(0, 1))  # (2, T)
+    T = skip.shape[-1]
+    window = max(1, min(window, T))
+    rows, xs, ys = [], [], []
+    for start in range(0, T, window):
+        a = float(skip[0, start : start + window].mean())
+        m = float(skip[1, start : start + window].mean())
+        rows.append([start, min(start + window, T) - 1, f"{a:.6f}", f"{m:.6f}"])
+        xs.append(start + (min(start + window, T) - start - 1) / 2)
+        ys.append((a * 100, m * 100))
+    csv_path = _write_csv(out / "skip_vs_position.csv",
+                          ["first_position", "last_position", "attention_skip_rate", "mlp_skip_rate"], rows)
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.plot(xs, [y[0] for y in ys], "o-", color=ATTN_COLOR, label="attention")
+    ax.plot(xs, [y[1] for y in ys], "s-", color=MLP_COLOR, label="MLP")
+    ax.set_xlabel(f"token position in the sequence (windows of {window} tokens)")
+    ax.set_ylabel("tokens skipping, all layers (%)")
+    ax.set_title(f"Skip rate against token position\n{title}")
+    ax.legend()
+    return [_save(fig, out / "skip_vs_position.png"), csv_path]
+
+
+def heatmap_figure(decisions: torch.Tensor, tokens: list[str], out: Path, title: str) -> list[Path]:
+    """decisions: (L, 2, T) for one text; a token x layer map of executed (dark) and skipped (light) modules."""
+    L, _, T = decisions.shape
+    rows = [[t, repr(tokens[t]), i, int(decisions[i, 0, t]), int(decisions[i, 1, t])]
+            for t in range(T) for i in range(L)]
+    csv_path = _write_csv(out / "decision_heatmap.csv",
+                          ["position", "token", "layer", "attention_executed", "mlp_executed"], rows)
+    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.16 * T + 2), 2 * (0.12 * L + 1.5)), sharex=True)
+    for ax, k, name in zip(axes, (0, 1), ("attention", "MLP")):
+        ax.imshow(decisions[:, k].float().numpy(), aspect="auto", cmap="Greys", vmin=-0.15, vmax=1.0,
+                  interpolation="nearest", origin="lower")
+        ax.set_ylabel(f"{name}\nlayer")
+        ax.set_title(f"{name}: dark = executed, white = skipped")
+    axes[-1].set_xticks(range(T))
+    axes[-1].set_xticklabels([t.replace("\n", "\\n") for t in tokens], rotation=90, fontsize=6)
+    axes[-1].set_xlabel("token")
+    fig.suptitle(f"Routing decisions per token and layer\n{title}")
+    return [_save(fig, out / "decision_heatmap.png"), csv_path]
+
+
+def module_sparsity_figure(report, out: Path, title: str) -> list[Path]:
+    """Overall sparsity reached by each module type, and the parameter-weighted total."""
+    names = ["attention", "MLP", "parameters (total)"]
+    values = [report.attention, report.mlp, report.param]
+    csv_path = _write_csv(out / "module_sparsity.csv", ["measure", "skip_rate"],
+                          [[n, f"{v:.6f}"] for n, v in zip(names, values)] + [["tokens", report.tokens]])
+    fig, ax = plt.subplots(figsize=(5.0, 3.6))
+    bars = ax.bar(names, [v * 100 for v in values], color=[ATTN_COLOR, MLP_COLOR, "#7f7f7f"])
+    for b, v in zip(bars, values):
+        ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 1, f"{v:.1%}", ha="center")
+    ax.set_ylabel("skipped (%)")
+    ax.set_ylim(0, max(10.0, max(values) * 100 * 1.25))
+    ax.set_title(f"Sparsity reached by module type ({report.tokens} tokens)\n{title}")
+    return [_save(fig, out / "module_sparsity.png"), csv_path]
+
+
+def write_analysis(routed, tokenizer, text: str, output_dir: str | Path, seq_len: int = 256,
+                   max_windows: int = 16, heatmap_tokens: int = 48, title: str | None = None) -> list[Path]:
+    """Run `routed` over `text` and write the four analysis figures and their CSVs; returns the paths."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    title = title or _describe(routed)
+    routed.reset_sparsity()
+    decisions = collect_decisions(routed, tokenizer, text, seq_len, max_windows)  # (W, L, 2, T)
+    report = routed.sparsity()
+    skip = 1.0 - decisions.float().mean(dim=(0, 3))  # (L, 2)
+    T = min(heatmap_tokens, decisions.shape[-1])
+    ids = tokenizer(text[: T * 16], add_special_tokens=False)["input_ids"][:T]
+    tokens = [tokenizer.decode([i]) for i in ids]
+    paths = per_layer_figure(skip, out, title)
+    paths += position_figure(decisions, out, title, window=max(1, decisions.shape[-1] // 16))
+    paths += heatmap_figure(decisions[0, :, :, :T], tokens, out, title)
+    paths += module_sparsity_figure(report, out, title)
+    routed.reset_sparsity()
+    return paths
+
+
+def _describe(routed) -> str:
+    c = routed.config
+    kind = c.extra.get("routing", "SkipGPT routers")
+    return f"{c.base.name or c.base.architecture}, {kind}, target {c.target_sparsity:.0%}"

@@ -1,0 +1,275 @@
+"""The paper's comparison: every method at the same parameter sparsity, through the same evaluation.
+
+Each method is built (trained, or derived from Block Influence), saved as a router directory under
+`workdir/<method>-<sparsity%>/` and evaluated; the evaluation result is cached next to it as
+`eval-<key>.json` (the key covers tasks, limit, batch size and sequence length). A second run with
+the same workdir reuses both, so an interrupted table resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+from ..io import write_json_atomic
+from .registry import METHODS
+
+# Written last: marks a finished build, keeps its wall time for reruns, and the settings it was built with.
+BUILD_LOG = "build.json"
+BUILD_SETTINGS = ("model", "steps", "data", "seq_len", "batch_size", "calibration_sequences", "alpha", "lr",
+                  "distill", "seed")
+
+
+@dataclass
+class CompareSettings:
+    model: str = "smollm2-135m"
+    tasks: dict[str, str | None] = field(default_factory=dict)
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    steps: int = 100
+    data: str = "self"
+    limit: int | None = None
+    workdir: Path = Path("skipgpt-compare")
+    seq_len: int = 256  # training sequence length
+    batch_size: int = 2  # training micro-batch
+    eval_batch_size: int = 8
+    eval_seq_len: int | None = None  # perplexity window (None: the evaluator's default)
+    calibration_sequences: int = 8
+    alpha: float = 8.0
+    lr: float = 2e-3
+    distill: float = 0.0
+    seed: int = 0
+
+
+def check_methods(methods: list[str]) -> list[str]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+    if not methods:
+        raise ConfigError("--methods names no method")
+    return list(dict.fromkeys(methods))
+
+
+def artifact_dir(s: CompareSettings, method: str, sparsity: float) -> Path:
+    return Path(s.workdir) / ("dense" if method == "dense" else f"{method}-{round(sparsity * 100)}")
+
+
+def _train_config(s: CompareSettings, stage: str, sparsity: float, output: Path, routers: Path | None = None):
+    from ..training import TrainConfig
+
+    return TrainConfig(stage=stage, model=s.model, data=s.data, output=str(output), target_sparsity=sparsity,
+                       steps=s.steps, seq_len=s.seq_len, batch_size=s.batch_size, alpha=s.alpha, lr=s.lr,
+                       distill=s.distill, seed=s.seed, routers=None if routers is None else str(routers),
+                       progress=False, checkpoint_every=0)
+
+
+class Builder:
+    """Builds (or reloads) each method's model; holds the shared training data and calibration batches."""
+
+    def __init__(self, s: CompareSettings, log: Callable[[str], None] = print):
+        self.s = s
+        self.log = log
+        self._data = None
+
+    def settings(self) -> dict:
+        return {k: str(getattr(self.s, k)) for k in BUILD_SETTINGS}
+
+    def fresh(self):
+        from ..models.loading import load_model
+
+        return load_model(self.s.model)
+
+    def data(self, routed, tokenizer):
+        if self._data is None:
+            from ..training.data import load_data
+
+            cfg = _train_config(self.s, "router", 0.25, Path(self.s.workdir))
+            self._data = load_data(cfg, routed, tokenizer, Path(self.s.workdir) / "cache")
+        return self._data
+
+    def calibration(self, routed, tokenizer) -> list[dict[str, torch.Tensor]]:
+        d = self.data(routed, tokenizer)
+        seqs = d.train[: self.s.calibration_sequences]
+        return [{"input_ids": seqs[i : i + 2]} for i in range(0, seqs.shape[0], 2)]
+
+    def build(self, method: str, sparsity: float):
+        """(model or RoutedModel ready to evaluate, tokenizer, seconds spent building it now)."""
+        from ..artifact import CONFIG_NAME, save_routers
+        from ..models.routed import RoutedModel
+        from ..training.lora import load_trained
+        from .registry import attach_policy
+
+        out = artifact_dir(self.s, method, sparsity)
+        model, tok = self.fresh()
+        if method == "dense":
+            return model, tok, 0.0
+        log = _read_build_log(out / BUILD_LOG)
+        if log is not None and (out / CONFIG_NAME).exists():
+            if log.get("settings") == self.settings():
+                self.log(f"  reusing {out}")
+                return attach_policy(load_trained(model, out), str(out)), tok, float(log.get("seconds", 0.0))
+            self.log(f"  {out} was built with other settings ({log.get('settings')}); rebuilding")
+        for stale in out.glob("eval-*.json"):  # evaluations of an older build of this method
+            stale.unlink()
+        tic = time.perf_counter()
+        if method in ("shortgpt", "static-modules"):
+            from .static import shortgpt, static_modules
+
+            routed = RoutedModel(model, name=self.s.model)
+            build = shortgpt if method == "shortgpt" else static_modules
+            build(routed, tok, sparsity, self.calibration(routed, tok))
+            save_routers(routed, out)
+        elif method == "random":
+            from .static import random_routing
+
+            routed = random_routing(RoutedModel(model, name=self.s.model), sparsity,
+                                    self._reference_rates(sparsity), seed=self.s.seed)
+            save_routers(routed, out)
+        elif method in ("skipgpt-rt", "skipgpt-joint"):
+            from ..training import train
+
+            stage = "router" if method == "skipgpt-rt" else "joint"
+            routed = RoutedModel(model, name=self.s.model)
+            data = self.data(routed, tok)
+            routed = train(_train_config(self.s, stage, sparsity, out), routed=routed, tokenizer=tok, data=data).routed
+        elif method == "skipgpt-rt-lora":
+            from ..training import train
+
+            rt = artifact_dir(self.s, "skipgpt-rt", sparsity)
+            if not (rt / CONFIG_NAME).exists():
+                self.build("skipgpt-rt", sparsity)
+            routed = load_trained(model, rt)
+            data = self.data(routed, tok)
+            cfg = _train_config(self.s, "lora", sparsity, out, routers=rt)
+            routed = train(cfg, routed=routed, tokenizer=tok, data=data).routed
+        elif method in ("mod-d", "coupled"):
+            routed = self._train_policy(method, model, tok, sparsity, out)
+        else:  # pragma: no cover - check_methods guards this
+            raise ConfigError(f"unknown method {method}")
+        seconds = time.perf_counter() - tic
+        write_json_atomic(out / BUILD_LOG, {"method": method, "sparsity": sparsity, "seconds": seconds,
+                                            "settings": self.settings()})
+        return routed, tok, seconds
+
+    def _train_policy(self, method: str, model, tok, sparsity: float, out: Path):
+        from ..artifact import save_routers
+        from ..routing.calibrate import calibrate_threshold
+        from ..training import train
+        from .dynamic import coupled, mod_d
+
+        routed = (mod_d if method == "mod-d" else coupled)(model, sparsity)
+        data = self.data(routed, tok)
+        train(_train_config(self.s, "router", sparsity, out), routed=routed, tokenizer=tok, data=data)
+        val = [{"input_ids": data.val[i : i + 2]} for i in range(0, data.val.shape[0], 2)]
+        if method == "mod-d":
+            routed.policy.calibrate(val)  # causal thresholds for evaluation and decode
+        else:
+            calibrate_threshold(routed, val, sparsity, "param")
+        routed.config.extra.pop("train_router", None)  # measured before calibration: misleading
+        save_routers(routed, out)
+        return routed
+
+    def _reference_rates(self, sparsity: float):
+        """Per-module skip rates of SkipGPT-RT at this sparsity on the calibration text, if it was built."""
+        from ..artifact import CONFIG_NAME
+        from ..training.lora import load_trained
+
+        rt = artifact_dir(self.s, "skipgpt-rt", sparsity)
+        if not (rt / CONFIG_NAME).exists():
+            self.log(f"  random: no {rt}, using a uniform skip rate of {sparsity:.0%} for every module")
+            return None
+        model, tok = self.fresh()
+        routed = load_trained(model, rt)
+        routed.routers.eval()
+        routed.reset_sparsity()
+        with torch.no_grad():
+            for batch in self.calibration(routed, tok):
+                routed(**batch)
+        rep = routed.sparsity()
+        return torch.tensor([rep.per_layer_attention, rep.per_layer_mlp], dtype=torch.float64).T
+
+
+def _read_build_log(path: Path) -> dict | None:
+    try:
+        log = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return log if isinstance(log, dict) else None
+
+
+def eval_key(s: CompareSettings) -> str:
+    spec = json.dumps([sorted((k, str(v)) for k, v in s.tasks.items()), s.limit, s.eval_batch_size, s.eval_seq_len])
+    return hashlib.sha256(spec.encode()).hexdigest()[:10]
+
+
+def evaluate_method(s: CompareSettings, model, tokenizer, cache: Path) -> tuple[dict, float]:
+    """The evaluator's result for one method and the seconds it took (from `cache` when present)."""
+    if cache.exists():
+        try:
+            saved = json.loads(cache.read_text(encoding="utf-8"))
+            return saved["result"], float(saved["seconds"])
+        except (ValueError, KeyError, TypeError):
+            pass  # a cache, not user data: evaluate again
+    from ..evaluation import evaluate
+
+    tic = time.perf_counter()
+    result = evaluate(model, tokenizer, dict(s.tasks), limit=s.limit, batch_size=s.eval_batch_size,
+                      seq_len=s.eval_seq_len, progress=False, model_name=s.model)
+    seconds = time.perf_counter() - tic
+    write_json_atomic(cache, {"result": result, "seconds": seconds})
+    return result, seconds
+
+
+def make_row(method: str, sparsity: float, result: dict, dense_average: float | None) -> dict:
+    tasks, sparsities = {}, []
+    for name, metrics in result.get("tasks", {}).items():
+        tasks[name] = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if isinstance(metrics.get("sparsity"), dict):
+            sparsities.append(metrics["sparsity"])
+    if sparsities:  # mean over tasks of the evaluator's realised sparsity
+        realised = {k: sum(float(sp.get(k, 0.0)) for sp in sparsities) / len(sparsities)
+                    for k in ("param", "attention", "mlp")}
+    else:
+        realised = {"param": 0.0, "attention": 0.0, "mlp": 0.0}
+    average = result.get("average_acc")
+    retention = None
+    if average is not None and dense_average:
+        retention = 100.0 * float(average) / float(dense_average)
+    return {"method": method, "target_sparsity": 0.0 if method == "dense" else sparsity, "sparsity": realised,
+            "tasks": tasks, "average_acc": average, "retention": retention}
+
+
+def run_comparison(s: CompareSettings, sparsities: list[float], log: Callable[[str], None] = print) -> list[dict]:
+    """Build and evaluate every method at every sparsity; returns the table rows (dense first per sparsity)."""
+    methods = check_methods(s.methods)
+    builder = Builder(s, log)
+    key = eval_key(s)
+    rows: list[dict] = []
+    # Retention needs the dense average whether or not dense is listed.
+    model, tok, _ = builder.build("dense", 0.0)
+    log("dense: evaluating")
+    dense_result, seconds = evaluate_method(s, model, tok, artifact_dir(s, "dense", 0.0) / f"eval-{key}.json")
+    dense_average = dense_result.get("average_acc")
+    dense_row = make_row("dense", 0.0, dense_result, dense_average)
+    dense_row["seconds"] = {"build": 0.0, "eval": round(seconds, 1)}
+    for sparsity in sparsities:
+        if "dense" in methods:
+            rows.append(dict(dense_row))
+        for method in methods:
+            if method == "dense":
+                continue
+            log(f"{method} at {sparsity:.0%}: building")
+            model, tok, built = builder.build(method, sparsity)
+            log(f"{method} at {sparsity:.0%}: evaluating")
+            cache = artifact_dir(s, method, sparsity) / f"eval-{key}.json"
+            result, seconds = evaluate_method(s, model, tok, cache)
+            row = make_row(method, sparsity, result, dense_average)
+            row["seconds"] = {"build": round(built, 1), "eval": round(seconds, 1)}
+            rows.append(row)
+    return rows

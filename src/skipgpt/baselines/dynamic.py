@@ -1,0 +1,144 @@
+"""Dynamic baselines built on the same routers: MoD-D top-k capacity routing and coupled routing.
+
+MoD-D (Mixture-of-Depths with attention and MLP routed separately): each module's router gives a
+score per token (execute logit - skip logit); the top-k tokens of each sequence execute, with
+k = capacity x real tokens and capacity = 1 - skip rate. The forward gate is exactly 0/1 and the
+gradient reaches the router through sigmoid(score) (straight-through), so the sparsity accounting
+counts whole modules. Top-k is non-causal: a token's decision depends on the scores of later
+tokens, which a left-to-right decoder cannot know. So top-k is used only while the routers train;
+at inference (routers.eval(), and always in one-token decode steps) a token executes iff its score
+exceeds a per-module threshold calibrated as the skip-rate quantile of the scores seen on
+calibration text. mod_d.topk_at_eval = True restores the non-causal rule for analysis.
+
+Coupled: one router per layer (the attention router) decides attention and MLP together, the
+ablation of SkipGPT's module decoupling. It trains and calibrates exactly like SkipGPT routers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import SkipConfig, check_sparsity
+from ..models.routed import RoutedModel
+from ..routing.router import EXECUTE, SKIP, argmax_gate, sample_gate, straight_through_gumbel
+
+
+def _routed(model, sparsity: float, config: SkipConfig | None) -> RoutedModel:
+    if isinstance(model, RoutedModel):
+        return model
+    return RoutedModel(model, config or SkipConfig(target_sparsity=sparsity))
+
+
+class ModPolicy:
+    """Top-k capacity routing per module; a causal score threshold at inference."""
+
+    def __init__(self, routed: RoutedModel, capacity: torch.Tensor, thresholds: torch.Tensor | None = None):
+        self.routed = routed
+        self.capacity = capacity.double()  # (L, 2) fraction of tokens that execute
+        self.thresholds = thresholds  # (L, 2) score thresholds for causal inference
+        self.topk_at_eval = False
+        self.recording: list[list[list[torch.Tensor]]] | None = None
+
+    def score(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
+        logits = self.routed.routers.get(layer, kind)(x).float()
+        return logits[..., EXECUTE] - logits[..., SKIP]
+
+    def __call__(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
+        k_index = 0 if kind == "attn" else 1
+        s = self.score(layer, kind, x)  # (B, T)
+        if self.recording is not None:
+            real = self.routed.token_mask
+            self.recording[layer][k_index].append(s.detach()[real] if real is not None else s.detach().reshape(-1))
+        training = self.routed.routers.training and torch.is_grad_enabled()
+        if (training or self.topk_at_eval or self.thresholds is None) and s.shape[-1] > 1:
+            hard = self._topk(s, float(self.capacity[layer, k_index]))
+        else:
+            t = 0.0 if self.thresholds is None else float(self.thresholds[layer, k_index])
+            hard = (s > t).float()
+        soft = torch.sigmoid(s)
+        return hard + soft - soft.detach() if training else hard
+
+    def _topk(self, s: torch.Tensor, capacity: float) -> torch.Tensor:
+        real = self.routed.token_mask
+        if real is None or real.shape != s.shape:
+            real = torch.ones_like(s, dtype=torch.bool)
+        masked = s.masked_fill(~real, float("-inf"))
+        k = torch.clamp(torch.round(real.sum(-1).double() * capacity), min=1).long()  # (B,) per sequence
+        rank = torch.argsort(torch.argsort(masked, dim=-1, descending=True), dim=-1)
+        return ((rank < k[:, None]) & real).float()
+
+    @torch.no_grad()
+    def calibrate(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Thresholds = per-module quantile of scores at which the causal rule keeps `capacity` of tokens."""
+        L = self.capacity.shape[0]
+        was_training = self.routed.routers.training
+        self.routed.routers.eval()
+        self.recording = [[[], []] for _ in range(L)]
+        saved = self.topk_at_eval
+        self.topk_at_eval = True  # score the states the top-k model produces, as in training
+        try:
+            for batch in batches:
+                self.routed(**batch)
+            thresholds = torch.zeros(L, 2, dtype=torch.float64)
+            for i in range(L):
+                for j in range(2):
+                    scores = torch.cat(self.recording[i][j]).double()
+                    thresholds[i, j] = torch.quantile(scores, 1.0 - float(self.capacity[i, j]))
+        finally:
+            self.recording = None
+            self.topk_at_eval = saved
+            self.routed.routers.train(was_training)
+            self.routed.reset_sparsity()
+        self.thresholds = thresholds
+        self.routed.config.extra["thresholds"] = thresholds.tolist()
+        return thresholds
+
+
+def mod_d(model, sparsity: float = 0.25, config: SkipConfig | None = None,
+          thresholds: torch.Tensor | None = None) -> RoutedModel:
+    """A RoutedModel with MoD-D routing at capacity 1 - sparsity for every module (train it, then calibrate).
+
+    Every module executing the same fraction of tokens makes the parameter sparsity equal `sparsity`.
+    """
+    check_sparsity(sparsity)
+    routed = _routed(model, sparsity, config)
+    capacity = torch.full((len(routed.layers), 2), 1.0 - sparsity, dtype=torch.float64)
+    policy = ModPolicy(routed, capacity, thresholds)
+    routed.config.target_sparsity = sparsity
+    routed.config.extra.update({"routing": "mod-d", "capacity": capacity.tolist()})
+    if thresholds is not None:
+        routed.config.extra["thresholds"] = torch.as_tensor(thresholds).tolist()
+    routed.force(policy)
+    return routed
+
+
+class CoupledPolicy:
+    """The attention router's decision is used for the MLP of the same layer as well."""
+
+    def __init__(self, routed: RoutedModel):
+        self.routed = routed
+        self.last: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
+        if kind == "mlp" and layer in self.last:
+            return self.last.pop(layer)
+        r = self.routed
+        logits = r.routers.attn[layer](x)
+        if r.routers.training and torch.is_grad_enabled():
+            g = straight_through_gumbel(logits, r.temperature)
+        elif r.sample:
+            g = sample_gate(logits, r.config.threshold)
+        else:
+            g = argmax_gate(logits, r.config.threshold)
+        self.last[layer] = g
+        return g
+
+
+def coupled(model, sparsity: float = 0.25, config: SkipConfig | None = None) -> RoutedModel:
+    """A RoutedModel whose layer-level router skips attention and MLP together (train it like SkipGPT)."""
+    check_sparsity(sparsity)
+    routed = _routed(model, sparsity, config)
+    routed.config.target_sparsity = sparsity
+    routed.config.extra["routing"] = "coupled"
+    routed.force(CoupledPolicy(routed))
+    return routed

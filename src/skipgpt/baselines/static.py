@@ -1,0 +1,141 @@
+"""Static baselines: ShortGPT layer removal, static module removal and random routing.
+
+Each returns a RoutedModel whose decisions come from a policy instead of the routers, so the same
+evaluation, sparsity accounting and sparse-inference path serve every method. Sparsity is matched
+in parameter terms (the paper's): attention and MLP modules differ in size, so modules are removed
+greedily in order of Block Influence and the prefix whose parameter ratio is closest to the target
+wins; the realised ratio is recorded in routed.config.extra["realised_param_sparsity"].
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import SkipConfig, check_sparsity
+from ..errors import ConfigError
+from ..models.routed import RoutedModel
+from ..routing import policies
+from ..routing.sparsity import ModuleCosts
+from .influence import block_influence
+
+MODULE_KINDS = ("both", "attn", "mlp")
+
+
+def _param_table(costs: ModuleCosts) -> torch.Tensor:
+    return torch.stack([costs.attn_params, costs.mlp_params], dim=1)  # (L, 2)
+
+
+def closest_prefix(order: list[list[tuple[int, int]]], params: torch.Tensor, target: float) -> torch.Tensor:
+    """Drop groups of modules in `order` while it brings the parameter ratio closer to `target`.
+
+    order: groups of (layer, kind) to remove together, least important first (a layer for ShortGPT,
+    a single module for module removal). Returns the (L, 2) bool keep mask of the best prefix.
+    """
+    total = float(params.sum())
+    keep = torch.ones(params.shape, dtype=torch.bool)
+    best, best_gap, removed = keep.clone(), target, 0.0
+    for group in order:
+        for layer, kind in group:
+            keep[layer, kind] = False
+            removed += float(params[layer, kind])
+        gap = abs(removed / total - target)
+        if gap < best_gap:
+            best, best_gap = keep.clone(), gap
+        if removed / total > target:
+            break
+    return best
+
+
+def removal_order(influence: dict[str, torch.Tensor], unit: str = "layer", kinds: str = "both"):
+    """Groups of (layer, kind) from least to most influential."""
+    if unit == "layer":
+        layers = torch.argsort(influence["layer"]).tolist()
+        return [[(i, 0), (i, 1)] for i in layers]
+    if kinds not in MODULE_KINDS:
+        raise ConfigError(f"kinds must be one of {MODULE_KINDS}, got {kinds!r}")
+    bi = influence["module"].clone()
+    if kinds != "both":
+        bi[:, 1 if kinds == "attn" else 0] = float("inf")
+    flat = torch.argsort(bi.reshape(-1)).tolist()
+    return [[(f // 2, f % 2)] for f in flat if torch.isfinite(bi.reshape(-1)[f])]
+
+
+def static_routed(model, keep: torch.Tensor, method: str, target: float, extra: dict | None = None) -> RoutedModel:
+    """A RoutedModel that removes the modules where keep is False, for every token."""
+    routed = model if isinstance(model, RoutedModel) else RoutedModel(model, SkipConfig(target_sparsity=target))
+    params = _param_table(routed.costs)
+    realised = float((params * (~keep)).sum() / params.sum())
+    routed.config.target_sparsity = target
+    routed.config.extra.update(
+        {"routing": method, "keep": keep.int().tolist(), "realised_param_sparsity": realised, **(extra or {})}
+    )
+    routed.force(policies.static(keep))
+    return routed
+
+
+def shortgpt(model, tokenizer=None, sparsity: float = 0.25, calibration_batches=None) -> RoutedModel:
+    """ShortGPT: remove whole layers with the lowest Block Influence on the calibration batches.
+
+    calibration_batches: texts (tokenised with `tokenizer`) or dicts with input_ids (and attention_mask).
+    Returns a RoutedModel that skips the removed layers for every token; the realised parameter
+    sparsity is in routed.config.extra["realised_param_sparsity"].
+    """
+    check_sparsity(sparsity)
+    routed = model if isinstance(model, RoutedModel) else RoutedModel(model, SkipConfig(target_sparsity=sparsity))
+    bi = block_influence(routed, _need_batches(calibration_batches, tokenizer))
+    keep = closest_prefix(removal_order(bi, "layer"), _param_table(routed.costs), sparsity)
+    return static_routed(routed, keep, "shortgpt", sparsity, {"block_influence": bi["layer"].tolist()})
+
+
+def static_modules(
+    model, tokenizer=None, sparsity: float = 0.25, calibration_batches=None, kinds: str = "both"
+) -> RoutedModel:
+    """Static module removal: drop attention and/or MLP modules with the lowest Block Influence."""
+    check_sparsity(sparsity)
+    routed = model if isinstance(model, RoutedModel) else RoutedModel(model, SkipConfig(target_sparsity=sparsity))
+    bi = block_influence(routed, _need_batches(calibration_batches, tokenizer))
+    keep = closest_prefix(removal_order(bi, "module", kinds), _param_table(routed.costs), sparsity)
+    return static_routed(
+        routed, keep, "static-modules", sparsity, {"kinds": kinds, "block_influence": bi["module"].tolist()}
+    )
+
+
+def random_routing(model, sparsity: float = 0.25, skip_rates: torch.Tensor | None = None, seed: int = 0) -> RoutedModel:
+    """Random per-token routing: module (layer, kind) skips each token with probability skip_rates[layer, kind].
+
+    Without skip_rates every module skips at rate `sparsity`, which is `sparsity` in parameters too.
+    Pass the per-module rates of a trained SkipGPT (report.per_layer_attention / per_layer_mlp) to
+    copy its layer profile while randomising which tokens skip.
+    """
+    check_sparsity(sparsity)
+    routed = model if isinstance(model, RoutedModel) else RoutedModel(model, SkipConfig(target_sparsity=sparsity))
+    L = len(routed.layers)
+    rates = torch.full((L, 2), float(sparsity)) if skip_rates is None else torch.as_tensor(skip_rates).double()
+    if rates.shape != (L, 2) or (rates < 0).any() or (rates > 1).any():
+        raise ConfigError(f"skip_rates must be a ({L}, 2) table of probabilities, got shape {tuple(rates.shape)}")
+    params = _param_table(routed.costs)
+    routed.config.target_sparsity = sparsity
+    routed.config.extra.update(
+        {"routing": "random", "skip_rates": rates.tolist(), "seed": seed,
+         "expected_param_sparsity": float((params * rates).sum() / params.sum())}
+    )
+    routed.force(policies.random(rates.float(), seed))
+    return routed
+
+
+def _need_batches(batches, tokenizer=None) -> list:
+    """Calibration batches as dicts with input_ids; plain strings are tokenised one sequence each."""
+    batches = list(batches or [])
+    if not batches:
+        raise ConfigError("static baselines need calibration_batches (texts, or dicts with input_ids) "
+                          "to measure Block Influence")
+    out = []
+    for b in batches:
+        if isinstance(b, str):
+            if tokenizer is None:
+                raise ConfigError("calibration texts need the tokenizer: pass it as the second argument")
+            b = {"input_ids": tokenizer(b, return_tensors="pt")["input_ids"]}
+        if not isinstance(b, dict) or "input_ids" not in b:
+            raise ConfigError("each calibration batch must be a text or a dict with input_ids")
+        out.append(b)
+    return out

@@ -1,0 +1,47 @@
+"""The paper-style comparison table, as markdown (also what `skipgpt compare` prints)."""
+
+from __future__ import annotations
+
+# The paper reports acc_norm for HellaSwag and OpenBookQA and acc elsewhere.
+NORM_TASKS = ("hellaswag", "openbookqa")
+
+
+def task_metric(name: str, metrics: dict) -> tuple[str, float | None]:
+    if "ppl" in metrics:
+        return "ppl", metrics["ppl"]
+    key = "acc_norm" if name in NORM_TASKS and "acc_norm" in metrics else "acc"
+    return key, metrics.get(key)
+
+
+def _fmt(value, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "ppl":
+        return f"{value:.2f}"
+    if kind == "pct":
+        return f"{value:.1f}"
+    return f"{100 * value:.1f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Columns: method, target, realised param (attention / MLP) sparsity, each task, average, retention."""
+    names: list[str] = []
+    for row in rows:
+        names += [n for n in row["tasks"] if n not in names]
+    mc = [n for n in names if not any("ppl" in r["tasks"].get(n, {}) for r in rows)]
+    ppl = [n for n in names if n not in mc]
+    header = ["method", "target", "param sparsity (attn / MLP)"]
+    for n in mc:
+        metric = "acc_norm" if n in NORM_TASKS else "acc"
+        header.append(f"{n} {metric}")
+    header += ["avg acc", "retention %"] + [f"{n} ppl" for n in ppl]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        sp = r["sparsity"]
+        cells = [r["method"], f"{100 * r.get('target_sparsity', 0.0):.0f}%",
+                 f"{100 * sp['param']:.1f}% ({100 * sp['attention']:.0f} / {100 * sp['mlp']:.0f})"]
+        cells += [_fmt(task_metric(n, r["tasks"].get(n, {}))[1], "acc") for n in mc]
+        cells += [_fmt(r.get("average_acc"), "acc"), _fmt(r.get("retention"), "pct")]
+        cells += [_fmt(r["tasks"].get(n, {}).get("ppl"), "ppl") for n in ppl]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,118 @@
+"""`skipgpt compare`: SkipGPT beside static and dynamic baselines at the same parameter sparsity."""
+
+from __future__ import annotations
+
+import argparse
+
+METHOD_HELP = """\
+methods (--methods, comma-separated; default: all):
+  dense            the unmodified model (always evaluated: retention is relative to it)
+  skipgpt-rt       SkipGPT router tuning, base frozen (trained, --steps)
+  skipgpt-rt-lora  skipgpt-rt, then LoRA with routers frozen (trained, --steps more; builds skipgpt-rt)
+  shortgpt         whole layers with the lowest Block Influence removed (static)
+  static-modules   attention/MLP modules with the lowest Block Influence removed (static)
+  random           per-token random skipping at skipgpt-rt's per-module rates (uniform if skipgpt-rt
+                   has not been built at this sparsity: list it after skipgpt-rt)
+  mod-d            Mixture-of-Depths top-k routing per module (trained, --steps); evaluated with
+                   causal per-module score thresholds, since top-k over a sequence sees the future
+  coupled          one router per layer skips attention and MLP together (trained, --steps)
+  skipgpt-joint    routers and LoRA trained together from step 0 (trained, --steps)
+Static baselines are matched in parameters: modules are removed by Block Influence while that
+brings the removed-parameter ratio closer to the target; the realised ratio is reported.
+Artifacts go to --workdir/<method>-<pct>/ and are reused (with their evaluations) when present.
+
+example:
+  skipgpt compare --model smollm2-135m --sparsity 0.25,0.4 --data text/book.txt --steps 100 \\
+      --task piqa=data/piqa --task wikitext2=data/wikitext2/wiki.test.raw --limit 200 --output cmp.json
+"""
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    from .eval import TASK_HELP
+
+    p = sub.add_parser(
+        "compare",
+        help="evaluate SkipGPT against ShortGPT, module removal, random, MoD-D, coupled and joint at equal sparsity",
+        description="Build every method at the requested parameter sparsity (training the trained ones for "
+        "--steps each, deriving the static ones from Block Influence), evaluate each with the same tasks as "
+        "`skipgpt eval`, and print the paper-style table: method, realised sparsity, each task, average, "
+        "retention % of dense, perplexity. Writes the rows as JSON (--output) and markdown (same name, .md).",
+        epilog=METHOD_HELP + "\n" + TASK_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", default="smollm2-135m",
+                   help="hub name, HF folder, .gguf file or alias (default %(default)s)")
+    p.add_argument("--sparsity", default="0.25", help="target parameter sparsity as a fraction; several "
+                   "comma-separated give one table block each (default %(default)s)")
+    p.add_argument("--task", action="append", required=True, metavar="NAME[=PATH]",
+                   help="a task and where its data is, as in `skipgpt eval`; repeat for several")
+    p.add_argument("--methods", default=None, help="comma-separated subset of the methods below (default: all)")
+    p.add_argument("--steps", type=int, default=100, help="training steps of each trained method (default %(default)s)")
+    p.add_argument("--data", default="self", help="training and calibration text: a .txt/.jsonl/.parquet file or "
+                   "folder, a hub dataset, or 'self' (sampled from the dense model) (default %(default)s)")
+    p.add_argument("--limit", type=int, default=None, help="first N items of each multiple-choice task, "
+                   "first N windows of a perplexity task")
+    p.add_argument("--seq-len", type=int, default=256, help="training sequence length (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=2, help="training micro-batch (default %(default)s)")
+    p.add_argument("--eval-batch-size", type=int, default=8, help="evaluation batch (default %(default)s)")
+    p.add_argument("--eval-seq-len", type=int, default=None, help="perplexity window in tokens "
+                   "(default: the evaluator's, 2048 or the model's maximum)")
+    p.add_argument("--calibration-sequences", type=int, default=8,
+                   help="training sequences used for Block Influence and random-routing rates (default %(default)s)")
+    p.add_argument("--alpha", type=float, default=8.0, help="sparsity regulariser weight (default %(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="router learning rate (default %(default)s)")
+    p.add_argument("--distill", type=float, default=0.0, help="0 = LM loss, 1 = KL to the dense model "
+                   "(default %(default)s)")
+    p.add_argument("--workdir", default=None, help="where artifacts and cached evaluations go "
+                   "(default: next to --output, named after it with _artifacts)")
+    p.add_argument("--output", required=True, help="results JSON (a list of rows); the table also goes to .md")
+    return p
+
+
+def parse_sparsities(text: str) -> list[float]:
+    from ..config import check_sparsity
+    from ..errors import ConfigError
+
+    values = []
+    for part in text.split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise ConfigError(f"--sparsity {text!r}: {part!r} is not a number (use e.g. 0.25 or 0.25,0.4)") from None
+        values.append(check_sparsity(value, "--sparsity"))
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+    from pathlib import Path
+
+    from ..baselines.compare import CompareSettings, check_methods, run_comparison
+    from ..baselines.registry import DEFAULT_METHODS
+    from ..baselines.table import markdown_table
+    from ..errors import ConfigError
+    from ..io import write_json_atomic, write_text_atomic
+    from .eval import parse_tasks
+
+    tasks = parse_tasks(args.task)
+    sparsities = parse_sparsities(args.sparsity)
+    methods = check_methods([m.strip() for m in args.methods.split(",")] if args.methods else DEFAULT_METHODS)
+    for flag in ("steps", "limit", "seq_len", "batch_size", "eval_batch_size", "eval_seq_len", "calibration_sequences"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    output = Path(args.output)
+    workdir = Path(args.workdir) if args.workdir else output.with_name(output.stem + "_artifacts")
+    settings = CompareSettings(
+        model=args.model, tasks=tasks, methods=methods, steps=args.steps, data=args.data, limit=args.limit,
+        workdir=workdir, seq_len=args.seq_len, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+        eval_seq_len=args.eval_seq_len, calibration_sequences=args.calibration_sequences, alpha=args.alpha,
+        lr=args.lr, distill=args.distill,
+    )
+    rows = run_comparison(settings, sparsities, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    table = markdown_table(rows)
+    print(table)
+    write_json_atomic(output, rows)
+    write_text_atomic(output.with_suffix(".md"), table)
+    print(f"wrote {output} and {output.with_suffix('.md')}")
+    return 0

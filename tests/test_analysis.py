@@ -1,0 +1,130 @@
+"""Analysis figures: produced, non-empty, and the CSV behind them equals the decisions that were taken."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+import skipgpt
+from skipgpt.analysis.figures import write_analysis
+from skipgpt.errors import DataError
+
+from conftest import make_tiny
+
+
+class CharTokenizer:
+    """One token per character (byte value modulo the tiny vocabulary)."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        ids = [ord(c) % 128 for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 8  # 360 characters
+
+
+def position_policy(layer, kind, x):
+    """Attention skipped at odd positions in layer 1, MLP of layer 2 skipped from position 20 on."""
+    T = x.shape[1]
+    pos = torch.arange(T).expand(x.shape[0], T)
+    if kind == "attn" and layer == 1:
+        return pos % 2 == 0
+    if kind == "mlp" and layer == 2:
+        return pos < 20
+    return torch.ones_like(pos, dtype=torch.bool)
+
+
+def read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_write_analysis_files_match_decisions(tmp_path):
+    routed = skipgpt.RoutedModel(make_tiny("llama"))
+    routed.force(position_policy)
+    paths = write_analysis(routed, CharTokenizer(), TEXT, tmp_path, seq_len=40, heatmap_tokens=30)
+    names = {p.name for p in paths}
+    for stem in ("per_layer_skip", "skip_vs_position", "decision_heatmap", "module_sparsity"):
+        assert f"{stem}.png" in names and f"{stem}.csv" in names
+    for p in paths:
+        assert p.stat().st_size > 0
+        if p.suffix == ".png":
+            assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+    layers = read(tmp_path / "per_layer_skip.csv")
+    assert [float(r["attention_skip_rate"]) for r in layers] == pytest.approx([0.0, 0.5, 0.0])
+    assert [float(r["mlp_skip_rate"]) for r in layers] == pytest.approx([0.0, 0.0, 0.5])
+    pos = read(tmp_path / "skip_vs_position.csv")
+    for r in pos:
+        first, last = int(r["first_position"]), int(r["last_position"])
+        span = range(first, last + 1)
+        odd = sum(p % 2 for p in span) / len(span)
+        late = sum(p >= 20 for p in span) / len(span)
+        assert float(r["attention_skip_rate"]) == pytest.approx(odd / 3, abs=1e-6)
+        assert float(r["mlp_skip_rate"]) == pytest.approx(late / 3, abs=1e-6)
+    heat = read(tmp_path / "decision_heatmap.csv")
+    assert len(heat) == 30 * 3
+    for r in heat:
+        want = position_policy(int(r["layer"]), "attn", torch.zeros(1, 40, 1))[0, int(r["position"])]
+        assert int(r["attention_executed"]) == int(want)
+    assert heat[0]["token"] == repr("T")
+    overall = {r["measure"]: r["skip_rate"] for r in read(tmp_path / "module_sparsity.csv")}
+    assert float(overall["attention"]) == pytest.approx(0.5 / 3, abs=1e-6)
+    assert float(overall["MLP"]) == pytest.approx(0.5 / 3, abs=1e-6)
+    assert int(overall["tokens"]) == 9 * 40  # nine full windows of 40 characters
+
+
+def test_write_analysis_on_learned_style_routers(tmp_path):
+    routed = skipgpt.RoutedModel(make_tiny("qwen2"))
+    with torch.no_grad():
+        for r in list(routed.routers.attn) + list(routed.routers.mlp):
+            r.net.weight.normal_(0, 1.0)
+    paths = write_analysis(routed, CharTokenizer(), TEXT, tmp_path)
+    assert len(paths) == 8
+    assert routed.policy is None and routed.routers.training, "the caller's train/eval state is restored"
+
+
+def test_write_analysis_rejects_empty_text(tmp_path):
+    routed = skipgpt.RoutedModel(make_tiny("llama"))
+    with pytest.raises(DataError, match="empty"):
+        write_analysis(routed, CharTokenizer(), "", tmp_path)
+
+
+def test_analyze_command_on_saved_baseline(tmp_path):
+    """`skipgpt analyze` reloads a saved baseline with its policy and writes the figures of its decisions."""
+    import argparse
+
+    import transformers as tf
+
+    from skipgpt.baselines import static_modules
+    from skipgpt.cli import analyze
+    from skipgpt.models.loading import resolve
+
+    source, _ = resolve("smollm2-135m")
+    tok = tf.AutoTokenizer.from_pretrained(source)
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    model, tok = skipgpt.load_model(str(tmp_path / "model"))
+    routed = static_modules(model, tok, 0.3, [TEXT])
+    keep = torch.tensor(routed.config.extra["keep"], dtype=torch.bool)
+    skipgpt.save_routers(routed, tmp_path / "routers")
+    (tmp_path / "text.txt").write_text(TEXT * 4, encoding="utf-8")
+    parser = argparse.ArgumentParser()
+    analyze.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["analyze", "--model", str(tmp_path / "model"), "--routers", str(tmp_path / "routers"),
+                              "--text", str(tmp_path / "text.txt"), "--output", str(tmp_path / "figs"),
+                              "--seq-len", "64"])
+    assert analyze.run(args) == 0
+    rows = read(tmp_path / "figs" / "per_layer_skip.csv")
+    got = torch.tensor([[float(r["attention_skip_rate"]), float(r["mlp_skip_rate"])] for r in rows])
+    assert torch.equal(got, (~keep).float())
+    args.text = str(tmp_path / "missing.txt")
+    with pytest.raises(DataError, match="does not exist"):
+        analyze.run(args)

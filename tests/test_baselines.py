@@ -1,0 +1,329 @@
+"""Baselines: Block Influence against a hand computation, matched sparsity, MoD-D and coupled routing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as tf
+
+import skipgpt
+from skipgpt.baselines import (
+    block_influence,
+    coupled,
+    load_baseline,
+    mod_d,
+    random_routing,
+    shortgpt,
+    static_modules,
+)
+from skipgpt.errors import ArtifactError, ConfigError
+
+from conftest import TINY, make_tiny
+
+
+def batches(vocab: int = 128, n: int = 2, seq: int = 24, pad: bool = True):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (2, seq), generator=g)
+        mask = torch.ones_like(ids)
+        if pad:
+            mask[1, -5:] = 0  # right padding must not count
+        out.append({"input_ids": ids, "attention_mask": mask})
+    return out
+
+
+def deep_tiny(layers: int = 24, seed: int = 0):
+    """Tiny llama with enough layers that one layer is a few percent of the parameters."""
+    torch.manual_seed(seed)
+    config = tf.LlamaConfig(**{**TINY, "num_hidden_layers": layers})
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.2)
+    return model.eval()
+
+
+def hand_block_influence(model, data):
+    """Residual states read with plain hooks on the unmodified HF model, cosines in a Python loop."""
+    layers = model.model.layers
+    L = len(layers)
+    sums = torch.zeros(L, 3, dtype=torch.float64)  # attn, mlp, layer
+    count = 0.0
+    for batch in data:
+        ins, attn_out, outs = {}, {}, {}
+        hooks = []
+        for i, layer in enumerate(layers):
+            hooks.append(layer.register_forward_pre_hook(
+                lambda m, a, k, i=i, ins=ins: ins.__setitem__(i, (a[0] if a else k["hidden_states"]).detach()),
+                with_kwargs=True))
+            hooks.append(layer.self_attn.register_forward_hook(
+                lambda m, a, o, i=i, attn_out=attn_out: attn_out.__setitem__(i, o[0].detach())))
+            hooks.append(layer.register_forward_hook(
+                lambda m, a, o, i=i, outs=outs: outs.__setitem__(
+                    i, (o[0] if isinstance(o, tuple) else o).detach())))
+        with torch.no_grad():
+            model(**batch)
+        for h in hooks:
+            h.remove()
+        mask = batch["attention_mask"]
+        for b in range(mask.shape[0]):
+            for t in range(mask.shape[1]):
+                if not mask[b, t]:
+                    continue
+                count += 1
+                for i in range(L):
+                    x, y = ins[i][b, t].double(), outs[i][b, t].double()
+                    mid = x + attn_out[i][b, t].double()
+                    cos = lambda u, v: float(u @ v / (u.norm() * v.norm()))  # noqa: E731
+                    sums[i, 0] += cos(x, mid)
+                    sums[i, 1] += cos(mid, y)
+                    sums[i, 2] += cos(x, y)
+    return 1.0 - sums / count
+
+
+def test_block_influence_matches_hand_computation():
+    model = make_tiny("llama")
+    data = batches()
+    got = block_influence(model, data)
+    want = hand_block_influence(model, data)
+    torch.testing.assert_close(got["module"], want[:, :2], rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(got["layer"], want[:, 2], rtol=1e-6, atol=1e-8)
+    assert torch.equal(torch.argsort(got["layer"]), torch.argsort(want[:, 2]))
+    # the model is left unpatched: its output equals a fresh copy's
+    assert not hasattr(model.model.layers[0], "__dict__") or "forward" not in model.model.layers[0].__dict__
+
+
+def test_block_influence_ignores_pad_tokens():
+    model = make_tiny("llama")
+    data = batches(pad=True)
+    garbled = [{"input_ids": b["input_ids"].clone(), "attention_mask": b["attention_mask"]} for b in data]
+    for b in garbled:
+        b["input_ids"][1, -5:] = 7  # change only padded positions (right padding: causal, so nothing else moves)
+    torch.testing.assert_close(block_influence(model, data)["module"], block_influence(model, garbled)["module"])
+
+
+@pytest.mark.parametrize("target", [0.25, 0.40])
+def test_shortgpt_hits_target_and_removes_lowest_bi_layers(target):
+    model = deep_tiny()
+    data = batches()
+    routed = shortgpt(model, None, target, data)
+    keep = torch.tensor(routed.config.extra["keep"], dtype=torch.bool)
+    assert torch.equal(keep[:, 0], keep[:, 1]), "ShortGPT removes whole layers"
+    bi = block_influence(routed, data)["layer"]
+    removed = (~keep[:, 0]).nonzero().flatten()
+    kept = keep[:, 0].nonzero().flatten()
+    assert bi[removed].max() <= bi[kept].min()
+    routed.reset_sparsity()
+    with torch.no_grad():
+        for b in data:
+            routed(**b)
+    realised = routed.sparsity().param
+    assert abs(realised - target) <= 0.02
+    assert realised == pytest.approx(routed.config.extra["realised_param_sparsity"], abs=1e-9)
+
+
+@pytest.mark.parametrize("kinds", ["both", "attn", "mlp"])
+def test_static_module_removal_hits_target(kinds):
+    model = deep_tiny()
+    data = batches()
+    target = 0.25 if kinds != "attn" else 0.2  # attention is a third of this model's parameters
+    routed = static_modules(model, None, target, data, kinds=kinds)
+    keep = torch.tensor(routed.config.extra["keep"], dtype=torch.bool)
+    if kinds == "attn":
+        assert keep[:, 1].all()
+    if kinds == "mlp":
+        assert keep[:, 0].all()
+    with torch.no_grad():
+        routed(**data[0])
+    assert abs(routed.sparsity().param - target) <= 0.02
+    # the modules skipped are exactly those of the keep mask, for every real token
+    d = routed.decisions()
+    assert torch.equal(d[:, :, 0, 0], keep)
+
+
+def test_static_removal_equals_model_without_those_layers():
+    model = deep_tiny(layers=6)
+    data = batches(pad=False)
+    routed = shortgpt(model, None, 0.34, data)
+    keep = torch.tensor(routed.config.extra["keep"], dtype=torch.bool)[:, 0]
+    with torch.no_grad():
+        got = routed(**data[0]).logits
+    routed.unpatch()
+    pruned = deep_tiny(layers=6)
+    pruned.model.layers = torch.nn.ModuleList([pruned.model.layers[i] for i in range(6) if keep[i]])
+    for i, layer in enumerate(pruned.model.layers):
+        layer.self_attn.layer_idx = i
+    pruned.config.num_hidden_layers = int(keep.sum())
+    pruned.config.layer_types = None
+    with torch.no_grad():
+        want = pruned(**data[0]).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_random_routing_matches_rates():
+    model = deep_tiny(layers=8)
+    rates = torch.linspace(0.1, 0.6, 16).reshape(8, 2)
+    routed = random_routing(model, 0.3, skip_rates=rates, seed=3)
+    ids = torch.randint(0, 128, (8, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        routed(input_ids=ids)
+    rep = routed.sparsity()
+    got = torch.tensor([rep.per_layer_attention, rep.per_layer_mlp]).T
+    assert (got - rates).abs().max() < 0.08  # 512 Bernoulli draws per module
+    assert abs(rep.param - routed.config.extra["expected_param_sparsity"]) < 0.02
+    uniform = random_routing(deep_tiny(layers=8), 0.25)
+    with torch.no_grad():
+        uniform(input_ids=ids)
+    assert abs(uniform.sparsity().param - 0.25) <= 0.02
+    with pytest.raises(ConfigError):
+        random_routing(deep_tiny(layers=8), 0.25, skip_rates=torch.zeros(3, 2))
+
+
+def test_mod_d_topk_capacity_gradient_and_causal_threshold():
+    model = make_tiny("llama")
+    routed = mod_d(model, 0.4)
+    routed.freeze_base()
+    data = batches(pad=True)
+    with torch.no_grad():  # give the routers some non-constant scores
+        for r in list(routed.routers.attn) + list(routed.routers.mlp):
+            r.net.weight.normal_(0, 1.0)
+    routed.routers.train()
+    out = routed(**data[0], labels=data[0]["input_ids"])
+    d = routed.decisions()
+    real = data[0]["attention_mask"].bool()
+    executed = d[..., 0, :][..., real[0]].float().mean()
+    assert executed == pytest.approx(round(24 * 0.6) / 24, abs=1e-6)  # exact top-k capacity per sequence
+    assert not d[..., 1, :][..., ~real[1]].any(), "pads never take capacity"
+    out.loss.backward()
+    grads = [r.net.weight.grad for r in routed.routers.attn]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+    # inference: causal thresholds calibrated to the capacity, and decode of one token works
+    routed.routers.eval()
+    routed.policy.calibrate(data)
+    routed.reset_sparsity()
+    with torch.no_grad():
+        for b in data:
+            routed(**b)
+    assert abs(routed.sparsity().module - 0.4) < 0.1
+    # causality: changing the last token does not change earlier decisions under the threshold rule
+    ids = data[0]["input_ids"][:1].clone()
+    with torch.no_grad():
+        routed(input_ids=ids)
+        before = routed.decisions()[..., :-1].clone()
+        ids[0, -1] = (ids[0, -1] + 1) % 128
+        routed(input_ids=ids)
+    assert torch.equal(before, routed.decisions()[..., :-1])
+    with torch.no_grad():
+        generated = routed.generate(input_ids=ids, max_new_tokens=3, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 3
+
+
+def test_coupled_skips_attention_and_mlp_together(tmp_path):
+    model = make_tiny("llama")
+    routed = coupled(model, 0.3)
+    with torch.no_grad():
+        for r in routed.routers.attn:
+            r.net.weight.normal_(0, 1.0)
+            r.net.bias.zero_()
+    routed.routers.eval()
+    data = batches(pad=False)
+    with torch.no_grad():
+        routed(**data[0])
+    d = routed.decisions()
+    assert torch.equal(d[:, 0], d[:, 1])
+    assert 0 < (~d).float().mean() < 1
+    routed.routers.train()
+    routed.freeze_base()
+    routed(**data[0], labels=data[0]["input_ids"]).loss.backward()
+    assert routed.routers.attn[0].net.weight.grad is not None
+    assert all(r.net.weight.grad is None for r in routed.routers.mlp), "MLP routers are unused"
+    # saved and restored with its policy, the decisions are identical
+    routed.routers.eval()
+    skipgpt.save_routers(routed, tmp_path / "coupled")
+    routed.unpatch()
+    again = load_baseline(make_tiny("llama"), tmp_path / "coupled")
+    again.routers.eval()
+    with torch.no_grad():
+        again(**data[0])
+    assert torch.equal(again.decisions(), d)
+
+
+def test_static_baselines_round_trip(tmp_path):
+    model = deep_tiny(layers=8)
+    data = batches()
+    routed = static_modules(model, None, 0.25, data)
+    with torch.no_grad():
+        want = routed(**data[0]).logits
+    skipgpt.save_routers(routed, tmp_path / "static")
+    routed.unpatch()
+    again = load_baseline(deep_tiny(layers=8), tmp_path / "static")
+    with torch.no_grad():
+        torch.testing.assert_close(again(**data[0]).logits, want)
+    again.unpatch()
+    bad = skipgpt.SkipConfig.load(tmp_path / "static" / "skip_config.json")
+    bad.extra["routing"] = "teleport"
+    (tmp_path / "static" / "skip_config.json").write_text(bad.to_json())
+    with pytest.raises(ArtifactError, match="teleport"):
+        load_baseline(deep_tiny(layers=8), tmp_path / "static")
+
+
+def test_static_needs_calibration():
+    with pytest.raises(ConfigError, match="calibration"):
+        shortgpt(make_tiny("llama"), None, 0.25, [])
+
+
+class CharTokenizer:
+    def __call__(self, text, return_tensors=None):
+        ids = [ord(c) % 128 for c in text]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+
+def test_shortgpt_accepts_calibration_texts():
+    texts = ["a calibration sentence of some length", "and another one, a little longer than that"]
+    tok = CharTokenizer()
+    from_texts = shortgpt(deep_tiny(layers=8), tok, 0.25, texts)
+    from_ids = shortgpt(deep_tiny(layers=8), None, 0.25, [tok(t, return_tensors="pt") for t in texts])
+    assert from_texts.config.extra["keep"] == from_ids.config.extra["keep"]
+    with pytest.raises(ConfigError, match="tokenizer"):
+        shortgpt(deep_tiny(layers=8), None, 0.25, texts)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", [0.25, 0.40])
+def test_smollm2_static_baselines_hit_target(smollm2, target):
+    model, tok = smollm2
+    texts = ["The history of the city begins with a small settlement on the river, where traders met each spring.",
+             "To make bread, mix flour, water, salt and yeast, knead the dough and let it rise for an hour."]
+    for build in (shortgpt, static_modules):
+        routed = build(model, tok, target, texts)
+        try:
+            with torch.no_grad():
+                routed(**tok(texts[0], return_tensors="pt"))
+            assert abs(routed.sparsity().param - target) <= 0.02, build.__name__
+        finally:
+            routed.unpatch()
+
+
+def test_baselines_run_in_sparse_mode():
+    """The sparse inference path accepts every baseline and gives the masked path's logits."""
+    data = batches(pad=False)
+    built = [
+        shortgpt(deep_tiny(layers=8), None, 0.25, data),
+        static_modules(deep_tiny(layers=8), None, 0.25, data),
+        mod_d(deep_tiny(layers=8), 0.25, thresholds=torch.zeros(8, 2)),
+        coupled(deep_tiny(layers=8), 0.25),
+    ]
+    for routed in built:
+        with torch.no_grad():
+            for r in list(routed.routers.attn) + list(routed.routers.mlp):
+                r.net.weight.normal_(0, 1.0)
+                r.net.bias.zero_()
+        routed.routers.eval()
+        with torch.no_grad():
+            masked = routed(**data[0]).logits
+            with routed.mode_as("sparse"):
+                sparse = routed(**data[0]).logits
+        torch.testing.assert_close(sparse, masked, rtol=1e-4, atol=1e-4)
+        assert not routed.decisions().all(), routed.config.extra["routing"]

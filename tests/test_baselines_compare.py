@@ -1,0 +1,96 @@
+"""`compare` end to end on a tiny model with a real tokenizer: every method built, evaluated, tabled, cached."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+from skipgpt.baselines.compare import CompareSettings, artifact_dir, run_comparison
+from skipgpt.baselines.registry import METHODS
+from skipgpt.baselines.table import markdown_table
+from skipgpt.cli.compare import parse_sparsities
+from skipgpt.errors import ConfigError
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "piqa" / "valid.jsonl").exists(), reason="shared data not present")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random llama saved with the SmolLM2 tokenizer, loadable by skipgpt.load_model(folder)."""
+    from skipgpt.models.loading import resolve
+
+    source, _ = resolve("smollm2-135m")
+    tok = tf.AutoTokenizer.from_pretrained(source)
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    folder = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@needs_data
+def test_compare_all_methods_end_to_end(tiny_folder, tmp_path):
+    settings = CompareSettings(
+        model=str(tiny_folder),
+        tasks={"piqa": str(DATA / "piqa"), "wikitext2": str(DATA / "wikitext2" / "wiki.test.raw")},
+        methods=list(METHODS), steps=2, data=str(DATA / "text" / "tinyshakespeare.txt"), limit=3,
+        workdir=tmp_path / "work", seq_len=32, batch_size=2, eval_batch_size=4, eval_seq_len=32,
+        calibration_sequences=4,
+    )
+    logs: list[str] = []
+    rows = run_comparison(settings, [0.25], log=logs.append)
+    assert [r["method"] for r in rows] == list(METHODS)
+    by = {r["method"]: r for r in rows}
+    assert by["dense"]["sparsity"]["param"] == 0.0
+    assert by["dense"]["retention"] == pytest.approx(100.0)
+    for name, row in by.items():
+        assert set(row) >= {"method", "sparsity", "tasks", "average_acc", "retention"}
+        assert row["tasks"]["piqa"]["n"] == 3 and "acc" in row["tasks"]["piqa"]
+        assert row["tasks"]["wikitext2"]["ppl"] > 1
+        if name != "dense":
+            assert row["retention"] == pytest.approx(100 * row["average_acc"] / by["dense"]["average_acc"])
+    # static baselines hit the target within 2 points on the evaluation tokens (8 layers: 1/16 steps)
+    for name in ("shortgpt", "static-modules", "mod-d"):
+        assert abs(by[name]["sparsity"]["param"] - 0.25) <= 0.02 + (0.08 if name == "mod-d" else 0), name
+    assert by["shortgpt"]["sparsity"]["attention"] == pytest.approx(by["shortgpt"]["sparsity"]["mlp"])
+    assert by["coupled"]["sparsity"]["attention"] == pytest.approx(by["coupled"]["sparsity"]["mlp"])
+    for name in METHODS:
+        if name != "dense":
+            assert (artifact_dir(settings, name, 0.25) / "skip_config.json").exists(), name
+    assert (artifact_dir(settings, "skipgpt-rt-lora", 0.25) / "adapter").exists() or any(
+        p.name == "adapter_config.json" for p in artifact_dir(settings, "skipgpt-rt-lora", 0.25).rglob("*"))
+    table = markdown_table(rows)
+    assert table.count("\n") == len(rows) + 2 and "retention" in table and "wikitext2 ppl" in table
+    # a second run reuses every artifact and cached evaluation: same numbers, nothing rebuilt
+    logs.clear()
+    again = run_comparison(settings, [0.25], log=logs.append)
+    assert json.dumps(again, sort_keys=True) == json.dumps(rows, sort_keys=True)
+    assert sum("reusing" in m for m in logs) == len(METHODS) - 1
+    # other build settings: that method is rebuilt and re-evaluated, not silently reused
+    settings.calibration_sequences, settings.methods = 2, ["shortgpt"]
+    logs.clear()
+    run_comparison(settings, [0.25], log=logs.append)
+    assert any("rebuilding" in m for m in logs)
+    assert json.loads((artifact_dir(settings, "shortgpt", 0.25) / "build.json").read_text())["settings"][
+        "calibration_sequences"] == "2"
+
+
+def test_compare_argument_errors():
+    assert parse_sparsities("0.25,0.4") == [0.25, 0.4]
+    with pytest.raises(ConfigError, match="not a number"):
+        parse_sparsities("25%")
+    with pytest.raises(ConfigError, match="fraction"):
+        parse_sparsities("25")
+    from skipgpt.baselines.compare import check_methods
+
+    with pytest.raises(ConfigError, match="unknown methods"):
+        check_methods(["shortgpt", "magic"])
