@@ -20,7 +20,7 @@ import torch
 
 from ..config import SkipConfig, check_sparsity
 from ..models.routed import RoutedModel
-from ..routing.router import EXECUTE, SKIP, argmax_gate, sample_gate, straight_through_gumbel
+from ..routing.router import EXECUTE, SKIP
 
 
 def _routed(model, sparsity: float, config: SkipConfig | None) -> RoutedModel:
@@ -122,14 +122,7 @@ class CoupledPolicy:
     def __call__(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
         if kind == "mlp" and layer in self.last:
             return self.last.pop(layer)
-        r = self.routed
-        logits = r.routers.attn[layer](x)
-        if r.routers.training and torch.is_grad_enabled():
-            g = straight_through_gumbel(logits, r.temperature)
-        elif r.sample:
-            g = sample_gate(logits, r.config.threshold)
-        else:
-            g = argmax_gate(logits, r.config.threshold)
+        g = self.routed.decide(self.routed.routers.attn[layer](x))
         self.last[layer] = g
         return g
 

@@ -36,6 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..baselines.registry import attach_policy
     from ..errors import ConfigError, DataError
+    from ..evaluation.tasks import read_text
     from ..models.loading import load_model
     from ..training.lora import load_trained
 
@@ -44,12 +45,7 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.text)
     if not path.is_file():
         raise DataError(f"text file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is not UTF-8 text") from None
-    if not text.strip():
-        raise DataError(f"{args.text} is empty")
+    text = read_text(path)
     from ..analysis.figures import write_analysis
 
     model, tokenizer = load_model(args.model)

@@ -88,7 +88,8 @@ def find_file(name: str, path: str | Path) -> Path:
 # -- reading records ----------------------------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
+    """A UTF-8 text file that must not be empty (one-line DataError otherwise)."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -110,7 +111,7 @@ def read_records(path: Path) -> list[dict]:
         if not rows:
             raise DataError(f"{path}: file has no rows")
         return rows
-    text = _read_text(path)
+    text = read_text(path)
     if path.suffix == ".json" and text.lstrip()[:1] in "[{":
         try:
             data = json.loads(text)
@@ -167,7 +168,7 @@ def _piqa(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
     if not hf:
         if not labels_file.exists():
             raise DataError(f"{path}: PIQA items have no label and {labels_file.name} is missing next to it")
-        labels = [x.strip() for x in _read_text(labels_file).splitlines() if x.strip()]
+        labels = [x.strip() for x in read_text(labels_file).splitlines() if x.strip()]
         if len(labels) != len(rows):
             raise DataError(f"{labels_file}: {len(labels)} labels for {len(rows)} items in {path.name}")
     docs = []
@@ -210,7 +211,7 @@ def _hellaswag_jsonl(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
 
 def _hellaswag_text(path: Path) -> list[dict]:
     """llama.cpp's HellaSwag file: 6 lines per item (prompt, gold index, four endings)."""
-    lines = _read_text(path).rstrip("\n").split("\n")
+    lines = read_text(path).rstrip("\n").split("\n")
     if len(lines) % 6:
         raise DataError(f"{path}: {len(lines)} lines is not a multiple of 6 (prompt, gold index, 4 endings per item)")
     docs = []
@@ -316,7 +317,7 @@ def load_perplexity_text(name: str, path: str | Path) -> str:
             raise DataError(f"{file}: rows have no {column!r} column, so this is not {name} in the HF layout")
         rows = [str(r[column]) for r in rows]
     else:
-        text = _read_text(file)
+        text = read_text(file)
         if text.lstrip()[:1] in "{[" and file.suffix not in (".raw", ".tokens"):
             raise DataError(f"{file}: looks like JSON; give it a .jsonl/.json name for the HF layout")
         lines = text.split("\n")

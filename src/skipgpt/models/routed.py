@@ -113,15 +113,17 @@ class RoutedModel(nn.Module):
         if self.policy is not None:
             g = self.policy(layer, kind, x).to(torch.float32)
         else:
-            logits = self.routers.get(layer, kind)(x)
-            if self.routers.training and torch.is_grad_enabled():
-                g = straight_through_gumbel(logits, self.temperature)
-            elif self.sample:
-                g = sample_gate(logits, self.config.threshold)
-            else:
-                g = argmax_gate(logits, self.config.threshold)
+            g = self.decide(self.routers.get(layer, kind)(x))
         self._gates[layer][KINDS.index(kind)] = g
         return g
+
+    def decide(self, logits: torch.Tensor) -> torch.Tensor:
+        """Execute gate from router logits: straight-through Gumbel in training, else argmax (or a sample)."""
+        if self.routers.training and torch.is_grad_enabled():
+            return straight_through_gumbel(logits, self.temperature)
+        if self.sample:
+            return sample_gate(logits, self.config.threshold)
+        return argmax_gate(logits, self.config.threshold)
 
     # -- user API -------------------------------------------------------------------------------------------
 
