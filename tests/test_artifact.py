@@ -116,3 +116,14 @@ def test_nan_weights_are_refused(saved):
 
 def test_save_leaves_no_temporary_files(saved):
     assert sorted(p.name for p in saved[0].iterdir()) == [WEIGHTS_NAME, CONFIG_NAME]
+
+
+def test_loaded_routers_route_deterministically_even_with_gradients_on(saved):
+    """A loaded model is for inference: argmax routing, also outside torch.no_grad()."""
+    path, ids, logits, decisions = saved
+    routed = load_routers(make_tiny("llama"), path)
+    routed(input_ids=ids)
+    first = routed.decisions()
+    routed(input_ids=ids)
+    assert torch.equal(first, routed.decisions())
+    assert torch.equal(first, decisions)

@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise ConfigError(f"--seq-len must be at least 2 (a window predicts seq_len - 1 tokens), got {args.seq_len}")
     from ..evaluation.tasks import find_file
 
     for name, path in tasks.items():  # fail on a wrong path before the model loads

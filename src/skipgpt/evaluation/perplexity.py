@@ -17,7 +17,8 @@ from ..errors import DataError
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
-    """Token ids (1-D) of the whole text, encoded once, without special tokens added by the template."""
+    """Token ids (1-D) of the whole text, encoded once, with the tokenizer's own special tokens (a BOS at the
+    start where the tokenizer adds one; SmolLM2's adds none), as the pruning literature's scripts do."""
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids[0]
     return ids.long()
 

@@ -43,7 +43,8 @@ class RoutedModel(nn.Module):
         base.num_layers = len(self.layers)
         base.fingerprint = base.fingerprint or fingerprint(model)
         param = next(model.parameters())
-        self.routers = RouterBank(len(self.layers), hf.config.hidden_size, self.config).to(param.device)
+        # Inference (argmax) until a trainer calls routers.train(): a loaded model must be deterministic.
+        self.routers = RouterBank(len(self.layers), hf.config.hidden_size, self.config).to(param.device).eval()
         self.costs = module_costs(model, self.layers)
         self.meter = SparsityMeter(self.costs)
 
@@ -234,7 +235,8 @@ def _routed_layer_forward(
     if index == 0:
         pos = kwargs.get("position_ids")
         routed._context = None if pos is None else (pos + 1)
-    if routed.mode == "sparse":
+    # Training always runs masked: a token whose module is not computed would give its router no gradient.
+    if routed.mode == "sparse" and not (routed.routers.training and torch.is_grad_enabled()):
         from ..inference.sparse import sparse_layer_forward
 
         return sparse_layer_forward(routed, index, parts, hidden, kwargs)

@@ -35,14 +35,11 @@ class Router(nn.Module):
             last.bias.copy_(torch.tensor([execute_bias, 0.0]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.net_dtype)
+        weight = next(self.parameters())
+        x = x.to(weight.device, weight.dtype)  # the model may sit on other devices (device_map) or in bf16
         if self.norm == "rms":
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
         return self.net(x)
-
-    @property
-    def net_dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
 
 
 class RouterBank(nn.Module):
