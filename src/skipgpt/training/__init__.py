@@ -7,8 +7,7 @@
 
 from .config import TrainConfig
 from .lora import attach_lora, load_adapter, load_trained, merge_lora
-from .quick import quick_tune
 from .trainer import TrainingError, TrainResult, train
 
 __all__ = ["TrainConfig", "TrainResult", "TrainingError", "attach_lora", "load_adapter", "load_trained",
-           "merge_lora", "quick_tune", "train"]
+           "merge_lora", "train"]
