@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -220,12 +221,15 @@ def test_joint_artifact_reloads_exactly_and_merges(tmp_path, tiny_dir):
 def test_stage2_cli_from_stage1_routers(tmp_path, tiny_dir):
     common = ["--model", str(tiny_dir / "model"), "--data", str(tiny_dir / "text.txt"), "--seq-len", "16",
               "--batch-size", "2", "--val-sequences", "4", "--no-progress", "--checkpoint-every", "0"]
-    assert run_cli(["train", *common, "--steps", "3", "--output", str(tmp_path / "s1")]) == 0
+    assert run_cli(["train", *common, "--steps", "3", "--target-sparsity", "0.4",
+                    "--output", str(tmp_path / "s1")]) == 0
     s1 = load_file(tmp_path / "s1" / "routers.safetensors")
     assert run_cli(["train", *common, "--stage", "lora", "--routers", str(tmp_path / "s1"), "--steps", "2",
                     "--output", str(tmp_path / "s2")]) == 0
     s2 = load_file(tmp_path / "s2" / "routers.safetensors")
     assert all(torch.equal(s1[k], s2[k]) for k in s1)  # routers frozen in stage 2
+    # Stage 2 keeps the routers' own target (no --target-sparsity given: not the 0.25 default).
+    assert json.loads((tmp_path / "s2" / "skip_config.json").read_text())["target_sparsity"] == 0.4
     assert (tmp_path / "s2" / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "s2" / "train_summary.json").exists()
 

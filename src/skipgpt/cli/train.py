@@ -48,7 +48,9 @@ HELP = {
     "self_sequences": "with --data self: how many training sequences to sample from the model",
     "seed": "seed of data order, Gumbel noise and self-sampled data",
     "checkpoint_every": "write OUTPUT/checkpoint.safetensors every N steps (atomically); 0 = never",
-    "resume": "continue from OUTPUT/checkpoint.safetensors if present (identical result to an uninterrupted run)",
+    "resume": "continue from OUTPUT/checkpoint.safetensors if present (identical result to an uninterrupted run); "
+              "every other option must match the run that wrote it, except --checkpoint-every, --progress, "
+              "--report-to and --calibrate",
     "report_to": "also log to tensorboard or wandb (the CSV log is always written)",
     "mixed_precision": "accelerate mixed precision (no, bf16, fp16)",
     "dtype": "dtype the base model is loaded in (float32, bfloat16, float16)",

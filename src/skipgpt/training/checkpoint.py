@@ -14,10 +14,13 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, ConfigError
 from ..io import save_safetensors_atomic
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+# Options that do not change what a resumed run computes; every other option must match the checkpoint's,
+# or the resumed steps would silently follow another recipe (other data order, schedule, loss...).
+RESUME_MAY_CHANGE = frozenset({"resume", "progress", "report_to", "checkpoint_every", "output", "calibrate"})
 
 
 def trainable(routed) -> dict[str, torch.nn.Parameter]:
@@ -37,6 +40,27 @@ def save_checkpoint(path: Path, routed, optimizer: torch.optim.Optimizer, step: 
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
     meta = {"step": step, "param_groups": groups, **extra}
     save_safetensors_atomic(path, tensors, metadata={"format": "skipgpt-train-state", "state": json.dumps(meta)})
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The JSON metadata of a checkpoint (step, config, history) without loading its tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads(f.metadata()["state"])
+    except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: not a readable skipgpt checkpoint ({e})") from None
+
+
+def check_resume_config(path: Path, config: dict[str, Any]) -> None:
+    """Refuse to resume from `path` with a config other than the one that wrote it (naming what differs)."""
+    saved = read_metadata(path).get("config")
+    if not isinstance(saved, dict):
+        return  # written without its config: nothing to compare against
+    differ = [f"{k} {saved[k]!r} -> {config[k]!r}" for k in sorted(set(saved) & set(config))
+              if k not in RESUME_MAY_CHANGE and saved[k] != config[k]]
+    if differ:
+        raise ConfigError(f"{path}: cannot --resume, the options differ from the run that wrote this checkpoint "
+                          f"({'; '.join(differ)}); rerun with the original options or use another --output")
 
 
 def load_checkpoint(path: Path, routed, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -25,16 +25,21 @@ def _check_layers(routed) -> None:
             raise RuntimeError("PEFT replaced a decoder layer, attention or MLP module; routing would be stale")
 
 
+def check_lora_targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -> None:
+    """Every LoRA target must name Linear layers of `model` (checked before any data is read or written)."""
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    missing = [t for t in targets if t not in linear]
+    if missing:
+        raise ConfigError(f"LoRA targets {missing} match no Linear layer of this model; choose from "
+                          f"{', '.join(linear)} (--lora-targets q_proj,v_proj)")
+
+
 def attach_lora(routed, r: int = 16, alpha: int = 32, dropout: float = 0.1,
                 targets: list[str] | tuple[str, ...] = ("q_proj", "v_proj", "gate_proj")) -> nn.Module:
     """Wrap routed.model in a PeftModel with fresh LoRA weights (only they require gradients)."""
     from peft import LoraConfig, get_peft_model
 
-    names = {n.rsplit(".", 1)[-1] for n, _ in routed.model.named_modules()}
-    missing = [t for t in targets if t not in names]
-    if missing:
-        raise ConfigError(f"LoRA targets {missing} are not module names of this model (e.g. q_proj, v_proj, "
-                          f"gate_proj, up_proj, down_proj, k_proj, o_proj)")
+    check_lora_targets(routed.model, targets)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                         bias="none", task_type="CAUSAL_LM")
     routed.model = get_peft_model(routed.model, config)

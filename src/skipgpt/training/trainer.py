@@ -8,7 +8,8 @@
 
 Scaling out needs no code here: Accelerator handles device placement and DDP, so the same script
 runs as `accelerate launch -m skipgpt train ...` (or `torchrun --nproc-per-node 8 -m skipgpt train ...`);
-FSDP or DeepSpeed come from an `accelerate config` file. Each process draws its own micro-batches.
+FSDP or DeepSpeed come from an `accelerate config` file. Each process draws its own micro-batches and
+its own Gumbel noise, so N processes train exactly as one process accumulating N micro-batches.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import contextlib
 import csv
 import io
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ from ..io import write_text_atomic
 from ..routing.calibrate import calibrate_threshold
 from ..routing.router import anneal_temperature
 from . import loss as L
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, check_resume_config, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import PackedData, data_files, load_data, micro_batches
 
@@ -62,9 +64,22 @@ def learning_rate(step: int, total: int, base: float, schedule: str, warmup: flo
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def micro_seed(seed: int, step: int, micro: int) -> int:
+    """The RNG seed of global micro-batch `micro` of step `step`.
+
+    Seeding each micro-batch by its global position (micro * world + rank) gives every process its own
+    Gumbel noise (the same seed everywhere would draw identical noise on every rank) and makes N processes
+    draw exactly the noise that one process accumulating N micro-batches draws.
+    """
+    return (seed * 1_000_003 + step) * 4_099 + micro
+
+
 def step_gradients(routed, batches: list[dict[str, torch.Tensor]], cfg: TrainConfig, forward=None,
-                   backward=None, no_sync=None) -> dict[str, float]:
-    """Forward/backward every micro-batch of one optimizer step; gradients equal those of one big batch."""
+                   backward=None, no_sync=None, seeds: list[int] | None = None) -> dict[str, float]:
+    """Forward/backward every micro-batch of one optimizer step; gradients equal those of one big batch.
+
+    `seeds`: one RNG seed per micro-batch, set before its forward (see micro_seed).
+    """
     forward = forward or routed
     backward = backward or (lambda t: t.backward())
     alpha = cfg.alpha if cfg.trains_routers else 0.0
@@ -75,6 +90,8 @@ def step_gradients(routed, batches: list[dict[str, torch.Tensor]], cfg: TrainCon
     for i, batch in enumerate(batches):
         dense = _dense_logits(routed, batch) if cfg.distill > 0 else None
         sync = no_sync() if (no_sync is not None and i < len(batches) - 1) else contextlib.nullcontext()
+        if seeds is not None:
+            torch.manual_seed(seeds[i])
         with sync:
             logits = forward(**batch).logits
             nll = L.nll_sum(logits, batch) / n_pred
@@ -91,13 +108,19 @@ def step_gradients(routed, batches: list[dict[str, torch.Tensor]], cfg: TrainCon
     return stats
 
 
-@torch.no_grad()
-def _dense_logits(routed, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+@contextlib.contextmanager
+def _dense(routed):
     """The frozen dense model: every module executes and no LoRA is applied."""
     disable = getattr(routed.model, "disable_adapter", None)
+    with routed.forced("execute"), (disable() if callable(disable) else contextlib.nullcontext()):
+        yield
+
+
+@torch.no_grad()
+def _dense_logits(routed, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     track, routed.track = routed.track, False
     try:
-        with routed.forced("execute"), (disable() if callable(disable) else contextlib.nullcontext()):
+        with _dense(routed):
             return routed(**batch).logits
     finally:
         routed.track = track
@@ -105,7 +128,7 @@ def _dense_logits(routed, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 @torch.no_grad()
 def held_out_nll(routed, sequences: torch.Tensor, batch_size: int, dense: bool = False) -> float:
-    """Mean next-token NLL over `sequences` (N, T) with argmax routing (or every module executing).
+    """Mean next-token NLL over `sequences` (N, T) with argmax routing (or the dense base model, no LoRA).
 
     Each packed sequence is one perplexity window, so this is the evaluation's perplexity function.
     """
@@ -115,7 +138,7 @@ def held_out_nll(routed, sequences: torch.Tensor, batch_size: int, dense: bool =
     routed.routers.eval()
     routed.model.eval()
     try:
-        with routed.forced("execute") if dense else contextlib.nullcontext():
+        with _dense(routed) if dense else contextlib.nullcontext():
             result = perplexity(routed, sequences.reshape(-1), seq_len=sequences.shape[1], batch_size=batch_size)
     finally:
         routed.routers.train(was_training)
@@ -162,6 +185,11 @@ def _setup_parameters(routed, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
+def _has_accelerator() -> bool:
+    probe = getattr(torch, "accelerator", None)
+    return bool(probe.is_available()) if probe is not None else torch.cuda.is_available()
+
+
 def _write_log(path: Path, history: list[dict[str, float]]) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore")
@@ -176,30 +204,43 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
     from accelerate import Accelerator
 
     from ..artifact import save_routers
-    from .lora import ADAPTER_DIR, save_adapter
+    from .lora import ADAPTER_DIR, check_lora_targets, save_adapter
 
     output = Path(cfg.output)
+    ckpt = output / CHECKPOINT_NAME
+    # Bad input fails here, before minutes of model loading and before anything is written to `output`.
+    if cfg.resume and ckpt.exists():
+        check_resume_config(ckpt, cfg.to_dict())
     if data is None and cfg.data != "self":
-        data_files(cfg.data)  # a wrong path fails before minutes of model loading
+        data_files(cfg.data)
     if routed is None:
         routed, tokenizer = build_routed(cfg)
     elif data is None and tokenizer is None:
         raise ConfigError("train(cfg, routed=...) needs a tokenizer or pre-packed `data`")
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision,
+    if cfg.trains_lora and not hasattr(routed.model, "peft_config"):
+        check_lora_targets(routed.model, cfg.lora_targets)
+    # Under torchrun on a machine without an accelerator, Accelerator() runs every process alone unless told
+    # to use the CPU (then it joins them over gloo): each would train on its own shard and write its own result.
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=launched > 1 and not _has_accelerator(),
                               log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(output))
+    if launched > 1 and accelerator.num_processes == 1:
+        raise ConfigError(f"launched as {launched} processes but accelerate formed a group of "
+                          f"{accelerator.num_processes}; check the launcher and `accelerate config`")
     main = accelerator.is_main_process
     routed.to(accelerator.device)
     torch.manual_seed(cfg.seed)
     if data is None:
         data = load_data(cfg, routed, tokenizer, output / "cache")
-    routed.config.target_sparsity = cfg.target_sparsity
-    routed.config.accounting = cfg.accounting
+    if cfg.trains_routers:
+        routed.config.target_sparsity = cfg.target_sparsity
+        routed.config.accounting = cfg.accounting
+    # else (stage lora): the frozen routers keep the target and accounting they were tuned for
     groups = _setup_parameters(routed, cfg)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     wrapped, optimizer = accelerator.prepare(routed, optimizer)
     schedule, warmup = cfg.effective_schedule()
 
-    ckpt = output / CHECKPOINT_NAME
     start, history = 0, []
     torch.manual_seed(cfg.seed)
     if cfg.resume and ckpt.exists():
@@ -228,8 +269,10 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
             data.train, step, cfg.batch_size, cfg.grad_accum, cfg.seed, accelerator.process_index,
             accelerator.num_processes)]
         optimizer.zero_grad(set_to_none=True)
+        world, rank = accelerator.num_processes, accelerator.process_index
+        seeds = [micro_seed(cfg.seed, step, m * world + rank) for m in range(cfg.grad_accum)]
         stats = step_gradients(routed, batches, cfg, forward=wrapped, backward=accelerator.backward,
-                               no_sync=lambda: accelerator.no_sync(wrapped))
+                               no_sync=lambda: accelerator.no_sync(wrapped), seeds=seeds)
         if not math.isfinite(stats["loss"]):
             bar.close()
             kept = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
@@ -277,15 +320,16 @@ def _finish(routed, cfg: TrainConfig, data: PackedData, history: list, elapsed: 
     routed.routers.eval()
     routed.model.eval()
     if cfg.calibrate and routed.policy is None:
-        calibrate_threshold(routed, val, cfg.target_sparsity, cfg.accounting)
+        # Recalibrate onto the routers' own target: LoRA shifts the hidden states the routers read.
+        calibrate_threshold(routed, val, routed.config.target_sparsity, routed.config.accounting)
     routed.reset_sparsity()
     nll = held_out_nll(routed, data.val, cfg.batch_size)
     report = routed.sparsity()
     dense_nll = held_out_nll(routed, data.val, cfg.batch_size, dense=True)
     routed.reset_sparsity()
     summary = {
-        "stage": cfg.stage, "steps": cfg.steps, "target_sparsity": cfg.target_sparsity,
-        "accounting": cfg.accounting, "threshold": routed.threshold,
+        "stage": cfg.stage, "steps": cfg.steps, "target_sparsity": routed.config.target_sparsity,
+        "accounting": routed.config.accounting, "threshold": routed.threshold,
         "held_out_sparsity": {"param": report.param, "module": report.module, "flop": report.flop,
                               "attention": report.attention, "mlp": report.mlp},
         "held_out_ppl": math.exp(nll), "held_out_dense_ppl": math.exp(dense_nll),
