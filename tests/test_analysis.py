@@ -83,6 +83,7 @@ def test_write_analysis_on_learned_style_routers(tmp_path):
     with torch.no_grad():
         for r in list(routed.routers.attn) + list(routed.routers.mlp):
             r.net.weight.normal_(0, 1.0)
+    routed.routers.train()  # a caller mid-training: the analysis must hand the routers back in train mode
     paths = write_analysis(routed, CharTokenizer(), TEXT, tmp_path)
     assert len(paths) == 8
     assert routed.policy is None and routed.routers.training, "the caller's train/eval state is restored"
