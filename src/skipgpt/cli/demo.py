@@ -22,7 +22,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default="smollm2-135m", help="model to route (default: the embedded %(default)s)")
     p.add_argument("--sparsity", type=float, default=0.25, help="target parameter sparsity (default %(default)s)")
-    p.add_argument("--steps", type=int, default=150, help="router-tuning steps (default %(default)s)")
+    p.add_argument("--steps", type=int, default=120, help="router-tuning steps (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=128, help="training sequence length (default %(default)s)")
     p.add_argument("--sequences", type=int, default=48, help="self-generated training sequences (default %(default)s)")
     p.add_argument("--distill", type=float, default=1.0,
