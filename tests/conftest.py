@@ -35,12 +35,14 @@ def tiny_config(arch: str):
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma2"]
 
 
-def make_tiny(arch: str = "llama", seed: int = 0):
+def make_tiny(arch: str = "llama", seed: int = 0, **overrides):
     """A tiny randomly initialised causal LM (fp32, eval mode) of the given architecture."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config = tiny_config(arch)
+    for key, value in overrides.items():
+        setattr(config, key, value)
     config._attn_implementation = "eager" if arch == "gemma2" else "sdpa"
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init is tiny; scale weights up so modules matter and skipping changes the logits.

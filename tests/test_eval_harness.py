@@ -18,7 +18,7 @@ from skipgpt.evaluation.perplexity import perplexity
 from skipgpt.evaluation.runner import evaluate, markdown_table
 from skipgpt.evaluation.tasks import choices_and_gold, load_task
 
-from conftest import tiny_config
+from conftest import make_tiny
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "eval"
 
@@ -35,18 +35,7 @@ def tokenizer():
 
 def tiny_lm(vocab: int, seed: int = 0):
     """A tiny random llama that speaks the SmolLM2 tokenizer's vocabulary."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    config = tiny_config("llama")
-    config.vocab_size = vocab
-    config.max_position_embeddings = 256
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.2)
-    return model.eval()
+    return make_tiny("llama", seed, vocab_size=vocab, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")
