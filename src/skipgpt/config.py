@@ -39,16 +39,17 @@ class SkipConfig:
     router_input:  "module": each router reads its module's own input (attention: the layer input;
                    MLP: the residual after attention). "layer": both read the layer input, so both
                    decisions are known at the start of the layer.
-    router_norm:   "rms" rescales the router input to unit RMS before the linear map, because
-                   LLaMA-family residual streams carry outliers in the tens of thousands that make
-                   an unnormalised linear router jump; "none" is the paper's plain linear map.
+    router_norm:   "none" is the paper's plain linear map of the hidden state (default); "rms"
+                   rescales the router input to unit RMS first. Measured on SmolLM2-135M (60 steps,
+                   25%), "none" reached held-out perplexity 27.2 against 44.3 for "rms": the
+                   normalisation hides the scale differences between tokens that routers use.
     execute_bias:  initial logit margin for "execute", so training starts from the dense model.
     threshold:     inference-time shift: a module is skipped when skip_logit - execute_logit > threshold.
     """
 
     router: str = "linear"
     router_input: str = "module"
-    router_norm: str = "rms"
+    router_norm: str = "none"
     execute_bias: float = 2.0
     target_sparsity: float = 0.25
     accounting: str = "param"

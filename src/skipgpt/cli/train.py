@@ -35,7 +35,7 @@ HELP = {
                "distribution (costs one extra dense forward), in between = a mix",
     "router": "new routers: linear (the paper) or mlp (hidden -> hidden/4 -> 2, as the published code)",
     "router_input": "new routers: module = each router reads its module's input; layer = both read the layer input",
-    "router_norm": "new routers: rms = normalise the router input (robust to LLaMA activation outliers), none",
+    "router_norm": "new routers: none = the paper's linear map of the hidden state, rms = normalise its input first",
     "execute_bias": "new routers: initial execute-logit margin, so training starts from the dense model",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA scaling alpha",

@@ -18,7 +18,7 @@ KINDS = ("attn", "mlp")
 
 
 class Router(nn.Module):
-    def __init__(self, hidden_size: int, kind: str = "linear", norm: str = "rms", execute_bias: float = 2.0):
+    def __init__(self, hidden_size: int, kind: str = "linear", norm: str = "none", execute_bias: float = 2.0):
         super().__init__()
         self.norm = norm
         if kind == "linear":

@@ -51,7 +51,7 @@ class TrainConfig:
     distill: float = 0.0
     router: str = "linear"
     router_input: str = "module"
-    router_norm: str = "rms"
+    router_norm: str = "none"
     execute_bias: float = 2.0
     lora_r: int = 16
     lora_alpha: int = 32
