@@ -53,6 +53,23 @@ def make_tiny(arch: str = "llama", seed: int = 0, **overrides):
     return model.eval()
 
 
+def save_tiny_llama(folder, layers: int, max_positions: int = 256, with_special_ids: bool = False):
+    """Save a tiny random Llama that speaks the SmolLM2 tokenizer (tokenizer saved beside it); returns it."""
+    import transformers as tf
+
+    from skipgpt.models.loading import resolve
+
+    tok = tf.AutoTokenizer.from_pretrained(resolve("smollm2-135m")[0])
+    torch.manual_seed(0)
+    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id) if with_special_ids else {}
+    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                            **special)
+    tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tiny_llama():
     return make_tiny("llama")

@@ -11,7 +11,7 @@ import skipgpt
 from skipgpt.analysis.figures import write_analysis
 from skipgpt.errors import DataError
 
-from conftest import make_tiny
+from conftest import make_tiny, save_tiny_llama
 
 
 class CharTokenizer:
@@ -99,19 +99,9 @@ def test_analyze_command_on_saved_baseline(tmp_path):
     """`skipgpt analyze` reloads a saved baseline with its policy and writes the figures of its decisions."""
     import argparse
 
-    import transformers as tf
-
     from skipgpt.baselines import static_modules
     from skipgpt.cli import analyze
-    from skipgpt.models.loading import resolve
-
-    source, _ = resolve("smollm2-135m")
-    tok = tf.AutoTokenizer.from_pretrained(source)
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    tf.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
-    tok.save_pretrained(tmp_path / "model")
+    save_tiny_llama(tmp_path / "model", layers=6)
     model, tok = skipgpt.load_model(str(tmp_path / "model"))
     routed = static_modules(model, tok, 0.3, [TEXT])
     keep = torch.tensor(routed.config.extra["keep"], dtype=torch.bool)

@@ -6,14 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-import transformers as tf
 
 from skipgpt.baselines.compare import CompareSettings, artifact_dir, run_comparison
 from skipgpt.baselines.registry import METHODS
 from skipgpt.baselines.table import markdown_table
 from skipgpt.cli.compare import parse_sparsities
 from skipgpt.errors import ConfigError
+
+from conftest import save_tiny_llama
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "piqa" / "valid.jsonl").exists(), reason="shared data not present")
@@ -22,18 +22,8 @@ needs_data = pytest.mark.skipif(not (DATA / "piqa" / "valid.jsonl").exists(), re
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A tiny random llama saved with the SmolLM2 tokenizer, loadable by skipgpt.load_model(folder)."""
-    from skipgpt.models.loading import resolve
-
-    source, _ = resolve("smollm2-135m")
-    tok = tf.AutoTokenizer.from_pretrained(source)
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=8,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     folder = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    save_tiny_llama(folder, layers=8, with_special_ids=True)
     return folder
 
 

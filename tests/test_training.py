@@ -25,7 +25,7 @@ from skipgpt.training.checkpoint import CHECKPOINT_NAME
 from skipgpt.training.data import PackedData, load_self
 from skipgpt.training.trainer import _setup_parameters, learning_rate, step_gradients
 
-from conftest import make_tiny
+from conftest import make_tiny, save_tiny_llama
 
 WORDS = "the a of and to in is was he she it they said time man day long house water old king go came".split()
 
@@ -46,19 +46,8 @@ def tiny_cfg(tmp_path, **kw) -> TrainConfig:
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A tiny random Llama saved as an HF folder with the SmolLM2 tokenizer, plus a small text file."""
-    import transformers as tf
-
-    from skipgpt.models.loading import resolve
-
-    folder, _ = resolve("smollm2-135m")
-    tok = tf.AutoTokenizer.from_pretrained(folder)
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = tf.AutoModelForCausalLM.from_config(config)
     root = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_llama(root / "model", layers=3, max_positions=64)
     rng = random.Random(0)
     (root / "text.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(1500)), encoding="utf-8")
     return root
