@@ -37,6 +37,14 @@ def test_txt_jsonl_parquet_and_folder_load(tmp_path):
     assert read_texts(str(tmp_path)) == DOCS[:1] + DOCS[1:] + DOCS
 
 
+def test_wikitext_release_files_read_as_text(tmp_path):
+    # The WikiText releases ship plain text as wiki.valid.tokens / wiki.test.raw.
+    (tmp_path / "wiki.valid.tokens").write_text(DOCS[0], encoding="utf-8")
+    (tmp_path / "wiki.test.raw").write_text(DOCS[1], encoding="utf-8")
+    assert read_texts(str(tmp_path / "wiki.valid.tokens")) == DOCS[:1]
+    assert read_texts(str(tmp_path)) == [DOCS[1], DOCS[0]]
+
+
 def test_text_field_is_selectable(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"body": "hello world"}) + "\n")

@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 from ..errors import DataError
 from ..io import save_safetensors_atomic
 
-SUFFIXES = (".txt", ".jsonl", ".parquet")
+# .tokens/.raw are the WikiText release files: plain text under another name
+TEXT_SUFFIXES = (".txt", ".tokens", ".raw")
+SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
 SEED_PROMPTS = ("", "The", "In", "Once upon a time", "Question:", "Today", "A", "It was", "Here is", "When")
 
 
@@ -97,7 +99,7 @@ def read_texts(source: str, text_field: str = "text") -> list[str]:
         return _read_hub(source, text_field)
     texts: list[str] = []
     for f in files:
-        if f.suffix == ".txt":
+        if f.suffix in TEXT_SUFFIXES:
             texts += _read_txt(f)
         elif f.suffix == ".jsonl":
             texts += _read_jsonl(f, text_field)
