@@ -147,12 +147,17 @@ def test_temperature_anneals_linearly_and_lr_schedules(tmp_path):
     cfg = tiny_cfg(tmp_path, steps=5, calibrate=False)
     result = train(cfg, routed=RoutedModel(make_tiny("llama")), data=packed())
     assert [h["temperature"] for h in result.history] == pytest.approx([5.0, 4.0, 3.0, 2.0, 1.0])
-    assert [h["lr"] for h in result.history] == [cfg.lr] * 5  # router tuning: constant
+    # auto: cosine decay from the first step, no warmup, for router tuning
+    assert [h["lr"] for h in result.history] == pytest.approx(
+        [learning_rate(s, 5, cfg.lr, "cosine", 0.0) for s in range(5)])
+    assert result.history[0]["lr"] == pytest.approx(cfg.lr) and result.history[-1]["lr"] < 0.2 * cfg.lr
     lrs = [learning_rate(s, 10, 1.0, "cosine", 0.2) for s in range(10)]
     assert lrs[:2] == pytest.approx([0.5, 1.0])  # linear warmup over 2 steps
     assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 7 / 8)))
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
     assert TrainConfig(stage="joint").effective_schedule() == ("cosine", 0.1)
+    assert TrainConfig(stage="router").effective_schedule() == ("cosine", 0.0)
+    assert TrainConfig(stage="router", schedule="constant").effective_schedule() == ("constant", 0.0)
 
 
 # -- end-to-end on tiny models ---------------------------------------------------------------------------

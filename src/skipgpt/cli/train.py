@@ -26,8 +26,8 @@ HELP = {
     "lr": "router learning rate (AdamW)",
     "lora_lr": "LoRA learning rate (AdamW)",
     "weight_decay": "AdamW weight decay",
-    "schedule": "learning-rate schedule: constant, cosine (with warmup), or auto = constant for router tuning, "
-                "cosine when LoRA trains",
+    "schedule": "learning-rate schedule: constant, or cosine decay to zero after a linear warmup; auto = "
+                "cosine (a constant router lr degrades late in long runs)",
     "warmup_ratio": "fraction of steps of linear warmup (default: 0 for router tuning, 0.1 when LoRA trains)",
     "temperature_start": "Gumbel-softmax temperature at the first step (annealed linearly)",
     "temperature_end": "Gumbel-softmax temperature at the last step",

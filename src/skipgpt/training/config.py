@@ -23,7 +23,8 @@ class TrainConfig:
 
     Learning rates: `lr` is the router learning rate (stage "router" and the routers of "joint");
     `lora_lr` the LoRA learning rate (stage "lora" and the LoRA of "joint"). schedule "auto" is
-    constant for router tuning and cosine with 10% warmup when LoRA trains, as the published recipe.
+    cosine decay for router tuning (no warmup) and cosine with 10% warmup when LoRA trains. A
+    constant router lr degrades late in long runs (docs/RESULTS.md, "Training on WikiText-2").
     distill: 0 trains on the language-model loss, 1 on the KL divergence from the frozen dense
     model's next-token distribution, values in between mix the two.
     """
@@ -123,10 +124,7 @@ class TrainConfig:
 
     def effective_schedule(self) -> tuple[str, float]:
         """(schedule, warmup ratio) after resolving "auto"."""
-        if self.schedule == "auto":
-            sched = "cosine" if self.trains_lora else "constant"
-        else:
-            sched = self.schedule
+        sched = "cosine" if self.schedule == "auto" else self.schedule
         warmup = self.warmup_ratio if self.warmup_ratio is not None else (0.1 if self.trains_lora else 0.0)
         return sched, warmup
 
