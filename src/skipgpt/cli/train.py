@@ -9,7 +9,8 @@ HELP = {
     "stage": "router: tune routers on the frozen model (stage 1). lora: LoRA under frozen routers from --routers "
              "(stage 2). joint: routers and LoRA together from step 0 (the paper's ablation)",
     "model": "hub name, HF folder, .gguf file or the embedded alias smollm2-135m",
-    "data": "training text: a .txt/.jsonl/.parquet file (WikiText .tokens/.raw read as .txt) or a folder of them, a Hugging Face dataset name "
+    "data": "training text: a .txt/.jsonl/.parquet file (WikiText .tokens/.raw read as .txt) or a folder of them, "
+            "a Hugging Face dataset name "
             "(needs network), or 'self' = sequences sampled from the dense model itself (cached in OUTPUT/cache)",
     "text_field": "field of .jsonl rows / column of .parquet files holding the text",
     "output": "directory receiving the router artifact, the PEFT adapter (OUTPUT/adapter, stages lora/joint), "

@@ -93,7 +93,8 @@ def data_files(source: str) -> list[Path] | None:
 
 
 def read_texts(source: str, text_field: str = "text") -> list[str]:
-    """Documents from a .txt (or WikiText .tokens/.raw)/.jsonl/.parquet file, a folder of them, or a Hugging Face dataset name."""
+    """Documents from a .txt/.jsonl/.parquet file (WikiText .tokens/.raw count as .txt), a folder of them,
+    or a Hugging Face dataset name."""
     files = data_files(source)
     if files is None:
         return _read_hub(source, text_field)
