@@ -255,7 +255,8 @@ command.run(parser.parse_args(sys.argv[1:]))
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dir):
     argv = ["train", "--model", str(tiny_dir / "model"), "--data", str(tiny_dir / "text.txt"), "--seq-len", "16",
             "--batch-size", "2", "--grad-accum", "2", "--val-sequences", "4", "--steps", "12",
-            "--checkpoint-every", "3", "--no-progress", "--distill", "0.5"]
+            "--checkpoint-every", "3", "--no-progress", "--distill", "0.5",
+            "--router-norm", "channel"]  # channel: the input scales must survive the resume too
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, *argv, "--output", str(killed)], env=env,
@@ -365,3 +366,44 @@ def test_yaml_config_roundtrip_and_flags_override(tmp_path):
     path.write_text("steps: [1,\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         TrainConfig.load(path)
+
+
+# -- router input scaling ----------------------------------------------------------------------------------
+
+
+def test_channel_input_scale_is_the_rms_of_each_routers_input(tmp_path):
+    from skipgpt.routing.calibrate import calibrate_input_scale
+
+    routed = RoutedModel(make_tiny("llama"), SkipConfig(router_norm="channel"))
+    ids = packed(n=6).train
+    assert calibrate_input_scale(routed, [{"input_ids": ids[:3]}, {"input_ids": ids[3:]}]) == 2 * len(routed.layers)
+
+    # Independently: the unpatched model's residual stream before each layer's two pre-norms.
+    plain, seen = make_tiny("llama"), {}
+    for i, layer in enumerate(plain.model.layers):
+        for kind, norm in (("attn", layer.input_layernorm), ("mlp", layer.post_attention_layernorm)):
+            norm.register_forward_pre_hook(lambda m, a, key=(i, kind): seen.setdefault(key, []).append(a[0]))
+    with torch.no_grad():
+        plain(input_ids=ids[:3]), plain(input_ids=ids[3:])
+    for (i, kind), xs in seen.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
+        expected = x.pow(2).mean(0).sqrt().clamp_min(1e-2).float()
+        torch.testing.assert_close(routed.routers.get(i, kind).input_scale, expected, rtol=1e-5, atol=1e-6)
+    # Set scales are kept: a second call (e.g. on routers loaded for more tuning) changes nothing.
+    assert calibrate_input_scale(routed, [{"input_ids": ids[:3]}]) == 0
+
+
+def test_channel_routers_train_and_keep_their_scales_in_the_artifact(tmp_path):
+    from skipgpt import load_routers
+
+    cfg = tiny_cfg(tmp_path, steps=6, lr=2e-2, router_norm="channel")
+    result = train(cfg, routed=RoutedModel(make_tiny("llama"), SkipConfig(router_norm="channel")), data=packed(n=20))
+    scale = result.routed.routers.attn[1].input_scale
+    assert not torch.equal(scale, torch.ones_like(scale))  # calibrated before step 1
+    ids = packed(seed=3).val
+    with torch.no_grad():
+        before = result.routed(input_ids=ids).logits
+    again = load_routers(make_tiny("llama"), cfg.output)
+    torch.testing.assert_close(again.routers.attn[1].input_scale, scale, rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, before, rtol=0, atol=0)

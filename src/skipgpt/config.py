@@ -14,7 +14,7 @@ FORMAT_VERSION = 1
 
 ROUTER_KINDS = ("linear", "mlp")
 ROUTER_INPUTS = ("module", "layer")
-ROUTER_NORMS = ("rms", "none")
+ROUTER_NORMS = ("rms", "none", "channel")
 ACCOUNTINGS = ("param", "module", "flop")
 
 
@@ -43,6 +43,11 @@ class SkipConfig:
                    rescales the router input to unit RMS first. Measured on SmolLM2-135M (60 steps,
                    25%), "none" reached held-out perplexity 27.2 against 44.3 for "rms": the
                    normalisation hides the scale differences between tokens that routers use.
+                   "channel" divides each input channel by a fixed scale (its RMS over calibration
+                   text, set once before router tuning): the same linear router, but Adam's
+                   per-weight steps no longer move the logits by the size of an activation outlier.
+                   Measured on WikiText-2 (SmolLM2-135M, 25%, 300 steps): 8.1x dense held-out
+                   perplexity against 2.3x for "none"; kept as an option, not the default.
     execute_bias:  initial logit margin for "execute", so training starts from the dense model.
     threshold:     inference-time shift: a module is skipped when skip_logit - execute_logit > threshold.
     """

@@ -36,7 +36,8 @@ HELP = {
                "distribution (costs one extra dense forward), in between = a mix",
     "router": "new routers: linear (the paper) or mlp (hidden -> hidden/4 -> 2, as the published code)",
     "router_input": "new routers: module = each router reads its module's input; layer = both read the layer input",
-    "router_norm": "new routers: none = the paper's linear map of the hidden state, rms = normalise its input first",
+    "router_norm": "new routers: none = the paper's linear map of the hidden state, rms = normalise its input "
+                   "first, channel = divide each input channel by its RMS on the training text (set once)",
     "execute_bias": "new routers: initial execute-logit margin, so training starts from the dense model",
     "lora_r": "LoRA rank",
     "lora_alpha": "LoRA scaling alpha",
@@ -59,7 +60,7 @@ HELP = {
 }
 CHOICES = {"stage": ("router", "lora", "joint"), "accounting": ("param", "module", "flop"),
            "schedule": ("auto", "constant", "cosine"), "router": ("linear", "mlp"), "router_input": ("module", "layer"),
-           "router_norm": ("rms", "none"), "report_to": ("none", "tensorboard", "wandb"),
+           "router_norm": ("none", "channel", "rms"), "report_to": ("none", "tensorboard", "wandb"),
            "mixed_precision": ("no", "bf16", "fp16")}
 
 

@@ -33,12 +33,20 @@ class Router(nn.Module):
         with torch.no_grad():
             last.weight.zero_()
             last.bias.copy_(torch.tensor([execute_bias, 0.0]))
+        if norm == "channel":
+            # Fixed per-channel divisor, set from calibration text by `calibrate_input_scale`. It is a
+            # reparametrisation (w / scale is an ordinary linear router) that evens out the optimiser's
+            # steps: with raw LLaMA hidden states one step on an outlier channel's weight moves the logit
+            # thousands of times more than the same step on a typical channel's weight.
+            self.register_buffer("input_scale", torch.ones(hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = next(self.parameters())
         x = x.to(weight.device, weight.dtype)  # the model may sit on other devices (device_map) or in bf16
         if self.norm == "rms":
             x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        elif self.norm == "channel":
+            x = x / self.input_scale.to(x.dtype)
         return self.net(x)
 
 

@@ -36,6 +36,8 @@ def save_checkpoint(path: Path, routed, optimizer: torch.optim.Optimizer, step: 
     for index, slots in state["state"].items():
         for key, value in slots.items():
             tensors[f"opt.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    for n, b in routed.routers.named_buffers():  # e.g. router input scales, fixed before step 1
+        tensors[f"buffer.routers.{n}"] = b.detach()
     tensors["rng.torch"] = torch.get_rng_state()
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
     meta = {"step": step, "param_groups": groups, **extra}
@@ -79,6 +81,9 @@ def load_checkpoint(path: Path, routed, optimizer: torch.optim.Optimizer) -> dic
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param.{name}"])
+        for name, b in routed.routers.named_buffers():
+            if f"buffer.routers.{name}" in tensors:
+                b.copy_(tensors[f"buffer.routers.{name}"])
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):

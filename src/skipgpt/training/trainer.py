@@ -28,7 +28,7 @@ import torch
 
 from ..errors import ConfigError, SkipGPTError
 from ..io import write_text_atomic
-from ..routing.calibrate import calibrate_threshold
+from ..routing.calibrate import calibrate_input_scale, calibrate_threshold
 from ..routing.router import anneal_temperature
 from . import loss as L
 from .checkpoint import CHECKPOINT_NAME, check_resume_config, load_checkpoint, save_checkpoint
@@ -236,6 +236,12 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         routed.config.target_sparsity = cfg.target_sparsity
         routed.config.accounting = cfg.accounting
     # else (stage lora): the frozen routers keep the target and accounting they were tuned for
+    if cfg.trains_routers and routed.policy is None and not (cfg.resume and ckpt.exists()):
+        # Fresh "channel" routers get their input scales from the first training sequences (a no-op otherwise);
+        # a resumed run restores them from the checkpoint instead.
+        first = data.train[: max(cfg.batch_size, min(8, len(data.train)))]
+        calibrate_input_scale(routed, [{"input_ids": first[i : i + cfg.batch_size].to(accelerator.device)}
+                                       for i in range(0, len(first), cfg.batch_size)])
     groups = _setup_parameters(routed, cfg)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     wrapped, optimizer = accelerator.prepare(routed, optimizer)
