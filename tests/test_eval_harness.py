@@ -283,3 +283,29 @@ def test_sparse_mode_scores_like_masked_mode(model, tokenizer):
         routed.unpatch()
     assert got["sparse"][0] == pytest.approx(got["masked"][0], abs=1e-3)
     assert got["sparse"][1] == pytest.approx(got["masked"][1]) and got["masked"][1] > 0
+
+
+def test_plain_lm_eval_finds_the_skipgpt_model_in_a_fresh_interpreter(tmp_path):
+    """What `lm_eval --model skipgpt --model_args pretrained=...` does, in a process that never imported
+    skipgpt: the installed skipgpt-lm-eval.pth registers the model lazily, stock models still resolve."""
+    import subprocess
+    import sys
+
+    from skipgpt import RoutedModel, save_routers
+    from skipgpt.models.loading import load_model
+
+    from conftest import save_tiny_llama
+
+    save_tiny_llama(tmp_path / "m", layers=2)
+    save_routers(RoutedModel(load_model(str(tmp_path / "m"))[0]), tmp_path / "r")
+    code = (
+        "import sys\n"
+        "heavy = [m for m in ('skipgpt', 'torch', 'lm_eval') if m in sys.modules]\n"
+        "from lm_eval.api.registry import get_model\n"
+        "cls = get_model('skipgpt')\n"
+        f"lm = cls.create_from_arg_string('pretrained={tmp_path / 'm'},routers={tmp_path / 'r'},mode=sparse', {{}})\n"
+        "print(heavy, cls.__module__, type(lm.routed).__name__, lm.routed.mode, get_model('hf').__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-5:] == ["[]", "skipgpt.evaluation.harness", "RoutedModel", "sparse", "HFLM"]

@@ -2,8 +2,9 @@
 
 `SkipGPTLM` is the harness's own HFLM around a model whose routers (and LoRA) are applied, so the
 harness's request building, batching and acc/acc_norm scoring are used unchanged. It is registered
-with the harness as `skipgpt` when this module is imported; `python -m skipgpt.evaluation.harness`
-is the harness's command line with it registered:
+with the harness as `skipgpt` when this module is imported, and lazily in every interpreter by the
+installed `skipgpt-lm-eval.pth` (src/_skipgpt_lm_eval.py), so a plain `lm_eval --model skipgpt` works;
+`python -m skipgpt.evaluation.harness` is the harness's command line with it registered explicitly:
 
     python -m skipgpt.evaluation.harness run --model skipgpt \\
         --model_args pretrained=smollm2-135m,routers=out/routers --tasks piqa --device cpu
