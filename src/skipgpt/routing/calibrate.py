@@ -8,11 +8,27 @@ forward passes (not a quantile of first-pass logits) lands on the target.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 
 import torch
 
 from ..config import check_sparsity
+
+
+@contextlib.contextmanager
+def argmax_routing(routed) -> Iterator[None]:
+    """Deterministic argmax routing (routers in eval mode, no Gumbel sample) for the block; restores both
+    and clears the sparsity statistics the calibration passes left behind."""
+    was_training, saved_sample = routed.routers.training, routed.sample
+    routed.routers.eval()
+    routed.sample = False
+    try:
+        yield
+    finally:
+        routed.sample = saved_sample
+        routed.routers.train(was_training)
+        routed.reset_sparsity()
 
 
 @torch.no_grad()
@@ -36,30 +52,24 @@ def calibrate_threshold(
     check_sparsity(target)
     if not batches:
         raise ValueError("calibration needs at least one batch of text")
-    was_training = routed.routers.training
-    routed.routers.eval()
-    saved_sample = routed.sample
-    routed.sample = False
     lo, hi = -30.0, 30.0  # higher threshold -> fewer skips
     best = (float("inf"), routed.threshold)
-    try:
-        for _ in range(iterations):
-            mid = (lo + hi) / 2
-            routed.threshold = mid
-            s = measure(routed, batches, accounting)
-            if abs(s - target) < best[0]:
-                best = (abs(s - target), mid)
-            if abs(s - target) <= tolerance:
-                break
-            if s > target:
-                lo = mid
-            else:
-                hi = mid
-    finally:
-        routed.threshold = best[1]
-        routed.sample = saved_sample
-        routed.routers.train(was_training)
-        routed.reset_sparsity()
+    with argmax_routing(routed):
+        try:
+            for _ in range(iterations):
+                mid = (lo + hi) / 2
+                routed.threshold = mid
+                s = measure(routed, batches, accounting)
+                if abs(s - target) < best[0]:
+                    best = (abs(s - target), mid)
+                if abs(s - target) <= tolerance:
+                    break
+                if s > target:
+                    lo = mid
+                else:
+                    hi = mid
+        finally:
+            routed.threshold = best[1]
     return best[1]
 
 
@@ -89,20 +99,18 @@ def calibrate_input_scale(routed, batches: list[dict[str, torch.Tensor]], floor:
         counts[id(module)] += x.shape[0]
 
     handles = [r.register_forward_pre_hook(hook) for r in routers]
-    was_training, saved_sample, saved_threshold = routed.routers.training, routed.sample, routed.threshold
-    routed.routers.eval()
-    routed.sample, routed.threshold = False, 0.0
-    try:
-        for r in routers:
-            r.input_scale.fill_(1.0)
-        for batch in batches:
-            routed(**batch)
-    finally:
-        for h in handles:
-            h.remove()
-        routed.routers.train(was_training)
-        routed.sample, routed.threshold = saved_sample, saved_threshold
-        routed.reset_sparsity()
+    saved_threshold = routed.threshold
+    with argmax_routing(routed):
+        routed.threshold = 0.0
+        try:
+            for r in routers:
+                r.input_scale.fill_(1.0)
+            for batch in batches:
+                routed(**batch)
+        finally:
+            for h in handles:
+                h.remove()
+            routed.threshold = saved_threshold
     for r in routers:
         rms = (sums[id(r)] / max(counts[id(r)], 1)).sqrt().clamp_min(floor)
         r.input_scale.copy_(rms.to(r.input_scale.dtype))
