@@ -72,6 +72,25 @@ def test_compare_all_methods_end_to_end(tiny_folder, tmp_path):
     assert any("rebuilding" in m for m in logs)
     assert json.loads((artifact_dir(settings, "shortgpt", 0.25) / "build.json").read_text())["settings"][
         "calibration_sequences"] == "2"
+    # a build log from before the dtype option (no "dtype") counts as float32 and is reused
+    log_path = artifact_dir(settings, "shortgpt", 0.25) / "build.json"
+    log = json.loads(log_path.read_text())
+    del log["settings"]["dtype"]
+    log_path.write_text(json.dumps(log))
+    settings.methods = ["dense", "shortgpt"]
+    logs.clear()
+    fp32 = run_comparison(settings, [0.25], log=logs.append)
+    assert any("reusing" in m for m in logs) and not any("rebuilding" in m for m in logs)
+    # the base dtype is a build setting, and its evaluations are cached apart from the fp32 ones
+    settings.dtype = "bfloat16"
+    logs.clear()
+    bf16 = run_comparison(settings, [0.25], log=logs.append)
+    assert any("rebuilding" in m for m in logs)
+    assert json.loads(log_path.read_text())["settings"]["dtype"] == "bfloat16"
+    assert len(list(artifact_dir(settings, "dense", 0.0).glob("eval-*.json"))) == 2
+    assert fp32[0]["method"] == bf16[0]["method"] == "dense"
+    dense32, dense16 = fp32[0]["tasks"]["wikitext2"]["ppl"], bf16[0]["tasks"]["wikitext2"]["ppl"]
+    assert dense16 != dense32 and dense16 == pytest.approx(dense32, rel=0.05)
 
 
 def test_compare_argument_errors():

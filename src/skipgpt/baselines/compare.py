@@ -23,13 +23,14 @@ from .registry import METHODS
 
 # Written last: marks a finished build, keeps its wall time for reruns, and the settings it was built with.
 BUILD_LOG = "build.json"
-BUILD_SETTINGS = ("model", "steps", "data", "seq_len", "batch_size", "calibration_sequences", "alpha", "lr",
-                  "distill", "seed")
+BUILD_SETTINGS = ("model", "dtype", "steps", "data", "seq_len", "batch_size", "calibration_sequences", "alpha",
+                  "lr", "distill", "seed")
 
 
 @dataclass
 class CompareSettings:
     model: str = "smollm2-135m"
+    dtype: str = "float32"  # the base model's, in training and evaluation; routers and LoRA stay fp32
     tasks: dict[str, str | None] = field(default_factory=dict)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     steps: int = 100
@@ -66,7 +67,7 @@ def _train_config(s: CompareSettings, stage: str, sparsity: float, output: Path,
     return TrainConfig(stage=stage, model=s.model, data=s.data, output=str(output), target_sparsity=sparsity,
                        steps=s.steps, seq_len=s.seq_len, batch_size=s.batch_size, alpha=s.alpha, lr=s.lr,
                        distill=s.distill, seed=s.seed, routers=None if routers is None else str(routers),
-                       progress=False, checkpoint_every=0)
+                       dtype=s.dtype, progress=False, checkpoint_every=0)
 
 
 class Builder:
@@ -83,7 +84,7 @@ class Builder:
     def fresh(self):
         from ..models.loading import load_model
 
-        return load_model(self.s.model)
+        return load_model(self.s.model, dtype=self.s.dtype)
 
     def data(self, routed, tokenizer):
         if self._data is None:
@@ -111,7 +112,9 @@ class Builder:
             return model, tok, 0.0
         log = _read_build_log(out / BUILD_LOG)
         if log is not None and (out / CONFIG_NAME).exists():
-            if log.get("settings") == self.settings():
+            built_with = dict(log.get("settings") or {})
+            built_with.setdefault("dtype", "float32")  # builds from before the option were fp32
+            if built_with == self.settings():
                 self.log(f"  reusing {out}")
                 return attach_policy(load_trained(model, out), str(out)), tok, float(log.get("seconds", 0.0))
             self.log(f"  {out} was built with other settings ({log.get('settings')}); rebuilding")
@@ -204,7 +207,10 @@ def _read_build_log(path: Path) -> dict | None:
 
 
 def eval_key(s: CompareSettings) -> str:
-    spec = json.dumps([sorted((k, str(v)) for k, v in s.tasks.items()), s.limit, s.eval_batch_size, s.eval_seq_len])
+    spec = [sorted((k, str(v)) for k, v in s.tasks.items()), s.limit, s.eval_batch_size, s.eval_seq_len]
+    if s.dtype != "float32":  # keeps the keys of fp32 evaluations cached before the option existed
+        spec.append(s.dtype)
+    spec = json.dumps(spec)
     return hashlib.sha256(spec.encode()).hexdigest()[:10]
 
 
