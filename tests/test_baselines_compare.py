@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from skipgpt.baselines.compare import CompareSettings, artifact_dir, run_comparison
+from skipgpt.baselines.figure import comparison_figure
 from skipgpt.baselines.registry import METHODS
 from skipgpt.baselines.table import markdown_table
 from skipgpt.cli.compare import parse_sparsities
@@ -60,6 +61,8 @@ def test_compare_all_methods_end_to_end(tiny_folder, tmp_path):
         p.name == "adapter_config.json" for p in artifact_dir(settings, "skipgpt-rt-lora", 0.25).rglob("*"))
     table = markdown_table(rows)
     assert table.count("\n") == len(rows) + 2 and "retention" in table and "wikitext2 ppl" in table
+    png = comparison_figure(rows, tmp_path / "compare.png", "tiny")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     # a second run reuses every artifact and cached evaluation: same numbers, nothing rebuilt
     logs.clear()
     again = run_comparison(settings, [0.25], log=logs.append)

@@ -54,7 +54,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     return path
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
@@ -78,7 +78,7 @@ def per_layer_figure(skip: torch.Tensor, out: Path, title: str) -> list[Path]:
     ax.set_xticks(range(0, L, max(1, L // 15)))
     ax.set_title(f"Per-layer skip rate, attention vs MLP\n{title}")
     ax.legend()
-    return [_save(fig, out / "per_layer_skip.png"), csv_path]
+    return [save_figure(fig, out / "per_layer_skip.png"), csv_path]
 
 
 def position_figure(decisions: torch.Tensor, out: Path, title: str, window: int = 16) -> list[Path]:
@@ -102,7 +102,7 @@ def position_figure(decisions: torch.Tensor, out: Path, title: str, window: int 
     ax.set_ylabel("tokens skipping, all layers (%)")
     ax.set_title(f"Skip rate against token position\n{title}")
     ax.legend()
-    return [_save(fig, out / "skip_vs_position.png"), csv_path]
+    return [save_figure(fig, out / "skip_vs_position.png"), csv_path]
 
 
 def heatmap_figure(decisions: torch.Tensor, tokens: list[str], out: Path, title: str) -> list[Path]:
@@ -122,7 +122,7 @@ def heatmap_figure(decisions: torch.Tensor, tokens: list[str], out: Path, title:
     axes[-1].set_xticklabels([t.replace("\n", "\\n") for t in tokens], rotation=90, fontsize=6)
     axes[-1].set_xlabel("token")
     fig.suptitle(f"Routing decisions per token and layer\n{title}")
-    return [_save(fig, out / "decision_heatmap.png"), csv_path]
+    return [save_figure(fig, out / "decision_heatmap.png"), csv_path]
 
 
 def module_sparsity_figure(report, out: Path, title: str) -> list[Path]:
@@ -138,7 +138,7 @@ def module_sparsity_figure(report, out: Path, title: str) -> list[Path]:
     ax.set_ylabel("skipped (%)")
     ax.set_ylim(0, max(10.0, max(values) * 100 * 1.25))
     ax.set_title(f"Sparsity reached by module type ({report.tokens} tokens)\n{title}")
-    return [_save(fig, out / "module_sparsity.png"), csv_path]
+    return [save_figure(fig, out / "module_sparsity.png"), csv_path]
 
 
 def write_analysis(routed, tokenizer, text: str, output_dir: str | Path, seq_len: int = 256,

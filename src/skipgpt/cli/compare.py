@@ -68,7 +68,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "(default %(default)s)")
     p.add_argument("--workdir", default=None, help="where artifacts and cached evaluations go "
                    "(default: next to --output, named after it with _artifacts)")
-    p.add_argument("--output", required=True, help="results JSON (a list of rows); the table also goes to .md")
+    p.add_argument("--output", required=True, help="results JSON (a list of rows); the table also goes to .md "
+                   "and a bar chart of retention and perplexity to .png")
     return p
 
 
@@ -117,5 +118,11 @@ def run(args: argparse.Namespace) -> int:
     print(table)
     write_json_atomic(output, rows)
     write_text_atomic(output.with_suffix(".md"), table)
-    print(f"wrote {output} and {output.with_suffix('.md')}")
+    written = [output, output.with_suffix(".md")]
+    if any(r["method"] != "dense" for r in rows):
+        from ..baselines.figure import comparison_figure
+
+        written.append(comparison_figure(rows, output.with_suffix(".png"),
+                                         f"{args.model}: every method at equal parameter sparsity"))
+    print("wrote " + ", ".join(str(p) for p in written))
     return 0
