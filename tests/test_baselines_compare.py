@@ -106,3 +106,22 @@ def test_compare_argument_errors():
 
     with pytest.raises(ConfigError, match="unknown methods"):
         check_methods(["shortgpt", "magic"])
+
+
+@needs_data
+def test_compare_command_writes_json_markdown_and_figure(tiny_folder, tmp_path):
+    from skipgpt.cli.main import main
+
+    out = tmp_path / "cmp.json"
+    code = main(["compare", "--model", str(tiny_folder), "--methods", "dense,shortgpt", "--sparsity", "0.25",
+                 "--task", f"wikitext2={DATA / 'wikitext2' / 'wiki.test.raw'}", "--limit", "2",
+                 "--eval-seq-len", "32", "--data", str(DATA / "text" / "tinyshakespeare.txt"), "--seq-len", "32",
+                 "--calibration-sequences", "2", "--output", str(out)])
+    assert code == 0
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["dense", "shortgpt"]
+    for row in rows:  # the row shape scripts outside the repository read
+        assert set(row) >= {"method", "sparsity", "tasks", "average_acc", "retention"}
+        assert set(row["sparsity"]) == {"param", "attention", "mlp"}
+    assert "| shortgpt |" in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 10_000
