@@ -206,7 +206,7 @@ def test_mod_d_topk_capacity_gradient_and_causal_threshold():
     with torch.no_grad():
         for b in data:
             routed(**b)
-    assert abs(routed.sparsity().module - 0.4) < 0.1
+    assert abs(routed.sparsity().module - 0.4) < 0.03  # calibrated causally: on target on its own text
     # causality: changing the last token does not change earlier decisions under the threshold rule
     ids = data[0]["input_ids"][:1].clone()
     with torch.no_grad():

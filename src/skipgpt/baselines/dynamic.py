@@ -7,8 +7,9 @@ gradient reaches the router through sigmoid(score) (straight-through), so the sp
 counts whole modules. Top-k is non-causal: a token's decision depends on the scores of later
 tokens, which a left-to-right decoder cannot know. So top-k is used only while the routers train;
 at inference (routers.eval(), and always in one-token decode steps) a token executes iff its score
-exceeds a per-module threshold calibrated as the skip-rate quantile of the scores seen on
-calibration text. mod_d.topk_at_eval = True restores the non-causal rule for analysis.
+exceeds a per-module threshold: the skip-rate quantile of that module's scores on calibration text,
+set module by module in forward order on the states the causal rule itself produces upstream.
+policy.topk_at_eval = True restores the non-causal rule for analysis.
 
 Coupled: one router per layer (the attention router) decides attention and MLP together, the
 ablation of SkipGPT's module decoupling. It trains and calibrates exactly like SkipGPT routers.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from ..config import SkipConfig, check_sparsity
+from ..errors import ConfigError
 from ..models.routed import RoutedModel
 from ..routing.router import EXECUTE, SKIP
 
@@ -37,7 +39,7 @@ class ModPolicy:
         self.capacity = capacity.double()  # (L, 2) fraction of tokens that execute
         self.thresholds = thresholds  # (L, 2) score thresholds for causal inference
         self.topk_at_eval = False
-        self.recording: list[list[list[torch.Tensor]]] | None = None
+        self._calibrating = False
 
     def score(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
         logits = self.routed.routers.get(layer, kind)(x).float()
@@ -46,9 +48,10 @@ class ModPolicy:
     def __call__(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
         k_index = 0 if kind == "attn" else 1
         s = self.score(layer, kind, x)  # (B, T)
-        if self.recording is not None:
+        if self._calibrating:
             real = self.routed.token_mask
-            self.recording[layer][k_index].append(s.detach()[real] if real is not None else s.detach().reshape(-1))
+            seen = s.detach()[real] if real is not None and real.shape == s.shape else s.detach().reshape(-1)
+            self.thresholds[layer, k_index] = torch.quantile(seen.double(), 1.0 - float(self.capacity[layer, k_index]))
         training = self.routed.routers.training and torch.is_grad_enabled()
         if (training or self.topk_at_eval or self.thresholds is None) and s.shape[-1] > 1:
             hard = self._topk(s, float(self.capacity[layer, k_index]))
@@ -69,29 +72,33 @@ class ModPolicy:
 
     @torch.no_grad()
     def calibrate(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """Thresholds = per-module quantile of scores at which the causal rule keeps `capacity` of tokens."""
+        """Thresholds at which the causal rule executes `capacity` of the calibration tokens, per module.
+
+        All batches run as one forward pass, so each module's threshold is set from all calibration
+        tokens before the next module runs: every module is calibrated on the states that the causal
+        rule, with the thresholds already set upstream, produces. (Quantiles of scores recorded under
+        top-k routing miss the target: top-k produces other states than inference does.)
+        """
+        if not batches:
+            raise ConfigError("MoD-D calibration needs at least one batch of text")
+        lengths = {b["input_ids"].shape[-1] for b in batches}
+        if len(lengths) != 1:
+            raise ConfigError(f"MoD-D calibration batches must share one sequence length, got {sorted(lengths)}")
+        joined = {k: torch.cat([b[k] for b in batches]) for k in ("input_ids", "attention_mask") if k in batches[0]}
         L = self.capacity.shape[0]
         was_training = self.routed.routers.training
         self.routed.routers.eval()
-        self.recording = [[[], []] for _ in range(L)]
-        saved = self.topk_at_eval
-        self.topk_at_eval = True  # score the states the top-k model produces, as in training
+        self.thresholds = torch.zeros(L, 2, dtype=torch.float64)
+        self._calibrating, topk = True, self.topk_at_eval
+        self.topk_at_eval = False
         try:
-            for batch in batches:
-                self.routed(**batch)
-            thresholds = torch.zeros(L, 2, dtype=torch.float64)
-            for i in range(L):
-                for j in range(2):
-                    scores = torch.cat(self.recording[i][j]).double()
-                    thresholds[i, j] = torch.quantile(scores, 1.0 - float(self.capacity[i, j]))
+            self.routed(**joined, use_cache=False)
         finally:
-            self.recording = None
-            self.topk_at_eval = saved
+            self._calibrating, self.topk_at_eval = False, topk
             self.routed.routers.train(was_training)
             self.routed.reset_sparsity()
-        self.thresholds = thresholds
-        self.routed.config.extra["thresholds"] = thresholds.tolist()
-        return thresholds
+        self.routed.config.extra["thresholds"] = self.thresholds.tolist()
+        return self.thresholds
 
 
 def mod_d(model, sparsity: float = 0.25, config: SkipConfig | None = None,
