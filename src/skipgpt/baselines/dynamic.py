@@ -22,6 +22,7 @@ import torch
 from ..config import SkipConfig, check_sparsity
 from ..errors import ConfigError
 from ..models.routed import RoutedModel
+from ..routing.calibrate import argmax_routing
 from ..routing.router import EXECUTE, SKIP
 
 
@@ -85,18 +86,14 @@ class ModPolicy:
         if len(lengths) != 1:
             raise ConfigError(f"MoD-D calibration batches must share one sequence length, got {sorted(lengths)}")
         joined = {k: torch.cat([b[k] for b in batches]) for k in ("input_ids", "attention_mask") if k in batches[0]}
-        L = self.capacity.shape[0]
-        was_training = self.routed.routers.training
-        self.routed.routers.eval()
-        self.thresholds = torch.zeros(L, 2, dtype=torch.float64)
+        self.thresholds = torch.zeros(self.capacity.shape[0], 2, dtype=torch.float64)
         self._calibrating, topk = True, self.topk_at_eval
         self.topk_at_eval = False
-        try:
-            self.routed(**joined, use_cache=False)
-        finally:
-            self._calibrating, self.topk_at_eval = False, topk
-            self.routed.routers.train(was_training)
-            self.routed.reset_sparsity()
+        with argmax_routing(self.routed):
+            try:
+                self.routed(**joined, use_cache=False)
+            finally:
+                self._calibrating, self.topk_at_eval = False, topk
         self.routed.config.extra["thresholds"] = self.thresholds.tolist()
         return self.thresholds
 
