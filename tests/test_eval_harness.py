@@ -14,7 +14,7 @@ import torch
 from skipgpt import RoutedModel, SkipConfig
 from skipgpt.errors import ConfigError, DataError
 from skipgpt.evaluation.harness import SkipGPTLM, _real_tokens, build_task, run_task
-from skipgpt.evaluation.perplexity import perplexity
+from skipgpt.evaluation.perplexity import context_buckets, perplexity
 from skipgpt.evaluation.runner import evaluate, markdown_table
 from skipgpt.evaluation.tasks import choices_and_gold, load_task
 
@@ -172,6 +172,28 @@ def test_perplexity_is_exp_of_mean_token_nll(model):
     finally:
         routed.unpatch()
     assert routed_ppl["ppl"] != pytest.approx(got["ppl"])
+
+
+def test_perplexity_by_context_length(model):
+    ids = torch.randint(0, model.config.vocab_size, (140,), generator=torch.Generator().manual_seed(2))
+    seq_len, windows = 20, 7
+    assert context_buckets(seq_len) == [(1, 4), (4, 16), (16, 20)]
+    assert context_buckets(4) == [(1, 4)] and context_buckets(64) == [(1, 4), (4, 16), (16, 64)]
+    sums, counts = [0.0, 0.0, 0.0], [0, 0, 0]
+    for w in range(windows):  # independent loop: one window, one target at a time
+        chunk = ids[w * seq_len : (w + 1) * seq_len]
+        with torch.no_grad():
+            logp = model(input_ids=chunk[None]).logits[0].double().log_softmax(-1)
+        for t in range(1, seq_len):
+            b = 0 if t < 4 else 1 if t < 16 else 2
+            sums[b] -= float(logp[t - 1, chunk[t]])
+            counts[b] += 1
+    got = perplexity(model, ids, seq_len=seq_len, batch_size=3)
+    assert [b["context"] for b in got["by_context"]] == [[1, 4], [4, 16], [16, 20]]
+    assert [b["tokens"] for b in got["by_context"]] == counts == [21, 84, 28]
+    for b, s, n in zip(got["by_context"], sums, counts):
+        assert b["nll"] == pytest.approx(s / n, rel=1e-5) and b["ppl"] == pytest.approx(math.exp(s / n), rel=1e-5)
+    assert got["nll"] == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
 
 
 # -- the whole evaluation, from Python and from the command line ---------------------------------------------

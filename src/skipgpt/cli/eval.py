@@ -98,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress, model_name=args.model, routers=args.routers, lora=args.lora,
     )
     print(markdown_table(results))
+    for name, row in results["tasks"].items():
+        if "by_context" in row:
+            parts = [f"{b['context'][0]}-{b['context'][1] - 1}: {b['ppl']:.2f}" for b in row["by_context"]]
+            print(f"{name} perplexity by context length (tokens): " + ", ".join(parts))
     if args.output:
         write_json_atomic(args.output, results)
         print(f"wrote {args.output}")

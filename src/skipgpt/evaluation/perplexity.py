@@ -4,6 +4,10 @@ The test split is joined into one text, tokenised once, and cut into non-overlap
 `seq_len` tokens; the tail shorter than a window is dropped. Every window is scored on its own, so
 the first token of a window has no context and is not predicted: a window scores seq_len - 1 tokens.
 Perplexity is exp of the mean negative log-likelihood over all scored tokens.
+
+The result also splits the same tokens by how much context they had (1-3, 4-15, 16-63, ... tokens, powers of
+4): a model that loses long-range ability shows it there, while the single number mixes it with the
+window length.
 """
 
 from __future__ import annotations
@@ -39,6 +43,16 @@ def default_seq_len(model, wanted: int | None = None) -> int:
     return min(2048, limit) if limit else 2048
 
 
+def context_buckets(seq_len: int) -> list[tuple[int, int]]:
+    """Half-open ranges [lo, hi) of context length (tokens before the predicted one): powers of 4 up to the
+    window, so 2,048-token windows give [1, 4), [4, 16), ..., [1024, 2048)."""
+    edges = [1]
+    while edges[-1] * 4 < seq_len:
+        edges.append(edges[-1] * 4)
+    edges.append(seq_len)
+    return list(zip(edges[:-1], edges[1:]))
+
+
 @torch.no_grad()
 def perplexity(
     model, input_ids: torch.Tensor, seq_len: int, limit: int | None = None, batch_size: int = 1, progress=None
@@ -47,8 +61,9 @@ def perplexity(
 
     `model` is an HF causal LM or a RoutedModel (anything called with input_ids=(B, T) returning .logits).
     `limit` scores only the first `limit` windows. `progress`, if given, is called with the number of
-    windows finished after each batch. Returns dict(ppl, nll, tokens, seq_len, windows), nll being the
-    mean per scored token.
+    windows finished after each batch. Returns dict(ppl, nll, tokens, seq_len, windows, by_context), nll
+    being the mean per scored token and by_context a list of dict(context=[lo, hi), ppl, nll, tokens) over
+    `context_buckets(seq_len)`.
     """
     if input_ids.dim() != 1:
         raise ValueError(f"input_ids must be 1-D, got shape {tuple(input_ids.shape)}")
@@ -61,18 +76,27 @@ def perplexity(
         raise DataError(f"the text has {input_ids.numel()} tokens, fewer than one window of {seq_len}")
     device = next(model.parameters()).device
     chunks = input_ids[: windows * seq_len].view(windows, seq_len)
-    total_nll = torch.zeros((), dtype=torch.float64)
-    scored = 0
+    buckets = context_buckets(seq_len)
+    # Target t of a window (t >= 1) is predicted from t tokens of context.
+    bucket_of = torch.bucketize(torch.arange(1, seq_len), torch.tensor([hi for _, hi in buckets[:-1]]), right=True)
+    sums = torch.zeros(len(buckets), dtype=torch.float64)
     for start in range(0, windows, batch_size):
         batch = chunks[start : start + batch_size].to(device)
         logits = model(input_ids=batch).logits
         # float32 log-softmax even for a half-precision model: the sum runs over the whole vocabulary.
         nll = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum"
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="none"
         )
-        total_nll += nll.double().cpu()
-        scored += batch[:, 1:].numel()
+        per_target = nll.view(batch.shape[0], seq_len - 1).double().sum(0).cpu()
+        sums.index_add_(0, bucket_of, per_target)
         if progress is not None:
             progress(batch.shape[0])
-    mean = float(total_nll) / scored
-    return {"ppl": math.exp(mean), "nll": mean, "tokens": scored, "seq_len": int(seq_len), "windows": int(windows)}
+    counts = torch.bincount(bucket_of, minlength=len(buckets)) * windows
+    scored = int(counts.sum())
+    mean = float(sums.sum()) / scored
+    by_context = [
+        {"context": [lo, hi], "ppl": math.exp(float(s) / int(n)), "nll": float(s) / int(n), "tokens": int(n)}
+        for (lo, hi), s, n in zip(buckets, sums, counts)
+    ]
+    return {"ppl": math.exp(mean), "nll": mean, "tokens": scored, "seq_len": int(seq_len), "windows": int(windows),
+            "by_context": by_context}
