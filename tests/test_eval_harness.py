@@ -288,6 +288,30 @@ def test_prepare_model_attaches_routers_then_merges_lora(tmp_path, tokenizer):
         prepare_model(str(tmp_path / "base"), lora=str(tmp_path))
 
 
+def test_prepare_model_restores_a_baseline_policy(tmp_path, tokenizer):
+    """A ShortGPT directory's router weights are the untrained init; evaluating it must use its saved keep mask."""
+    from skipgpt import save_routers
+    from skipgpt.baselines import shortgpt
+    from skipgpt.evaluation.harness import prepare_model
+
+    base = tiny_lm(len(tokenizer), seed=4)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    texts = ["The river runs past the old mill.", "A cat sat on the warm stone wall."]
+    routed = shortgpt(RoutedModel(base, SkipConfig(), name=str(tmp_path / "base")), tokenizer, 0.25, texts)
+    save_routers(routed, tmp_path / "shortgpt")
+    ids = torch.tensor([tokenizer(texts[0]).input_ids])
+    with torch.no_grad():
+        want = routed(input_ids=ids).logits
+        routed.unpatch()
+        dense = base(input_ids=ids).logits
+    loaded, _ = prepare_model(str(tmp_path / "base"), str(tmp_path / "shortgpt"), mode="sparse")
+    with torch.no_grad():
+        got = loaded(input_ids=ids).logits
+    assert not loaded.decisions().all()
+    assert torch.allclose(got, want, atol=1e-4) and not torch.allclose(got, dense, atol=1e-3)
+
+
 def test_sparse_mode_scores_like_masked_mode(model, tokenizer):
     """--mode only switches the execution path; the same decisions give the same log-likelihoods."""
     routed = RoutedModel(model, SkipConfig())

@@ -45,7 +45,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..artifact import load_routers
+    from ..baselines.registry import load_baseline
     from ..config import check_sparsity
     from ..errors import ConfigError
     from ..inference.bench import measure_speed
@@ -69,7 +69,10 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_model(args.model, dtype=dtype, device=device)
     sparsity = args.sparsity
     if args.routers:
-        routed = load_routers(model, args.routers)
+        routed = load_baseline(model, args.routers)
+        if sparsity is not None and routed.policy is not None:
+            raise ConfigError(f"--sparsity sets a router threshold, but {args.routers} is a "
+                              f"{routed.config.extra.get('routing')} baseline with a fixed policy; drop --sparsity")
         if sparsity is not None:
             g = torch.Generator().manual_seed(1)
             ids = torch.randint(0, len(tokenizer), (args.batch_size, args.seq_len), generator=g).to(device)

@@ -43,12 +43,15 @@ def prepare_model(
     pretrained: str, routers: str | None = None, lora: str | None = None, mode: str = "masked",
     dtype: str = "float32", device: str | None = None,
 ):
-    """(routed or plain HF model, tokenizer): load the base, attach routers, then merge a LoRA adapter."""
-    from ..artifact import load_routers
+    """(routed or plain HF model, tokenizer): load the base, attach routers, then merge a LoRA adapter.
+
+    A baseline's directory from `skipgpt compare` (ShortGPT, random, MoD-D, ...) gets its saved policy
+    back: its router weights alone are the untrained "execute everything" initialisation."""
+    from ..baselines.registry import load_baseline
     from ..models.loading import load_model
 
     model, tokenizer = load_model(pretrained, dtype=dtype, device=device)
-    routed = load_routers(model, routers) if routers else None
+    routed = load_baseline(model, routers) if routers else None
     if lora:
         lora_dir = Path(lora)
         if not (lora_dir / "adapter_config.json").is_file():
