@@ -46,7 +46,8 @@ def prepare_model(
     """(routed or plain HF model, tokenizer): load the base, attach routers, then merge a LoRA adapter.
 
     A baseline's directory from `skipgpt compare` (ShortGPT, random, MoD-D, ...) gets its saved policy
-    back: its router weights alone are the untrained "execute everything" initialisation."""
+    back: its router weights alone do not decide as it did (a static baseline's are the untrained
+    "execute everything" initialisation)."""
     from ..baselines.registry import load_baseline
     from ..models.loading import load_model
 

@@ -72,9 +72,7 @@ def evaluate(
             total = ids.numel() // seq_len if limit is None else min(ids.numel() // seq_len, limit)
             with tqdm(total=total, desc=f"{name} windows", leave=False, disable=not progress) as windows:
                 result = perplexity(model, ids, seq_len, limit=limit, batch_size=batch_size, progress=windows.update)
-            row = {"ppl": result["ppl"], "nll": result["nll"], "tokens": result["tokens"],
-                   "seq_len": result["seq_len"], "windows": result["windows"], "by_context": result["by_context"],
-                   "source": path}
+            row = {**result, "source": path}
         else:
             data = task_data.load_task(name, path) if path else None
             if data is not None and limit is not None:
