@@ -147,6 +147,7 @@ def test_temperature_anneals_linearly_and_lr_schedules(tmp_path):
     cfg = tiny_cfg(tmp_path, steps=5, calibrate=False)
     result = train(cfg, routed=RoutedModel(make_tiny("llama")), data=packed())
     assert [h["temperature"] for h in result.history] == pytest.approx([5.0, 4.0, 3.0, 2.0, 1.0])
+    assert [h["noise"] for h in result.history] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
     # auto: cosine decay from the first step, no warmup, for router tuning
     assert [h["lr"] for h in result.history] == pytest.approx(
         [learning_rate(s, 5, cfg.lr, "cosine", 0.0) for s in range(5)])
@@ -158,6 +159,35 @@ def test_temperature_anneals_linearly_and_lr_schedules(tmp_path):
     assert TrainConfig(stage="joint").effective_schedule() == ("cosine", 0.1)
     assert TrainConfig(stage="router").effective_schedule() == ("cosine", 0.0)
     assert TrainConfig(stage="router", schedule="constant").effective_schedule() == ("constant", 0.0)
+
+
+def _training_gates(tmp_path, **kw) -> tuple[list, list[dict]]:
+    """(noise, gate, argmax gate) of every training router call of a short run, and the run's history."""
+    routed = RoutedModel(make_tiny("llama"))
+    original, seen = routed.decide, []
+
+    def spy(logits):
+        gate = original(logits)
+        if routed.routers.training:  # not the held-out evaluation after training
+            seen.append((routed.noise, gate.detach(), (logits[..., 1] - logits[..., 0] <= 0).float()))
+        return gate
+
+    routed.decide = spy
+    result = train(tiny_cfg(tmp_path, calibrate=False, **kw), routed=routed, data=packed())
+    return seen, result.history
+
+
+def test_gumbel_noise_anneals_and_ends_on_the_inference_decisions(tmp_path):
+    seen, history = _training_gates(tmp_path / "default", steps=5)  # default: noise 1 -> 0
+    assert [h["noise"] for h in history] == pytest.approx([1.0, 0.75, 0.5, 0.25, 0.0])
+    last = [(gate, argmax) for noise, gate, argmax in seen if noise == 0.0]
+    assert last  # the last step ran without noise: its training gates are exactly the argmax decisions
+    for gate, argmax in last:
+        torch.testing.assert_close(gate, argmax)
+    # the paper's constant noise stays one option away, and there the sampled gates differ from argmax
+    seen, history = _training_gates(tmp_path / "paper", steps=3, noise_end=1.0)
+    assert [h["noise"] for h in history] == pytest.approx([1.0] * 3)
+    assert any(bool((gate != argmax).any()) for _, gate, argmax in seen)
 
 
 # -- end-to-end on tiny models ---------------------------------------------------------------------------

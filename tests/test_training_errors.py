@@ -61,6 +61,29 @@ def test_resume_with_other_options_names_them_and_changes_nothing(tmp_path, tiny
     assert run_cli([*argv, "--steps", "2", "--resume", "--checkpoint-every", "1", "--progress"]) == 0
 
 
+def test_a_checkpoint_from_before_the_noise_option_resumes_only_with_the_noise_it_ran(tmp_path, tiny_dir, capsys):  # noqa: F811
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "out"
+    argv = [*common(tiny_dir, out), "--steps", "2", "--checkpoint-every", "1"]
+    assert run_cli([*argv, "--noise-end", "1"]) == 0
+    ckpt = out / CHECKPOINT_NAME
+    with safe_open(str(ckpt), framework="pt") as f:
+        metadata = f.metadata()
+    state = json.loads(metadata["state"])
+    for key in ("noise_start", "noise_end"):  # as written before the option existed (constant noise 1)
+        del state["config"][key]
+    save_file(load_file(ckpt), ckpt, metadata={**metadata, "state": json.dumps(state)})
+    before = snapshot(out)
+    assert run_cli([*argv, "--resume"]) == 2  # today's default anneals the noise to 0: another recipe
+    assert "noise_end 1.0 -> 0.0" in one_line_error(capsys)
+    assert snapshot(out) == before
+    assert run_cli([*argv, "--resume", "--noise-end", "1"]) == 0
+
+
 def test_other_bad_input_creates_no_output_folder(tmp_path, tiny_dir, capsys):  # noqa: F811
     (tmp_path / "empty.txt").write_text("")
     out = tmp_path / "out"

@@ -32,6 +32,9 @@ HELP = {
     "warmup_ratio": "fraction of steps of linear warmup (default: 0 for router tuning, 0.1 when LoRA trains)",
     "temperature_start": "Gumbel-softmax temperature at the first step (annealed linearly)",
     "temperature_end": "Gumbel-softmax temperature at the last step",
+    "noise_start": "scale of the Gumbel noise at the first step (annealed linearly; 1 = standard Gumbel-softmax)",
+    "noise_end": "scale of the Gumbel noise at the last step: 0 ends training on the argmax decisions that "
+                 "inference makes; 1 = the paper's constant noise",
     "distill": "0 = language-model loss, 1 = KL divergence from the frozen dense model's next-token "
                "distribution (costs one extra dense forward), in between = a mix",
     "router": "new routers: linear (the paper) or mlp (hidden -> hidden/4 -> 2, as the published code)",
@@ -45,7 +48,7 @@ HELP = {
     "lora_targets": "comma-separated module names that get LoRA",
     "val_sequences": "packed sequences held out to calibrate the threshold and report held-out perplexity",
     "calibrate": "after training, shift the inference threshold so argmax routing meets the target on held-out "
-                 "text (Gumbel noise makes training sparsity overshoot argmax sparsity)",
+                 "text (training under Gumbel noise skips more than argmax does)",
     "max_tokens": "read at most this many tokens of the data",
     "self_sequences": "with --data self: how many training sequences to sample from the model",
     "seed": "seed of data order, Gumbel noise and self-sampled data",

@@ -50,6 +50,7 @@ class RoutedModel(nn.Module):
 
         self.mode = "masked"
         self.temperature = 1.0  # used only while self.routers.training
+        self.noise = 1.0  # scale of the training Gumbel noise (1 = standard Gumbel-softmax)
         self.sample = False  # Gumbel sampling at inference (the published code's behaviour)
         self.policy: Policy | None = None
         self.track = True  # accumulate sparsity statistics
@@ -121,7 +122,7 @@ class RoutedModel(nn.Module):
     def decide(self, logits: torch.Tensor) -> torch.Tensor:
         """Execute gate from router logits: straight-through Gumbel in training, else argmax (or a sample)."""
         if self.routers.training and torch.is_grad_enabled():
-            return straight_through_gumbel(logits, self.temperature)
+            return straight_through_gumbel(logits, self.temperature, self.noise)
         if self.sample:
             return sample_gate(logits, self.config.threshold)
         return argmax_gate(logits, self.config.threshold)

@@ -63,11 +63,15 @@ class RouterBank(nn.Module):
         return (self.attn if kind == "attn" else self.mlp)[layer]
 
 
-def straight_through_gumbel(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Execute gate in {0, 1} forward, softmax((logits + g) / t) gradient backward."""
+def straight_through_gumbel(logits: torch.Tensor, temperature: float, noise: float = 1.0) -> torch.Tensor:
+    """Execute gate in {0, 1} forward, softmax((logits + noise * g) / t) gradient backward.
+
+    noise = 1 is the standard Gumbel-softmax; noise = 0 makes the forward decision the inference-time argmax
+    while the gradient stays the tempered softmax's (a deterministic straight-through estimator).
+    """
     u = torch.rand_like(logits, dtype=torch.float32).clamp_(1e-10, 1.0 - 1e-7)
     gumbel = -torch.log(-torch.log(u))
-    soft = F.softmax((logits.float() + gumbel) / temperature, dim=-1)[..., EXECUTE]
+    soft = F.softmax((logits.float() + noise * gumbel) / temperature, dim=-1)[..., EXECUTE]
     hard = (soft > 0.5).to(soft.dtype)
     return hard - soft.detach() + soft
 
@@ -83,8 +87,9 @@ def argmax_gate(logits: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     return (logits[..., SKIP].float() - logits[..., EXECUTE].float() <= threshold).float()
 
 
-def anneal_temperature(step: int, total_steps: int, start: float = 5.0, end: float = 1.0) -> float:
-    """Linear annealing from start to end over the stage (reaches `end` on the last step)."""
+def anneal(step: int, total_steps: int, start: float, end: float) -> float:
+    """Linear annealing from start to end over the stage (reaches `end` on the last step): the Gumbel
+    temperature (5 -> 1) and the Gumbel noise scale follow it."""
     if total_steps <= 1:
         return end
     frac = min(max(step / (total_steps - 1), 0.0), 1.0)

@@ -21,6 +21,8 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 # Options that do not change what a resumed run computes; every other option must match the checkpoint's,
 # or the resumed steps would silently follow another recipe (other data order, schedule, loss...).
 RESUME_MAY_CHANGE = frozenset({"resume", "progress", "report_to", "checkpoint_every", "output", "calibrate"})
+# What a checkpoint written before an option existed ran with: its absence is that value, not "anything".
+IMPLIED_BY_OLDER_CHECKPOINTS = {"noise_start": 1.0, "noise_end": 1.0}
 
 
 def trainable(routed) -> dict[str, torch.nn.Parameter]:
@@ -58,6 +60,7 @@ def check_resume_config(path: Path, config: dict[str, Any]) -> None:
     saved = read_metadata(path).get("config")
     if not isinstance(saved, dict):
         return  # written without its config: nothing to compare against
+    saved = {**IMPLIED_BY_OLDER_CHECKPOINTS, **saved}
     differ = [f"{k} {saved[k]!r} -> {config[k]!r}" for k in sorted(set(saved) & set(config))
               if k not in RESUME_MAY_CHANGE and saved[k] != config[k]]
     if differ:

@@ -27,6 +27,10 @@ class TrainConfig:
     constant router lr degrades late in long runs (docs/RESULTS.md, "Training on WikiText-2").
     distill: 0 trains on the language-model loss, 1 on the KL divergence from the frozen dense
     model's next-token distribution, values in between mix the two.
+    noise_start / noise_end: scale of the Gumbel noise in the straight-through gates, annealed linearly
+    like the temperature. The default 1 -> 0 explores early and ends on the deterministic argmax
+    decisions that inference makes; the paper's constant noise is noise_end = 1, which trains routers
+    for noisy decisions they never make at inference (docs/RESULTS.md, "Gumbel noise").
     """
 
     stage: str = "router"
@@ -49,6 +53,8 @@ class TrainConfig:
     warmup_ratio: float | None = None
     temperature_start: float = 5.0
     temperature_end: float = 1.0
+    noise_start: float = 1.0
+    noise_end: float = 0.0
     distill: float = 0.0
     router: str = "linear"
     router_input: str = "module"
@@ -105,6 +111,8 @@ class TrainConfig:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.temperature_start <= 0 or self.temperature_end <= 0:
             raise ConfigError("Gumbel temperatures must be positive")
+        if self.noise_start < 0 or self.noise_end < 0:
+            raise ConfigError("Gumbel noise scales must be >= 0 (1 = standard Gumbel-softmax, 0 = no noise)")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0 (0 = never), got {self.checkpoint_every}")
         if isinstance(self.lora_targets, str):

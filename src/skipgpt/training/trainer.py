@@ -29,15 +29,15 @@ import torch
 from ..errors import ConfigError, SkipGPTError
 from ..io import write_text_atomic
 from ..routing.calibrate import calibrate_input_scale, calibrate_threshold
-from ..routing.router import anneal_temperature
+from ..routing.router import anneal
 from . import loss as L
 from .checkpoint import CHECKPOINT_NAME, check_resume_config, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import PackedData, data_files, load_data, micro_batches
 
 LOG_NAME = "train_log.csv"
-LOG_FIELDS = ("step", "loss", "lm_loss", "kd_loss", "reg", "sparsity", "attention", "mlp", "temperature", "lr",
-              "tokens_per_s")
+LOG_FIELDS = ("step", "loss", "lm_loss", "kd_loss", "reg", "sparsity", "attention", "mlp", "temperature", "noise",
+              "lr", "tokens_per_s")
 
 
 class TrainingError(SkipGPTError):
@@ -268,7 +268,8 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
     t_start, tokens_seen = time.perf_counter(), 0
     for step in range(start, cfg.steps):
         tic = time.perf_counter()
-        routed.temperature = anneal_temperature(step, cfg.steps, cfg.temperature_start, cfg.temperature_end)
+        routed.temperature = anneal(step, cfg.steps, cfg.temperature_start, cfg.temperature_end)
+        routed.noise = anneal(step, cfg.steps, cfg.noise_start, cfg.noise_end)
         for g in optimizer.param_groups:
             g["lr"] = learning_rate(step, cfg.steps, g["base_lr"], schedule, warmup)
         batches = [{"input_ids": ids.to(accelerator.device)} for ids in micro_batches(
@@ -287,8 +288,8 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         optimizer.step()
         tokens = sum(b["input_ids"].numel() for b in batches) * accelerator.num_processes
         tokens_seen += tokens
-        row = {"step": step + 1, **stats, "temperature": routed.temperature, "lr": optimizer.param_groups[0]["lr"],
-               "tokens_per_s": tokens / max(time.perf_counter() - tic, 1e-9)}
+        row = {"step": step + 1, **stats, "temperature": routed.temperature, "noise": routed.noise,
+               "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens / max(time.perf_counter() - tic, 1e-9)}
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lm=f"{row['lm_loss']:.3f}", attn=f"{row['attention']:.1%}",
                         mlp=f"{row['mlp']:.1%}", temp=f"{row['temperature']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
