@@ -437,3 +437,72 @@ def test_channel_routers_train_and_keep_their_scales_in_the_artifact(tmp_path):
     torch.testing.assert_close(again.routers.attn[1].input_scale, scale, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=ids).logits, before, rtol=0, atol=0)
+
+
+# -- stage 2 threshold steering -------------------------------------------------------------------------
+
+
+def _varied_routers(seed: int = 1) -> RoutedModel:
+    """Tiny routed model whose routers make token-dependent decisions (fresh routers are constant)."""
+    routed = RoutedModel(make_tiny("llama"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in routed.routers.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return routed
+
+
+def _lora_steer_cfg(tmp_path, name: str, **kw) -> TrainConfig:
+    return tiny_cfg(tmp_path, output=str(tmp_path / name), stage="lora", calibrate=False, target_sparsity=0.25,
+                    **kw)
+
+
+def test_threshold_gain_steers_stage2_sparsity_to_the_target(tmp_path):
+    data = packed(n=20)
+    fixed = _varied_routers()
+    fixed.threshold = -3.0  # skips far more than the 25% target
+    kept = train(_lora_steer_cfg(tmp_path, "fixed", steps=30), routed=fixed, data=data)
+    steered_model = _varied_routers()
+    steered_model.threshold = -3.0
+    steered = train(_lora_steer_cfg(tmp_path, "steered", steps=30, threshold_gain=4.0), routed=steered_model,
+                    data=data)
+    assert {h["threshold"] for h in kept.history} == {-3.0}
+    start = kept.history[0]["sparsity"]
+    assert start > 0.4  # the gap the controller has to close
+    late = [h["sparsity"] for h in steered.history[-10:]]
+    assert abs(sum(late) / len(late) - 0.25) < 0.08 < start - 0.25
+    assert steered.history[-1]["threshold"] > -3.0  # raised: a higher threshold executes more
+
+
+def test_threshold_gain_needs_frozen_routers_and_is_restored_on_resume(tmp_path, monkeypatch):
+    from skipgpt.training import trainer
+
+    with pytest.raises(ConfigError, match="threshold_gain"):
+        tiny_cfg(tmp_path, stage="router", threshold_gain=1.0)
+    data = packed(n=20)
+    straight_model = _varied_routers()
+    straight_model.threshold = -3.0
+    straight = train(_lora_steer_cfg(tmp_path, "straight", steps=6, threshold_gain=4.0), routed=straight_model,
+                     data=data)
+
+    real, calls = trainer.step_gradients, []
+
+    def dies_at_step_5(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "step_gradients", dies_at_step_5)
+    cfg = _lora_steer_cfg(tmp_path, "resumed", steps=6, threshold_gain=4.0, checkpoint_every=3)
+    first = _varied_routers()
+    first.threshold = -3.0
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, routed=first, data=data)
+    monkeypatch.setattr(trainer, "step_gradients", real)
+    again = _varied_routers()
+    again.threshold = -3.0  # what the user rebuilds; the checkpoint must bring back the steered value
+    cfg.resume = True
+    resumed = train(cfg, routed=again, data=data)
+    assert resumed.routed.threshold == straight.routed.threshold != -3.0
+    assert [h["threshold"] for h in resumed.history] == [h["threshold"] for h in straight.history]

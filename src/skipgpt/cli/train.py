@@ -37,6 +37,9 @@ HELP = {
                  "inference makes; 1 = the paper's constant noise",
     "distill": "0 = language-model loss, 1 = KL divergence from the frozen dense model's next-token "
                "distribution (costs one extra dense forward), in between = a mix",
+    "threshold_gain": "stage lora: after every step move the inference threshold by GAIN * (realised - target "
+                      "sparsity), so LoRA trains at the sparsity it is evaluated at (LoRA shifts what the frozen "
+                      "routers read); 0 = fixed threshold",
     "router": "new routers: linear (the paper) or mlp (hidden -> hidden/4 -> 2, as the published code)",
     "router_input": "new routers: module = each router reads its module's input; layer = both read the layer input",
     "router_norm": "new routers: none = the paper's linear map of the hidden state, rms = normalise its input "

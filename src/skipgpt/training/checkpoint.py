@@ -22,7 +22,7 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 # or the resumed steps would silently follow another recipe (other data order, schedule, loss...).
 RESUME_MAY_CHANGE = frozenset({"resume", "progress", "report_to", "checkpoint_every", "output", "calibrate"})
 # What a checkpoint written before an option existed ran with: its absence is that value, not "anything".
-IMPLIED_BY_OLDER_CHECKPOINTS = {"noise_start": 1.0, "noise_end": 1.0}
+IMPLIED_BY_OLDER_CHECKPOINTS = {"noise_start": 1.0, "noise_end": 1.0, "threshold_gain": 0.0}
 
 
 def trainable(routed) -> dict[str, torch.nn.Parameter]:

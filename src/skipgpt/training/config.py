@@ -31,6 +31,10 @@ class TrainConfig:
     like the temperature. The default 1 -> 0 explores early and ends on the deterministic argmax
     decisions that inference makes; the paper's constant noise is noise_end = 1, which trains routers
     for noisy decisions they never make at inference (docs/RESULTS.md, "Gumbel noise").
+    threshold_gain (stage lora): LoRA shifts the hidden states the frozen routers read, so their argmax
+    sparsity drifts during stage 2 and the final recalibration then changes the decisions LoRA adapted
+    to. A gain > 0 moves the threshold after every step by gain * (realised - target sparsity of the
+    step's batch), so LoRA trains on the sparsity it is evaluated at. 0 keeps the threshold fixed.
     """
 
     stage: str = "router"
@@ -56,6 +60,7 @@ class TrainConfig:
     noise_start: float = 1.0
     noise_end: float = 0.0
     distill: float = 0.0
+    threshold_gain: float = 0.0
     router: str = "linear"
     router_input: str = "module"
     router_norm: str = "none"
@@ -99,7 +104,7 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.seq_len < 2:
             raise ConfigError("seq_len must be at least 2 (one token predicts the next)")
-        for name in ("alpha", "lr", "lora_lr", "weight_decay"):
+        for name in ("alpha", "lr", "lora_lr", "weight_decay", "threshold_gain"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value != value or value < 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
@@ -113,6 +118,9 @@ class TrainConfig:
             raise ConfigError("Gumbel temperatures must be positive")
         if self.noise_start < 0 or self.noise_end < 0:
             raise ConfigError("Gumbel noise scales must be >= 0 (1 = standard Gumbel-softmax, 0 = no noise)")
+        if self.threshold_gain and self.stage != "lora":
+            raise ConfigError("threshold_gain applies to stage 'lora' (frozen routers); when routers train, the "
+                              "regulariser holds the sparsity")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0 (0 = never), got {self.checkpoint_every}")
         if isinstance(self.lora_targets, str):

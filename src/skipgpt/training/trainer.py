@@ -3,7 +3,8 @@
 - router: the base is frozen (requires_grad off, so no weight gradient is computed or stored); only
   routers train, under straight-through hard Gumbel with a linearly annealed temperature, on
   LM (or distillation) loss + alpha * |target - realised sparsity|.
-- lora:   routers frozen at their calibrated argmax decisions, LoRA trains on the LM/KD loss.
+- lora:   routers frozen at their calibrated argmax decisions, LoRA trains on the LM/KD loss
+  (optionally with the threshold steered back to the target after every step: threshold_gain).
 - joint:  routers and LoRA from step 0 (the paper's unstable ablation).
 
 Scaling out needs no code here: Accelerator handles device placement and DDP, so the same script
@@ -37,7 +38,7 @@ from .data import PackedData, data_files, load_data, micro_batches
 
 LOG_NAME = "train_log.csv"
 LOG_FIELDS = ("step", "loss", "lm_loss", "kd_loss", "reg", "sparsity", "attention", "mlp", "temperature", "noise",
-              "lr", "tokens_per_s")
+              "lr", "threshold", "tokens_per_s")
 
 
 class TrainingError(SkipGPTError):
@@ -106,6 +107,19 @@ def step_gradients(routed, batches: list[dict[str, torch.Tensor]], cfg: TrainCon
     report = routed.sparsity()
     stats.update(sparsity=getattr(report, cfg.accounting), attention=report.attention, mlp=report.mlp)
     return stats
+
+
+def steer_threshold(routed, gain: float, reduce=None) -> float:
+    """Move the argmax threshold by gain * (realised - target) of the last step's batches; return the new one.
+
+    A higher threshold executes more, so the step shrinks the error; `reduce` averages the realised
+    sparsity over processes so that every rank keeps the same threshold.
+    """
+    realised = torch.tensor(getattr(routed.sparsity(), routed.config.accounting), dtype=torch.float64)
+    if reduce is not None:
+        realised = reduce(realised)
+    routed.threshold = routed.threshold + gain * (float(realised) - routed.config.target_sparsity)
+    return routed.threshold
 
 
 @contextlib.contextmanager
@@ -252,6 +266,8 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
     if cfg.resume and ckpt.exists():
         meta = load_checkpoint(ckpt, routed, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
         start, history = int(meta["step"]), list(meta.get("history", []))
+        if "threshold" in meta:  # steered during stage 2 (threshold_gain)
+            routed.threshold = float(meta["threshold"])
         if main:
             print(f"resuming from {ckpt} at step {start}/{cfg.steps}")
     if cfg.report_to != "none":
@@ -286,10 +302,14 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
             raise TrainingError(f"loss became NaN/inf at step {step + 1}; stopped ({kept}). Lower --lr or "
                                 f"check the data and --dtype")
         optimizer.step()
+        if cfg.threshold_gain and routed.policy is None:
+            steer_threshold(routed, cfg.threshold_gain,
+                            reduce=lambda t: accelerator.reduce(t.to(accelerator.device), "mean").cpu())
         tokens = sum(b["input_ids"].numel() for b in batches) * accelerator.num_processes
         tokens_seen += tokens
         row = {"step": step + 1, **stats, "temperature": routed.temperature, "noise": routed.noise,
-               "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": tokens / max(time.perf_counter() - tic, 1e-9)}
+               "lr": optimizer.param_groups[0]["lr"], "threshold": routed.threshold,
+               "tokens_per_s": tokens / max(time.perf_counter() - tic, 1e-9)}
         history.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", lm=f"{row['lm_loss']:.3f}", attn=f"{row['attention']:.1%}",
                         mlp=f"{row['mlp']:.1%}", temp=f"{row['temperature']:.2f}", tok_s=f"{row['tokens_per_s']:.0f}")
@@ -304,7 +324,7 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
             accelerator.wait_for_everyone()
             if main:
                 save_checkpoint(ckpt, routed, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                done, {"history": history, "config": cfg.to_dict()})
+                                done, {"history": history, "config": cfg.to_dict(), "threshold": routed.threshold})
     bar.close()
     elapsed = time.perf_counter() - t_start
     summary = _finish(routed, cfg, data, history, elapsed, tokens_seen)
