@@ -1,5 +1,6 @@
 """Two CPU processes under torchrun (DDP over gloo) train the same routers as one process with the same
-global batch: 2 processes x 1 sequence against 1 process x 1 sequence x 2 accumulated micro-batches."""
+global batch: 2 processes x 1 sequence against 1 process x 1 sequence x 2 accumulated micro-batches; the same
+holds for the stage-2 threshold that --threshold-gain steers."""
 
 from __future__ import annotations
 
@@ -49,3 +50,43 @@ def test_two_process_ddp_equals_one_process_with_accumulation(tmp_path, tiny_dir
     for key in ddp:
         torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
     assert any(not torch.allclose(half[k], one[k], rtol=1e-3, atol=1e-4) for k in one)
+
+
+def test_two_process_ddp_steers_the_threshold_like_one_process(tmp_path, tiny_dir):  # noqa: F811
+    """Stage 2 with --threshold-gain: the ranks average their realised sparsity before moving the threshold,
+    so 2 processes x 1 sequence end where 1 process x 2 accumulated sequences ends, not where rank 0 alone would."""
+    import csv
+
+    from transformers import AutoModelForCausalLM
+
+    from skipgpt.artifact import read_config, save_routers
+    from skipgpt.models.routed import RoutedModel
+
+    routed = RoutedModel(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in routed.routers.parameters():  # token-dependent decisions, so the two ranks' batches differ
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    routed.threshold = -3.0  # skips far more than the 25% target: the controller has work on every step
+    save_routers(routed, tmp_path / "routers")
+
+    def argv(out: str, accum: int) -> list[str]:
+        return [*train_argv(tiny_dir, tmp_path / out, accum), "--stage", "lora", "--routers", str(tmp_path / "routers"),
+                "--target-sparsity", "0.25", "--threshold-gain", "4", "--lora-dropout", "0"]
+
+    def thresholds(out: str) -> list[float]:
+        with open(tmp_path / out / "train_log.csv", encoding="utf-8") as f:
+            return [float(row["threshold"]) for row in csv.DictReader(f)]
+
+    cli = [sys.executable, "-m", "skipgpt.cli.main"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "skipgpt.cli.main"]
+    run(torchrun + argv("ddp", accum=1))
+    run(cli + argv("one", accum=2))
+    run(cli + argv("half", accum=1))  # half the global batch: a controller that saw one rank's share would differ
+
+    ddp, one, half = thresholds("ddp"), thresholds("one"), thresholds("half")
+    assert len(ddp) == len(one) == 4 and ddp[-1] > -3.0
+    assert ddp == pytest.approx(one, abs=1e-6)
+    assert abs(half[-1] - one[-1]) > 1e-3
+    assert read_config(tmp_path / "ddp").threshold == pytest.approx(one[-1], abs=1e-6)  # what the artifact keeps
