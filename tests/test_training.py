@@ -442,9 +442,9 @@ def test_channel_routers_train_and_keep_their_scales_in_the_artifact(tmp_path):
 # -- stage 2 threshold steering -------------------------------------------------------------------------
 
 
-def _varied_routers(seed: int = 1) -> RoutedModel:
+def _varied_routers(seed: int = 1, model: torch.nn.Module | None = None) -> RoutedModel:
     """Tiny routed model whose routers make token-dependent decisions (fresh routers are constant)."""
-    routed = RoutedModel(make_tiny("llama"))
+    routed = RoutedModel(make_tiny("llama") if model is None else model)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in routed.routers.parameters():

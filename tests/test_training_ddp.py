@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training import tiny_dir  # noqa: F401 - a fixture
+from test_training import _varied_routers, tiny_dir  # noqa: F401 - a fixture
 
 pytest.importorskip("torch.distributed")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -26,6 +26,11 @@ def train_argv(tiny_dir: Path, out: Path, accum: int) -> list[str]:  # noqa: F81
             "--checkpoint-every", "0", "--no-calibrate", "--no-progress", "--lr", "0.02", "--output", str(out)]
 
 
+CLI = [sys.executable, "-m", "skipgpt.cli.main"]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "skipgpt.cli.main"]
+
+
 def run(cmd: list[str]) -> None:
     # One thread per process: two processes share the two cores, and the matmul split is the same in every run.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
@@ -34,12 +39,9 @@ def run(cmd: list[str]) -> None:
 
 
 def test_two_process_ddp_equals_one_process_with_accumulation(tmp_path, tiny_dir):  # noqa: F811
-    cli = [sys.executable, "-m", "skipgpt.cli.main"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "skipgpt.cli.main"]
-    run(torchrun + train_argv(tiny_dir, tmp_path / "ddp", accum=1))
-    run(cli + train_argv(tiny_dir, tmp_path / "one", accum=2))
-    run(cli + train_argv(tiny_dir, tmp_path / "half", accum=1))  # half the global batch: must differ
+    run(TORCHRUN + train_argv(tiny_dir, tmp_path / "ddp", accum=1))
+    run(CLI + train_argv(tiny_dir, tmp_path / "one", accum=2))
+    run(CLI + train_argv(tiny_dir, tmp_path / "half", accum=1))  # half the global batch: must differ
 
     ddp = load_file(tmp_path / "ddp" / "routers.safetensors")
     one = load_file(tmp_path / "one" / "routers.safetensors")
@@ -60,13 +62,9 @@ def test_two_process_ddp_steers_the_threshold_like_one_process(tmp_path, tiny_di
     from transformers import AutoModelForCausalLM
 
     from skipgpt.artifact import read_config, save_routers
-    from skipgpt.models.routed import RoutedModel
 
-    routed = RoutedModel(AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in routed.routers.parameters():  # token-dependent decisions, so the two ranks' batches differ
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    # token-dependent decisions, so the two ranks' batches skip differently
+    routed = _varied_routers(model=AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
     routed.threshold = -3.0  # skips far more than the 25% target: the controller has work on every step
     save_routers(routed, tmp_path / "routers")
 
@@ -78,12 +76,9 @@ def test_two_process_ddp_steers_the_threshold_like_one_process(tmp_path, tiny_di
         with open(tmp_path / out / "train_log.csv", encoding="utf-8") as f:
             return [float(row["threshold"]) for row in csv.DictReader(f)]
 
-    cli = [sys.executable, "-m", "skipgpt.cli.main"]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                "-m", "skipgpt.cli.main"]
-    run(torchrun + argv("ddp", accum=1))
-    run(cli + argv("one", accum=2))
-    run(cli + argv("half", accum=1))  # half the global batch: a controller that saw one rank's share would differ
+    run(TORCHRUN + argv("ddp", accum=1))
+    run(CLI + argv("one", accum=2))
+    run(CLI + argv("half", accum=1))  # half the global batch: a controller that saw one rank's share would differ
 
     ddp, one, half = thresholds("ddp"), thresholds("one"), thresholds("half")
     assert len(ddp) == len(one) == 4 and ddp[-1] > -3.0
