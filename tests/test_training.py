@@ -115,6 +115,53 @@ def test_regulariser_gradient_pushes_sparsity_toward_target():
         assert (skip_bias * sign >= 0).all() and float((skip_bias * sign).sum()) > 0
 
 
+def test_attention_term_pushes_only_the_attention_skip_rate_toward_its_target():
+    routed = RoutedModel(make_tiny("llama"))
+    routed.routers.train()
+    batch = {"input_ids": packed().train[:4]}
+    torch.manual_seed(0)
+    routed(**batch)
+    attention = float(L.sequence_sparsity(routed, "attention")[0].detach().mean())
+    assert 0.0 < attention < 0.9
+
+    def skip_bias_grads(attention_target):
+        routed.routers.zero_grad()
+        L.regulariser_sum(routed, "param", 0.3, attention_target).backward(retain_graph=True)
+        return [torch.stack([r.net.bias.grad[1] for r in kind]) for kind in (routed.routers.attn, routed.routers.mlp)]
+
+    attn0, mlp0 = skip_bias_grads(None)
+    for target, sign in ((0.9, -1.0), (0.0, 1.0)):
+        attn, mlp = skip_bias_grads(target)
+        extra = (attn - attn0) * sign  # what the attention term adds: toward its target, on attention only
+        assert (extra >= 0).all() and float(extra.sum()) > 0
+        torch.testing.assert_close(mlp, mlp0)
+
+
+def test_attention_target_holds_attention_down_while_the_total_meets_its_target(tmp_path):
+    def run(name, attention):
+        cfg = tiny_cfg(tmp_path, output=str(tmp_path / name), steps=25, lr=2e-2, target_sparsity=0.3,
+                       attention_sparsity=attention, calibrate=False)
+        return train(cfg, routed=RoutedModel(make_tiny("llama")), data=packed(n=20)).history[-5:]
+
+    free, held = run("free", None), run("held", 0.0)
+    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    assert mean(held, "attention") < 0.5 * mean(free, "attention")
+    assert mean(held, "mlp") > mean(free, "mlp")
+    assert abs(mean(held, "sparsity") - 0.3) < 0.05
+
+
+def test_impossible_attention_targets_are_refused(tmp_path):
+    for bad in (1.0, -0.1, float("nan")):
+        with pytest.raises(ConfigError, match="attention_sparsity must be in"):
+            TrainConfig(attention_sparsity=bad)
+    with pytest.raises(ConfigError, match="stage 'lora'"):
+        TrainConfig(stage="lora", attention_sparsity=0.1)
+    cfg = tiny_cfg(tmp_path, target_sparsity=0.9, attention_sparsity=0.0)  # the MLPs alone cannot skip 90%
+    with pytest.raises(ConfigError, match="MLPs would have to skip"):
+        train(cfg, routed=RoutedModel(make_tiny("llama")), data=packed())
+    assert not (tmp_path / "out").exists()
+
+
 def test_gradient_accumulation_equals_the_large_batch_gradient(tmp_path):
     routed = RoutedModel(make_tiny("llama"))
     torch.manual_seed(1)

@@ -17,6 +17,8 @@ HELP = {
               "train_log.csv, train_config.yaml and the resumable checkpoint",
     "routers": "router directory to start from (required for --stage lora, where these routers stay frozen)",
     "target_sparsity": "fraction of the decoder to skip, in [0, 1), e.g. 0.25",
+    "attention_sparsity": "also hold the attention skip rate at this value (an extra alpha * |A - realised| term), "
+                          "so the MLPs make up the rest of --target-sparsity; unset = the routers choose the split",
     "accounting": "what sparsity counts: param = skipped decoder parameters per token (the paper's number), "
                   "module = skipped modules, flop = skipped FLOPs",
     "alpha": "weight of the sparsity regulariser alpha * |target - realised sparsity| (the paper: 8)",
@@ -101,7 +103,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
             continue
         kind = {int: int, float: float}.get(type(default), str)
-        if f.name in ("warmup_ratio",):
+        if f.name in ("warmup_ratio", "attention_sparsity"):
             kind = float
         if f.name in ("max_tokens",):
             kind = int

@@ -35,6 +35,10 @@ class TrainConfig:
     sparsity drifts during stage 2 and the final recalibration then changes the decisions LoRA adapted
     to. A gain > 0 moves the threshold after every step by gain * (realised - target sparsity of the
     step's batch), so LoRA trains on the sparsity it is evaluated at. 0 keeps the threshold fixed.
+    attention_sparsity: None lets the routers split target_sparsity between attention and MLP as the
+    loss prefers (the paper). A value adds a second term alpha * |attention_sparsity - realised
+    attention skip rate|, so the MLPs make up the rest of the target. On SmolLM2-135M skipped attention
+    costs most of the long-context quality (docs/RESULTS.md, "Gumbel noise").
     """
 
     stage: str = "router"
@@ -44,6 +48,7 @@ class TrainConfig:
     output: str = "skipgpt-run"
     routers: str | None = None
     target_sparsity: float = 0.25
+    attention_sparsity: float | None = None
     accounting: str = "param"
     alpha: float = 8.0
     steps: int = 150
@@ -98,6 +103,12 @@ class TrainConfig:
         choice("report_to", REPORTERS)
         choice("mixed_precision", PRECISIONS)
         check_sparsity(self.target_sparsity)
+        if self.attention_sparsity is not None:
+            a = self.attention_sparsity
+            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a < 1.0:
+                raise ConfigError(f"attention_sparsity must be in [0, 1) (the attention skip rate), got {a!r}")
+            if not self.trains_routers:
+                raise ConfigError("attention_sparsity shapes router tuning; stage 'lora' keeps the routers frozen")
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "val_sequences", "lora_r", "self_sequences"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -4,6 +4,7 @@ The objective of one optimizer step over sequences b with n_b real tokens is
 
     (1 - distill) * sum(NLL) / N  +  distill * sum(KL(dense || routed)) / N
       + alpha * sum_b n_b * |target - sparsity_b| / sum_b n_b
+      [ + alpha * sum_b n_b * |attention_target - attention_b| / sum_b n_b ]
 
 where N counts predicted tokens and sparsity_b is sequence b's realised sparsity under the chosen
 accounting. Every term is a sum over sequences divided by a step-wide count, so k micro-batches
@@ -52,6 +53,8 @@ def kd_sum(logits: torch.Tensor, dense_logits: torch.Tensor, batch: dict[str, to
 def sequence_sparsity(routed, accounting: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Differentiable realised sparsity of each sequence of the last forward, and its real-token count.
 
+    `accounting` is param, module or flop, or attention / mlp for the skip rate of one module kind.
+
     Reads the gates whatever produced them (routers or a policy with float gates), so the
     regulariser trains whichever parameters the gates depend on.
     """
@@ -64,7 +67,14 @@ def sequence_sparsity(routed, accounting: str) -> tuple[torch.Tensor, torch.Tens
     return torch.stack(values), torch.stack(counts)
 
 
-def regulariser_sum(routed, accounting: str, target: float) -> torch.Tensor:
-    """sum_b n_b * |target - sparsity_b| for the last forward (divide by the step's real-token count)."""
+def regulariser_sum(routed, accounting: str, target: float, attention_target: float | None = None) -> torch.Tensor:
+    """sum_b n_b * |target - sparsity_b| for the last forward (divide by the step's real-token count).
+
+    With `attention_target`, also sum_b n_b * |attention_target - attention skip rate_b|.
+    """
     values, counts = sequence_sparsity(routed, accounting)
-    return (counts * (target - values).abs()).sum()
+    total = (counts * (target - values).abs()).sum()
+    if attention_target is not None:
+        attention, _ = sequence_sparsity(routed, "attention")
+        total = total + (counts * (attention_target - attention).abs()).sum()
+    return total

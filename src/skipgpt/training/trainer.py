@@ -97,7 +97,7 @@ def step_gradients(routed, batches: list[dict[str, torch.Tensor]], cfg: TrainCon
             logits = forward(**batch).logits
             nll = L.nll_sum(logits, batch) / n_pred
             kd = L.kd_sum(logits, dense, batch) / n_pred if dense is not None else torch.zeros_like(nll)
-            reg = L.regulariser_sum(routed, cfg.accounting, cfg.target_sparsity) / n_real
+            reg = L.regulariser_sum(routed, cfg.accounting, cfg.target_sparsity, cfg.attention_sparsity) / n_real
             total = (1.0 - cfg.distill) * nll + cfg.distill * kd + alpha * reg
             if not torch.isfinite(total.detach()):
                 return {**stats, "loss": float("nan")}
@@ -181,6 +181,20 @@ def build_routed(cfg: TrainConfig):
     return routed, tokenizer
 
 
+def check_attention_target(routed, cfg: TrainConfig) -> float:
+    """The MLP skip rate that attention_sparsity leaves to reach target_sparsity; ConfigError if outside [0, 1]."""
+    if cfg.accounting == "flop":  # the attention share of FLOPs depends on the context length
+        raise ConfigError("attention_sparsity needs --accounting param or module")
+    c = routed.costs
+    share = 0.5 if cfg.accounting == "module" else float(c.attn_params.sum() / (c.attn_params + c.mlp_params).sum())
+    mlp = (cfg.target_sparsity - share * cfg.attention_sparsity) / (1.0 - share)
+    if not 0.0 <= mlp <= 1.0:
+        raise ConfigError(f"attention_sparsity {cfg.attention_sparsity} cannot meet {cfg.accounting} sparsity "
+                          f"{cfg.target_sparsity}: the MLPs would have to skip {mlp:.1%} (attention is "
+                          f"{share:.1%} of the {cfg.accounting} count)")
+    return mlp
+
+
 def _setup_parameters(routed, cfg: TrainConfig) -> list[dict]:
     from .lora import attach_lora, lora_parameters
 
@@ -233,6 +247,8 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         raise ConfigError("train(cfg, routed=...) needs a tokenizer or pre-packed `data`")
     if cfg.trains_lora and not hasattr(routed.model, "peft_config"):
         check_lora_targets(routed.model, cfg.lora_targets)
+    if cfg.trains_routers and cfg.attention_sparsity is not None:
+        check_attention_target(routed, cfg)
     # Under torchrun on a machine without an accelerator, Accelerator() runs every process alone unless told
     # to use the CPU (then it joins them over gloo): each would train on its own shard and write its own result.
     launched = int(os.environ.get("WORLD_SIZE", "1"))
