@@ -156,6 +156,8 @@ def test_impossible_attention_targets_are_refused(tmp_path):
             TrainConfig(attention_sparsity=bad)
     with pytest.raises(ConfigError, match="stage 'lora'"):
         TrainConfig(stage="lora", attention_sparsity=0.1)
+    with pytest.raises(ConfigError, match="accounting param or module"):
+        TrainConfig(accounting="flop", attention_sparsity=0.1)
     cfg = tiny_cfg(tmp_path, target_sparsity=0.9, attention_sparsity=0.0)  # the MLPs alone cannot skip 90%
     with pytest.raises(ConfigError, match="MLPs would have to skip"):
         train(cfg, routed=RoutedModel(make_tiny("llama")), data=packed())

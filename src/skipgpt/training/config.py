@@ -37,8 +37,8 @@ class TrainConfig:
     step's batch), so LoRA trains on the sparsity it is evaluated at. 0 keeps the threshold fixed.
     attention_sparsity: None lets the routers split target_sparsity between attention and MLP as the
     loss prefers (the paper). A value adds a second term alpha * |attention_sparsity - realised
-    attention skip rate|, so the MLPs make up the rest of the target. On SmolLM2-135M skipped attention
-    costs most of the long-context quality (docs/RESULTS.md, "Gumbel noise").
+    attention skip rate|, so the MLPs make up the rest of the target. On SmolLM2-135M holding attention
+    at 10% did worse than the routers' own split (docs/RESULTS.md, "Holding attention down").
     """
 
     stage: str = "router"
@@ -109,6 +109,8 @@ class TrainConfig:
                 raise ConfigError(f"attention_sparsity must be in [0, 1) (the attention skip rate), got {a!r}")
             if not self.trains_routers:
                 raise ConfigError("attention_sparsity shapes router tuning; stage 'lora' keeps the routers frozen")
+            if self.accounting == "flop":  # the attention share of FLOPs depends on the context length
+                raise ConfigError("attention_sparsity needs accounting param or module")
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "val_sequences", "lora_r", "self_sequences"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -50,21 +50,23 @@ def kd_sum(logits: torch.Tensor, dense_logits: torch.Tensor, batch: dict[str, to
     return (kl * mask).sum()
 
 
-def sequence_sparsity(routed, accounting: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable realised sparsity of each sequence of the last forward, and its real-token count.
+def sequence_sparsity(routed, *accountings: str) -> tuple[torch.Tensor, ...]:
+    """Differentiable realised sparsity of each sequence of the last forward, one (B,) tensor per
+    accounting asked for, then the (B,) real-token counts.
 
-    `accounting` is param, module or flop, or attention / mlp for the skip rate of one module kind.
-
+    An accounting is param, module or flop, or attention / mlp for the skip rate of one module kind.
     Reads the gates whatever produced them (routers or a policy with float gates), so the
     regulariser trains whichever parameters the gates depend on.
     """
     gates, mask, context = routed.last_forward()
-    values, counts = [], []
+    values, counts = [[] for _ in accountings], []
     for b in range(gates.shape[2]):
         totals = skip_totals(gates[:, :, b : b + 1], mask[b : b + 1], context[b : b + 1], routed.costs)
-        values.append(ratios(totals, routed.costs)[accounting])
+        r = ratios(totals, routed.costs)
+        for column, accounting in zip(values, accountings):
+            column.append(r[accounting])
         counts.append(totals["tokens"])
-    return torch.stack(values), torch.stack(counts)
+    return (*(torch.stack(column) for column in values), torch.stack(counts))
 
 
 def regulariser_sum(routed, accounting: str, target: float, attention_target: float | None = None) -> torch.Tensor:
@@ -72,9 +74,8 @@ def regulariser_sum(routed, accounting: str, target: float, attention_target: fl
 
     With `attention_target`, also sum_b n_b * |attention_target - attention skip rate_b|.
     """
-    values, counts = sequence_sparsity(routed, accounting)
-    total = (counts * (target - values).abs()).sum()
-    if attention_target is not None:
-        attention, _ = sequence_sparsity(routed, "attention")
-        total = total + (counts * (attention_target - attention).abs()).sum()
-    return total
+    if attention_target is None:
+        values, counts = sequence_sparsity(routed, accounting)
+        return (counts * (target - values).abs()).sum()
+    values, attention, counts = sequence_sparsity(routed, accounting, "attention")
+    return (counts * ((target - values).abs() + (attention_target - attention).abs())).sum()

@@ -183,8 +183,6 @@ def build_routed(cfg: TrainConfig):
 
 def check_attention_target(routed, cfg: TrainConfig) -> float:
     """The MLP skip rate that attention_sparsity leaves to reach target_sparsity; ConfigError if outside [0, 1]."""
-    if cfg.accounting == "flop":  # the attention share of FLOPs depends on the context length
-        raise ConfigError("attention_sparsity needs --accounting param or module")
     c = routed.costs
     share = 0.5 if cfg.accounting == "module" else float(c.attn_params.sum() / (c.attn_params + c.mlp_params).sum())
     mlp = (cfg.target_sparsity - share * cfg.attention_sparsity) / (1.0 - share)
@@ -247,7 +245,7 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         raise ConfigError("train(cfg, routed=...) needs a tokenizer or pre-packed `data`")
     if cfg.trains_lora and not hasattr(routed.model, "peft_config"):
         check_lora_targets(routed.model, cfg.lora_targets)
-    if cfg.trains_routers and cfg.attention_sparsity is not None:
+    if cfg.attention_sparsity is not None:  # validate() allows it only when routers train
         check_attention_target(routed, cfg)
     # Under torchrun on a machine without an accelerator, Accelerator() runs every process alone unless told
     # to use the CPU (then it joins them over gloo): each would train on its own shard and write its own result.
