@@ -24,12 +24,12 @@ import torch.nn.functional as F
 
 from skipgpt.evaluation.harness import prepare_model
 from skipgpt.evaluation.perplexity import tokenize_text
-from skipgpt.evaluation.tasks import load_perplexity_text
+from skipgpt.evaluation.tasks import load_perplexity_text, read_text
 from skipgpt.io import write_json_atomic
 
 
 def release_lines(path: Path) -> list[str]:
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = read_text(path).split("\n")
     return lines[:-1] if lines and lines[-1] == "" else lines
 
 
