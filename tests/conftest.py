@@ -1,9 +1,17 @@
-"""Shared fixtures: tiny random models of each supported architecture, and the embedded SmolLM2."""
+"""Shared fixtures: tiny random models of each supported architecture, a tiny model folder with text,
+the embedded SmolLM2, and the CLI run in-process."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
+
+from skipgpt import RoutedModel
+from skipgpt.cli.main import main as cli_main
+
+WORDS = "the a of and to in is was he she it they said time man day long house water old king go came".split()
 
 TINY = dict(
     vocab_size=128,
@@ -81,3 +89,28 @@ def smollm2():
     from skipgpt.models.loading import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama saved as an HF folder with the SmolLM2 tokenizer, plus a small text file."""
+    root = tmp_path_factory.mktemp("tiny")
+    save_tiny_llama(root / "model", layers=3, max_positions=64)
+    rng = random.Random(0)
+    (root / "text.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(1500)), encoding="utf-8")
+    return root
+
+
+def run_cli(argv: list[str]) -> int:
+    """`skipgpt ...` in this process, through the real entry point (one-line errors, exit code 2)."""
+    return cli_main(argv)
+
+
+def varied_routers(seed: int = 1, model: torch.nn.Module | None = None) -> RoutedModel:
+    """Tiny routed model whose routers make token-dependent decisions (fresh routers are constant)."""
+    routed = RoutedModel(make_tiny("llama") if model is None else model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in routed.routers.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return routed

@@ -10,7 +10,6 @@ import skipgpt
 from skipgpt.baselines import (
     block_influence,
     coupled,
-    load_baseline,
     mod_d,
     random_routing,
     shortgpt,
@@ -243,7 +242,7 @@ def test_coupled_skips_attention_and_mlp_together(tmp_path):
     routed.routers.eval()
     skipgpt.save_routers(routed, tmp_path / "coupled")
     routed.unpatch()
-    again = load_baseline(make_tiny("llama"), tmp_path / "coupled")
+    again = skipgpt.load_routers(make_tiny("llama"), tmp_path / "coupled")
     again.routers.eval()
     with torch.no_grad():
         again(**data[0])
@@ -258,7 +257,7 @@ def test_static_baselines_round_trip(tmp_path):
         want = routed(**data[0]).logits
     skipgpt.save_routers(routed, tmp_path / "static")
     routed.unpatch()
-    again = load_baseline(deep_tiny(layers=8), tmp_path / "static")
+    again = skipgpt.load_routers(deep_tiny(layers=8), tmp_path / "static")
     with torch.no_grad():
         torch.testing.assert_close(again(**data[0]).logits, want)
     again.unpatch()
@@ -266,7 +265,7 @@ def test_static_baselines_round_trip(tmp_path):
     bad.extra["routing"] = "teleport"
     (tmp_path / "static" / "skip_config.json").write_text(bad.to_json())
     with pytest.raises(ArtifactError, match="teleport"):
-        load_baseline(deep_tiny(layers=8), tmp_path / "static")
+        skipgpt.load_routers(deep_tiny(layers=8), tmp_path / "static")
 
 
 def test_static_needs_calibration():

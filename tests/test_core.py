@@ -275,3 +275,20 @@ def test_gradient_checkpointing_gives_the_same_router_gradients():
         grads.append(torch.cat([p.grad.flatten() for p in routed.routers.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
     assert grads[0].abs().sum() > 0
+
+
+def test_using_restores_every_setting_it_changed_even_on_error():
+    routed = RoutedModel(make_tiny("llama"))
+    before = {k: getattr(routed, k) for k in RoutedModel.SETTINGS}
+    with pytest.raises(RuntimeError, match="inside"):
+        with routed.using(mode="sparse", policy="skip", sample=True, track=False, temperature=3.0, noise=0.0):
+            assert routed.mode == "sparse" and routed.policy is policies.skip_all and not routed.track
+            raise RuntimeError("inside")
+    assert {k: getattr(routed, k) for k in RoutedModel.SETTINGS} == before
+    with pytest.raises(ConfigError, match="unknown routing settings"):
+        with routed.using(threshold=1.0):
+            pass
+    with pytest.raises(ConfigError, match="mode must be one of"):
+        with routed.using(mode="fast"):
+            pass
+    assert routed.mode == "masked"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -286,6 +287,18 @@ def test_prepare_model_attaches_routers_then_merges_lora(tmp_path, tokenizer):
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, plain, atol=1e-3)
     with pytest.raises(ArtifactError, match="not a LoRA adapter folder"):
         prepare_model(str(tmp_path / "base"), lora=str(tmp_path))
+
+    # A stage-2 directory holds its adapter: --routers DIR alone applies it, exactly as --lora DIR/adapter did;
+    # naming that same adapter again applies it once, naming another one is refused.
+    stage2 = tmp_path / "stage2"
+    shutil.copytree(tmp_path / "routers", stage2)
+    shutil.copytree(tmp_path / "lora", stage2 / "adapter")
+    for lora in (None, str(stage2 / "adapter")):
+        again, _ = prepare_model(str(tmp_path / "base"), str(stage2), lora)
+        with torch.no_grad():
+            assert torch.equal(again(input_ids=ids).logits, got)
+    with pytest.raises(ConfigError, match="holds its own stage-2 adapter"):
+        prepare_model(str(tmp_path / "base"), str(stage2), str(tmp_path / "lora"))
 
 
 def test_prepare_model_restores_a_baseline_policy(tmp_path, tokenizer):

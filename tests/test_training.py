@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -18,16 +17,14 @@ import torch
 from safetensors.torch import load_file
 
 from skipgpt import RoutedModel, SkipConfig
-from skipgpt.errors import ConfigError, SkipGPTError
-from skipgpt.training import TrainConfig, TrainingError, load_trained, merge_lora, train
+from skipgpt.errors import ConfigError
+from skipgpt.training import TrainConfig, TrainingError, merge_lora, train
 from skipgpt.training import loss as L
 from skipgpt.training.checkpoint import CHECKPOINT_NAME
 from skipgpt.training.data import PackedData, load_self
 from skipgpt.training.trainer import _setup_parameters, learning_rate, step_gradients
 
-from conftest import make_tiny, save_tiny_llama
-
-WORDS = "the a of and to in is was he she it they said time man day long house water old king go came".split()
+from conftest import make_tiny, run_cli, varied_routers
 
 
 def packed(seed: int = 0, n: int = 12, seq: int = 16, vocab: int = 128) -> PackedData:
@@ -41,30 +38,6 @@ def tiny_cfg(tmp_path, **kw) -> TrainConfig:
                 val_sequences=4)
     base.update(kw)
     return TrainConfig(**base)
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny random Llama saved as an HF folder with the SmolLM2 tokenizer, plus a small text file."""
-    root = tmp_path_factory.mktemp("tiny")
-    save_tiny_llama(root / "model", layers=3, max_positions=64)
-    rng = random.Random(0)
-    (root / "text.txt").write_text(" ".join(rng.choice(WORDS) for _ in range(1500)), encoding="utf-8")
-    return root
-
-
-def run_cli(argv: list[str]) -> int:
-    """`skipgpt train ...` through the same parser and error handling as the real entry point."""
-    from skipgpt.cli import train as command
-
-    parser = argparse.ArgumentParser(prog="skipgpt")
-    command.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    try:
-        return command.run(args)
-    except SkipGPTError as e:
-        print(f"skipgpt train: error: {e}", file=sys.stderr)
-        return 2
 
 
 # -- gradients ------------------------------------------------------------------------------------------
@@ -113,55 +86,6 @@ def test_regulariser_gradient_pushes_sparsity_toward_target():
         # d loss / d skip-bias: negative (raise skip logits) below the target, positive above it.
         skip_bias = torch.stack([r.net.bias.grad[1] for r in list(routed.routers.attn) + list(routed.routers.mlp)])
         assert (skip_bias * sign >= 0).all() and float((skip_bias * sign).sum()) > 0
-
-
-def test_attention_term_pushes_only_the_attention_skip_rate_toward_its_target():
-    routed = RoutedModel(make_tiny("llama"))
-    routed.routers.train()
-    batch = {"input_ids": packed().train[:4]}
-    torch.manual_seed(0)
-    routed(**batch)
-    attention = float(L.sequence_sparsity(routed, "attention")[0].detach().mean())
-    assert 0.0 < attention < 0.9
-
-    def skip_bias_grads(attention_target):
-        routed.routers.zero_grad()
-        L.regulariser_sum(routed, "param", 0.3, attention_target).backward(retain_graph=True)
-        return [torch.stack([r.net.bias.grad[1] for r in kind]) for kind in (routed.routers.attn, routed.routers.mlp)]
-
-    attn0, mlp0 = skip_bias_grads(None)
-    for target, sign in ((0.9, -1.0), (0.0, 1.0)):
-        attn, mlp = skip_bias_grads(target)
-        extra = (attn - attn0) * sign  # what the attention term adds: toward its target, on attention only
-        assert (extra >= 0).all() and float(extra.sum()) > 0
-        torch.testing.assert_close(mlp, mlp0)
-
-
-def test_attention_target_holds_attention_down_while_the_total_meets_its_target(tmp_path):
-    def run(name, attention):
-        cfg = tiny_cfg(tmp_path, output=str(tmp_path / name), steps=25, lr=2e-2, target_sparsity=0.3,
-                       attention_sparsity=attention, calibrate=False)
-        return train(cfg, routed=RoutedModel(make_tiny("llama")), data=packed(n=20)).history[-5:]
-
-    free, held = run("free", None), run("held", 0.0)
-    mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
-    assert mean(held, "attention") < 0.5 * mean(free, "attention")
-    assert mean(held, "mlp") > mean(free, "mlp")
-    assert abs(mean(held, "sparsity") - 0.3) < 0.05
-
-
-def test_impossible_attention_targets_are_refused(tmp_path):
-    for bad in (1.0, -0.1, float("nan")):
-        with pytest.raises(ConfigError, match="attention_sparsity must be in"):
-            TrainConfig(attention_sparsity=bad)
-    with pytest.raises(ConfigError, match="stage 'lora'"):
-        TrainConfig(stage="lora", attention_sparsity=0.1)
-    with pytest.raises(ConfigError, match="accounting param or module"):
-        TrainConfig(accounting="flop", attention_sparsity=0.1)
-    cfg = tiny_cfg(tmp_path, target_sparsity=0.9, attention_sparsity=0.0)  # the MLPs alone cannot skip 90%
-    with pytest.raises(ConfigError, match="MLPs would have to skip"):
-        train(cfg, routed=RoutedModel(make_tiny("llama")), data=packed())
-    assert not (tmp_path / "out").exists()
 
 
 def test_gradient_accumulation_equals_the_large_batch_gradient(tmp_path):
@@ -276,10 +200,10 @@ def test_joint_artifact_reloads_exactly_and_merges(tmp_path, tiny_dir):
         want = result.routed(**batch).logits
         want_decisions = result.routed.decisions()
 
-    from skipgpt import load_model
+    from skipgpt import load_model, load_routers
 
     base, _ = load_model(str(tiny_dir / "model"))
-    routed = load_trained(base, out)
+    routed = load_routers(base, out, lora="attach")
     with torch.no_grad():
         got = routed(**batch).logits
     assert torch.equal(got, want) and torch.equal(routed.decisions(), want_decisions)
@@ -323,19 +247,16 @@ def test_self_data_is_sampled_once_and_cached(tmp_path, tiny_dir, monkeypatch):
 # -- resume ---------------------------------------------------------------------------------------------
 
 RUNNER = """
-import argparse, sys
-from skipgpt.cli import train as command
-parser = argparse.ArgumentParser()
-command.add_parser(parser.add_subparsers())
-command.run(parser.parse_args(sys.argv[1:]))
+import sys
+from skipgpt.cli.main import main
+sys.exit(main(sys.argv[1:]))
 """
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dir):
     argv = ["train", "--model", str(tiny_dir / "model"), "--data", str(tiny_dir / "text.txt"), "--seq-len", "16",
             "--batch-size", "2", "--grad-accum", "2", "--val-sequences", "4", "--steps", "12",
-            "--checkpoint-every", "3", "--no-progress", "--distill", "0.5",
-            "--router-norm", "channel"]  # channel: the input scales must survive the resume too
+            "--checkpoint-every", "3", "--no-progress", "--distill", "0.5"]
     killed = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
     proc = subprocess.Popen([sys.executable, "-c", RUNNER, *argv, "--output", str(killed)], env=env,
@@ -447,58 +368,7 @@ def test_yaml_config_roundtrip_and_flags_override(tmp_path):
         TrainConfig.load(path)
 
 
-# -- router input scaling ----------------------------------------------------------------------------------
-
-
-def test_channel_input_scale_is_the_rms_of_each_routers_input(tmp_path):
-    from skipgpt.routing.calibrate import calibrate_input_scale
-
-    routed = RoutedModel(make_tiny("llama"), SkipConfig(router_norm="channel"))
-    ids = packed(n=6).train
-    assert calibrate_input_scale(routed, [{"input_ids": ids[:3]}, {"input_ids": ids[3:]}]) == 2 * len(routed.layers)
-
-    # Independently: the unpatched model's residual stream before each layer's two pre-norms.
-    plain, seen = make_tiny("llama"), {}
-    for i, layer in enumerate(plain.model.layers):
-        for kind, norm in (("attn", layer.input_layernorm), ("mlp", layer.post_attention_layernorm)):
-            norm.register_forward_pre_hook(lambda m, a, key=(i, kind): seen.setdefault(key, []).append(a[0]))
-    with torch.no_grad():
-        plain(input_ids=ids[:3]), plain(input_ids=ids[3:])
-    for (i, kind), xs in seen.items():
-        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).double()
-        expected = x.pow(2).mean(0).sqrt().clamp_min(1e-2).float()
-        torch.testing.assert_close(routed.routers.get(i, kind).input_scale, expected, rtol=1e-5, atol=1e-6)
-    # Set scales are kept: a second call (e.g. on routers loaded for more tuning) changes nothing.
-    assert calibrate_input_scale(routed, [{"input_ids": ids[:3]}]) == 0
-
-
-def test_channel_routers_train_and_keep_their_scales_in_the_artifact(tmp_path):
-    from skipgpt import load_routers
-
-    cfg = tiny_cfg(tmp_path, steps=6, lr=2e-2, router_norm="channel")
-    result = train(cfg, routed=RoutedModel(make_tiny("llama"), SkipConfig(router_norm="channel")), data=packed(n=20))
-    scale = result.routed.routers.attn[1].input_scale
-    assert not torch.equal(scale, torch.ones_like(scale))  # calibrated before step 1
-    ids = packed(seed=3).val
-    with torch.no_grad():
-        before = result.routed(input_ids=ids).logits
-    again = load_routers(make_tiny("llama"), cfg.output)
-    torch.testing.assert_close(again.routers.attn[1].input_scale, scale, rtol=0, atol=0)
-    with torch.no_grad():
-        torch.testing.assert_close(again(input_ids=ids).logits, before, rtol=0, atol=0)
-
-
 # -- stage 2 threshold steering -------------------------------------------------------------------------
-
-
-def _varied_routers(seed: int = 1, model: torch.nn.Module | None = None) -> RoutedModel:
-    """Tiny routed model whose routers make token-dependent decisions (fresh routers are constant)."""
-    routed = RoutedModel(make_tiny("llama") if model is None else model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in routed.routers.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return routed
 
 
 def _lora_steer_cfg(tmp_path, name: str, **kw) -> TrainConfig:
@@ -508,10 +378,10 @@ def _lora_steer_cfg(tmp_path, name: str, **kw) -> TrainConfig:
 
 def test_threshold_gain_steers_stage2_sparsity_to_the_target(tmp_path):
     data = packed(n=20)
-    fixed = _varied_routers()
+    fixed = varied_routers()
     fixed.threshold = -3.0  # skips far more than the 25% target
     kept = train(_lora_steer_cfg(tmp_path, "fixed", steps=30), routed=fixed, data=data)
-    steered_model = _varied_routers()
+    steered_model = varied_routers()
     steered_model.threshold = -3.0
     steered = train(_lora_steer_cfg(tmp_path, "steered", steps=30, threshold_gain=4.0), routed=steered_model,
                     data=data)
@@ -529,7 +399,7 @@ def test_threshold_gain_needs_frozen_routers_and_is_restored_on_resume(tmp_path,
     with pytest.raises(ConfigError, match="threshold_gain"):
         tiny_cfg(tmp_path, stage="router", threshold_gain=1.0)
     data = packed(n=20)
-    straight_model = _varied_routers()
+    straight_model = varied_routers()
     straight_model.threshold = -3.0
     straight = train(_lora_steer_cfg(tmp_path, "straight", steps=6, threshold_gain=4.0), routed=straight_model,
                      data=data)
@@ -544,12 +414,12 @@ def test_threshold_gain_needs_frozen_routers_and_is_restored_on_resume(tmp_path,
 
     monkeypatch.setattr(trainer, "step_gradients", dies_at_step_5)
     cfg = _lora_steer_cfg(tmp_path, "resumed", steps=6, threshold_gain=4.0, checkpoint_every=3)
-    first = _varied_routers()
+    first = varied_routers()
     first.threshold = -3.0
     with pytest.raises(KeyboardInterrupt):
         train(cfg, routed=first, data=data)
     monkeypatch.setattr(trainer, "step_gradients", real)
-    again = _varied_routers()
+    again = varied_routers()
     again.threshold = -3.0  # what the user rebuilds; the checkpoint must bring back the steered value
     cfg.resume = True
     resumed = train(cfg, routed=again, data=data)

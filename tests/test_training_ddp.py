@@ -13,14 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_training import _varied_routers, tiny_dir  # noqa: F401 - a fixture
+from conftest import varied_routers
 
 pytest.importorskip("torch.distributed")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
     pytest.skip("torch was built without gloo", allow_module_level=True)
 
 
-def train_argv(tiny_dir: Path, out: Path, accum: int) -> list[str]:  # noqa: F811
+def train_argv(tiny_dir: Path, out: Path, accum: int) -> list[str]:
     return ["train", "--model", str(tiny_dir / "model"), "--data", str(tiny_dir / "text.txt"), "--seq-len", "16",
             "--batch-size", "1", "--grad-accum", str(accum), "--val-sequences", "4", "--steps", "4",
             "--checkpoint-every", "0", "--no-calibrate", "--no-progress", "--lr", "0.02", "--output", str(out)]
@@ -38,7 +38,7 @@ def run(cmd: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
-def test_two_process_ddp_equals_one_process_with_accumulation(tmp_path, tiny_dir):  # noqa: F811
+def test_two_process_ddp_equals_one_process_with_accumulation(tmp_path, tiny_dir):
     run(TORCHRUN + train_argv(tiny_dir, tmp_path / "ddp", accum=1))
     run(CLI + train_argv(tiny_dir, tmp_path / "one", accum=2))
     run(CLI + train_argv(tiny_dir, tmp_path / "half", accum=1))  # half the global batch: must differ
@@ -54,7 +54,7 @@ def test_two_process_ddp_equals_one_process_with_accumulation(tmp_path, tiny_dir
     assert any(not torch.allclose(half[k], one[k], rtol=1e-3, atol=1e-4) for k in one)
 
 
-def test_two_process_ddp_steers_the_threshold_like_one_process(tmp_path, tiny_dir):  # noqa: F811
+def test_two_process_ddp_steers_the_threshold_like_one_process(tmp_path, tiny_dir):
     """Stage 2 with --threshold-gain: the ranks average their realised sparsity before moving the threshold,
     so 2 processes x 1 sequence end where 1 process x 2 accumulated sequences ends, not where rank 0 alone would."""
     import csv
@@ -64,7 +64,7 @@ def test_two_process_ddp_steers_the_threshold_like_one_process(tmp_path, tiny_di
     from skipgpt.artifact import read_config, save_routers
 
     # token-dependent decisions, so the two ranks' batches skip differently
-    routed = _varied_routers(model=AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
+    routed = varied_routers(model=AutoModelForCausalLM.from_pretrained(tiny_dir / "model"))
     routed.threshold = -3.0  # skips far more than the 25% target: the controller has work on every step
     save_routers(routed, tmp_path / "routers")
 

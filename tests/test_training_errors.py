@@ -6,7 +6,8 @@ from pathlib import Path
 
 from skipgpt import RoutedModel, load_model, save_routers
 from skipgpt.training.checkpoint import CHECKPOINT_NAME
-from test_training import run_cli, tiny_dir  # noqa: F401 - tiny_dir is a fixture
+
+from conftest import run_cli
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -20,12 +21,12 @@ def one_line_error(capsys) -> str:
     return err[-1]
 
 
-def common(tiny_dir: Path, out: Path) -> list[str]:  # noqa: F811
+def common(tiny_dir: Path, out: Path) -> list[str]:
     return ["train", "--model", str(tiny_dir / "model"), "--data", str(tiny_dir / "text.txt"), "--seq-len", "16",
             "--batch-size", "2", "--val-sequences", "4", "--no-progress", "--output", str(out)]
 
 
-def test_lora_targets_matching_no_module_are_refused_before_anything_is_written(tmp_path, tiny_dir, capsys):  # noqa: F811
+def test_lora_targets_matching_no_module_are_refused_before_anything_is_written(tmp_path, tiny_dir, capsys):
     out = tmp_path / "out"
     # "self" data would sample and cache text under the output folder: the check must come first.
     argv = ["train", "--model", str(tiny_dir / "model"), "--data", "self", "--output", str(out), "--no-progress",
@@ -43,7 +44,7 @@ def test_lora_targets_matching_no_module_are_refused_before_anything_is_written(
     assert not out.exists()
 
 
-def test_resume_with_other_options_names_them_and_changes_nothing(tmp_path, tiny_dir, capsys):  # noqa: F811
+def test_resume_with_other_options_names_them_and_changes_nothing(tmp_path, tiny_dir, capsys):
     out = tmp_path / "out"
     argv = [*common(tiny_dir, out), "--steps", "4", "--checkpoint-every", "2"]
     assert run_cli([*argv, "--steps", "2"]) == 0  # a checkpoint at step 2 of a 2-step run
@@ -61,30 +62,7 @@ def test_resume_with_other_options_names_them_and_changes_nothing(tmp_path, tiny
     assert run_cli([*argv, "--steps", "2", "--resume", "--checkpoint-every", "1", "--progress"]) == 0
 
 
-def test_a_checkpoint_from_before_the_noise_option_resumes_only_with_the_noise_it_ran(tmp_path, tiny_dir, capsys):  # noqa: F811
-    import json
-
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
-
-    out = tmp_path / "out"
-    argv = [*common(tiny_dir, out), "--steps", "2", "--checkpoint-every", "1"]
-    assert run_cli([*argv, "--noise-end", "1"]) == 0
-    ckpt = out / CHECKPOINT_NAME
-    with safe_open(str(ckpt), framework="pt") as f:
-        metadata = f.metadata()
-    state = json.loads(metadata["state"])
-    for key in ("noise_start", "noise_end"):  # as written before the option existed (constant noise 1)
-        del state["config"][key]
-    save_file(load_file(ckpt), ckpt, metadata={**metadata, "state": json.dumps(state)})
-    before = snapshot(out)
-    assert run_cli([*argv, "--resume"]) == 2  # today's default anneals the noise to 0: another recipe
-    assert "noise_end 1.0 -> 0.0" in one_line_error(capsys)
-    assert snapshot(out) == before
-    assert run_cli([*argv, "--resume", "--noise-end", "1"]) == 0
-
-
-def test_other_bad_input_creates_no_output_folder(tmp_path, tiny_dir, capsys):  # noqa: F811
+def test_other_bad_input_creates_no_output_folder(tmp_path, tiny_dir, capsys):
     (tmp_path / "empty.txt").write_text("")
     out = tmp_path / "out"
     cases = [

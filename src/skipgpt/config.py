@@ -14,7 +14,6 @@ FORMAT_VERSION = 1
 
 ROUTER_KINDS = ("linear", "mlp")
 ROUTER_INPUTS = ("module", "layer")
-ROUTER_NORMS = ("rms", "none", "channel")
 ACCOUNTINGS = ("param", "module", "flop")
 
 
@@ -39,22 +38,12 @@ class SkipConfig:
     router_input:  "module": each router reads its module's own input (attention: the layer input;
                    MLP: the residual after attention). "layer": both read the layer input, so both
                    decisions are known at the start of the layer.
-    router_norm:   "none" is the paper's plain linear map of the hidden state (default); "rms"
-                   rescales the router input to unit RMS first. Measured on SmolLM2-135M (60 steps,
-                   25%), "none" reached held-out perplexity 27.2 against 44.3 for "rms": the
-                   normalisation hides the scale differences between tokens that routers use.
-                   "channel" divides each input channel by a fixed scale (its RMS over calibration
-                   text, set once before router tuning): the same linear router, but Adam's
-                   per-weight steps no longer move the logits by the size of an activation outlier.
-                   Measured on WikiText-2 (SmolLM2-135M, 25%, 300 steps): 8.1x dense held-out
-                   perplexity against 2.3x for "none"; kept as an option, not the default.
     execute_bias:  initial logit margin for "execute", so training starts from the dense model.
     threshold:     inference-time shift: a module is skipped when skip_logit - execute_logit > threshold.
     """
 
     router: str = "linear"
     router_input: str = "module"
-    router_norm: str = "none"
     execute_bias: float = 2.0
     target_sparsity: float = 0.25
     accounting: str = "param"
@@ -71,8 +60,6 @@ class SkipConfig:
             raise ConfigError(f"router must be one of {ROUTER_KINDS}, got {self.router!r}")
         if self.router_input not in ROUTER_INPUTS:
             raise ConfigError(f"router_input must be one of {ROUTER_INPUTS}, got {self.router_input!r}")
-        if self.router_norm not in ROUTER_NORMS:
-            raise ConfigError(f"router_norm must be one of {ROUTER_NORMS}, got {self.router_norm!r}")
         if self.accounting not in ACCOUNTINGS:
             raise ConfigError(f"accounting must be one of {ACCOUNTINGS}, got {self.accounting!r}")
         check_sparsity(self.target_sparsity)

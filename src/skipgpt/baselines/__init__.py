@@ -4,21 +4,17 @@
     short = shortgpt(model, tokenizer, 0.25, calibration_batches)   # ShortGPT layer removal
 """
 
-from .dynamic import CoupledPolicy, ModPolicy, coupled, mod_d
+from .dynamic import coupled, mod_d
 from .influence import block_influence
-from .registry import DEFAULT_METHODS, METHODS, attach_policy, load_baseline
+from .registry import DEFAULT_METHODS, METHODS
 from .static import closest_prefix, random_routing, removal_order, shortgpt, static_modules, static_routed
 
 __all__ = [
     "DEFAULT_METHODS",
     "METHODS",
-    "CoupledPolicy",
-    "ModPolicy",
-    "attach_policy",
     "block_influence",
     "closest_prefix",
     "coupled",
-    "load_baseline",
     "mod_d",
     "random_routing",
     "removal_order",

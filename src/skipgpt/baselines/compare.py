@@ -17,9 +17,18 @@ from pathlib import Path
 
 import torch
 
+from ..artifact import CONFIG_NAME, load_routers, save_routers
 from ..errors import ConfigError
+from ..evaluation import evaluate
 from ..io import write_json_atomic
+from ..models.loading import load_model
+from ..models.routed import RoutedModel
+from ..routing.calibrate import calibrate_threshold
+from ..training import TrainConfig, train
+from ..training.data import load_data
+from .dynamic import coupled, mod_d
 from .registry import METHODS
+from .static import random_routing, shortgpt, static_modules
 
 # Written last: marks a finished build, keeps its wall time for reruns, and the settings it was built with.
 BUILD_LOG = "build.json"
@@ -62,7 +71,6 @@ def artifact_dir(s: CompareSettings, method: str, sparsity: float) -> Path:
 
 
 def _train_config(s: CompareSettings, stage: str, sparsity: float, output: Path, routers: Path | None = None):
-    from ..training import TrainConfig
 
     return TrainConfig(stage=stage, model=s.model, data=s.data, output=str(output), target_sparsity=sparsity,
                        steps=s.steps, seq_len=s.seq_len, batch_size=s.batch_size, alpha=s.alpha, lr=s.lr,
@@ -82,13 +90,11 @@ class Builder:
         return {k: str(getattr(self.s, k)) for k in BUILD_SETTINGS}
 
     def fresh(self):
-        from ..models.loading import load_model
 
         return load_model(self.s.model, dtype=self.s.dtype)
 
     def data(self, routed, tokenizer):
         if self._data is None:
-            from ..training.data import load_data
 
             cfg = _train_config(self.s, "router", 0.25, Path(self.s.workdir))
             self._data = load_data(cfg, routed, tokenizer, Path(self.s.workdir) / "cache")
@@ -101,10 +107,6 @@ class Builder:
 
     def build(self, method: str, sparsity: float):
         """(model or RoutedModel ready to evaluate, tokenizer, seconds spent building it now)."""
-        from ..artifact import CONFIG_NAME, save_routers
-        from ..models.routed import RoutedModel
-        from ..training.lora import load_trained
-        from .registry import attach_policy
 
         out = artifact_dir(self.s, method, sparsity)
         model, tok = self.fresh()
@@ -112,42 +114,36 @@ class Builder:
             return model, tok, 0.0
         log = _read_build_log(out / BUILD_LOG)
         if log is not None and (out / CONFIG_NAME).exists():
-            built_with = dict(log.get("settings") or {})
-            built_with.setdefault("dtype", "float32")  # builds from before the option were fp32
-            if built_with == self.settings():
+            if dict(log.get("settings") or {}) == self.settings():
                 self.log(f"  reusing {out}")
-                return attach_policy(load_trained(model, out), str(out)), tok, float(log.get("seconds", 0.0))
+                return load_routers(model, out), tok, float(log.get("seconds", 0.0))
             self.log(f"  {out} was built with other settings ({log.get('settings')}); rebuilding")
         for stale in out.glob("eval-*.json"):  # evaluations of an older build of this method
             stale.unlink()
         tic = time.perf_counter()
         if method in ("shortgpt", "static-modules"):
-            from .static import shortgpt, static_modules
 
             routed = RoutedModel(model, name=self.s.model)
             build = shortgpt if method == "shortgpt" else static_modules
             build(routed, tok, sparsity, self.calibration(routed, tok))
             save_routers(routed, out)
         elif method == "random":
-            from .static import random_routing
 
             routed = random_routing(RoutedModel(model, name=self.s.model), sparsity,
                                     self._reference_rates(sparsity), seed=self.s.seed)
             save_routers(routed, out)
         elif method in ("skipgpt-rt", "skipgpt-joint"):
-            from ..training import train
 
             stage = "router" if method == "skipgpt-rt" else "joint"
             routed = RoutedModel(model, name=self.s.model)
             data = self.data(routed, tok)
             routed = train(_train_config(self.s, stage, sparsity, out), routed=routed, tokenizer=tok, data=data).routed
         elif method == "skipgpt-rt-lora":
-            from ..training import train
 
             rt = artifact_dir(self.s, "skipgpt-rt", sparsity)
             if not (rt / CONFIG_NAME).exists():
                 self.build("skipgpt-rt", sparsity)
-            routed = load_trained(model, rt)
+            routed = load_routers(model, rt)
             data = self.data(routed, tok)
             cfg = _train_config(self.s, "lora", sparsity, out, routers=rt)
             routed = train(cfg, routed=routed, tokenizer=tok, data=data).routed
@@ -161,10 +157,6 @@ class Builder:
         return routed, tok, seconds
 
     def _train_policy(self, method: str, model, tok, sparsity: float, out: Path):
-        from ..artifact import save_routers
-        from ..routing.calibrate import calibrate_threshold
-        from ..training import train
-        from .dynamic import coupled, mod_d
 
         routed = (mod_d if method == "mod-d" else coupled)(model, sparsity)
         data = self.data(routed, tok)
@@ -180,15 +172,13 @@ class Builder:
 
     def _reference_rates(self, sparsity: float):
         """Per-module skip rates of SkipGPT-RT at this sparsity on the calibration text, if it was built."""
-        from ..artifact import CONFIG_NAME
-        from ..training.lora import load_trained
 
         rt = artifact_dir(self.s, "skipgpt-rt", sparsity)
         if not (rt / CONFIG_NAME).exists():
             self.log(f"  random: no {rt}, using a uniform skip rate of {sparsity:.0%} for every module")
             return None
         model, tok = self.fresh()
-        routed = load_trained(model, rt)
+        routed = load_routers(model, rt)
         routed.routers.eval()
         routed.reset_sparsity()
         with torch.no_grad():
@@ -207,10 +197,8 @@ def _read_build_log(path: Path) -> dict | None:
 
 
 def eval_key(s: CompareSettings) -> str:
-    spec = [sorted((k, str(v)) for k, v in s.tasks.items()), s.limit, s.eval_batch_size, s.eval_seq_len]
-    if s.dtype != "float32":  # keeps the keys of fp32 evaluations cached before the option existed
-        spec.append(s.dtype)
-    spec = json.dumps(spec)
+    spec = json.dumps([sorted((k, str(v)) for k, v in s.tasks.items()), s.limit, s.eval_batch_size,
+                       s.eval_seq_len, s.dtype])
     return hashlib.sha256(spec.encode()).hexdigest()[:10]
 
 
@@ -222,7 +210,6 @@ def evaluate_method(s: CompareSettings, model, tokenizer, cache: Path) -> tuple[
             return saved["result"], float(saved["seconds"])
         except (ValueError, KeyError, TypeError):
             pass  # a cache, not user data: evaluate again
-    from ..evaluation import evaluate
 
     tic = time.perf_counter()
     result = evaluate(model, tokenizer, dict(s.tasks), limit=s.limit, batch_size=s.eval_batch_size,

@@ -1,8 +1,24 @@
-"""`skipgpt compare`: SkipGPT beside static and dynamic baselines at the same parameter sparsity."""
+"""`skipgpt compare`: evaluate SkipGPT against ShortGPT, module removal, random, MoD-D, coupled and joint
+at equal sparsity
+
+Build every method at the requested parameter sparsity (training the trained ones for --steps each,
+deriving the static ones from Block Influence), evaluate each with the same tasks as `skipgpt eval`, and
+print the paper-style table: method, realised sparsity, each task, average, retention % of dense,
+perplexity. Writes the rows as JSON (--output) and markdown (same name, .md).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+from ..baselines.compare import CompareSettings, check_methods, run_comparison
+from ..baselines.registry import DEFAULT_METHODS
+from ..baselines.table import markdown_table
+from ..io import write_json_atomic, write_text_atomic
+from .common import add_command, add_model_flags, add_output, checked, parse_sparsity, positive_int
+from .eval import TASK_HELP, parse_tasks
 
 METHOD_HELP = """\
 methods (--methods, comma-separated; default: all):
@@ -28,39 +44,26 @@ example:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from .eval import TASK_HELP
-
-    p = sub.add_parser(
-        "compare",
-        help="evaluate SkipGPT against ShortGPT, module removal, random, MoD-D, coupled and joint at equal sparsity",
-        description="Build every method at the requested parameter sparsity (training the trained ones for "
-        "--steps each, deriving the static ones from Block Influence), evaluate each with the same tasks as "
-        "`skipgpt eval`, and print the paper-style table: method, realised sparsity, each task, average, "
-        "retention % of dense, perplexity. Writes the rows as JSON (--output) and markdown (same name, .md).",
-        epilog=METHOD_HELP + "\n" + TASK_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", default="smollm2-135m",
-                   help="hub name, HF folder, .gguf file or alias (default %(default)s)")
-    p.add_argument("--dtype", default="float32", help="the base model's dtype in training and evaluation: "
-                   "float32, bfloat16, float16; routers and LoRA train in fp32 either way. bfloat16 is about "
-                   "3.5x faster on recent CPUs and moves perplexity by a few percent (default %(default)s)")
-    p.add_argument("--sparsity", default="0.25", help="target parameter sparsity as a fraction; several "
-                   "comma-separated give one table block each (default %(default)s)")
+    p = add_command(sub, __doc__, epilog=METHOD_HELP + "\n" + TASK_HELP)
+    add_model_flags(p, dtype_note="in training and evaluation alike; routers and LoRA train in fp32 either way. "
+                    "bfloat16 is about 3.5x faster on recent CPUs and moves perplexity by a few percent")
+    p.add_argument("--sparsity", type=checked(parse_sparsities), default="0.25", help="target parameter sparsity "
+                   "as a fraction; several comma-separated give one table block each (default %(default)s)")
     p.add_argument("--task", action="append", required=True, metavar="NAME[=PATH]",
                    help="a task and where its data is, as in `skipgpt eval`; repeat for several")
     p.add_argument("--methods", default=None, help="comma-separated subset of the methods below (default: all)")
-    p.add_argument("--steps", type=int, default=100, help="training steps of each trained method (default %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=100,
+                   help="training steps of each trained method (default %(default)s)")
     p.add_argument("--data", default="self", help="training and calibration text: a .txt/.jsonl/.parquet file or "
                    "folder, a hub dataset, or 'self' (sampled from the dense model) (default %(default)s)")
-    p.add_argument("--limit", type=int, default=None, help="first N items of each multiple-choice task, "
+    p.add_argument("--limit", type=positive_int, default=None, help="first N items of each multiple-choice task, "
                    "first N windows of a perplexity task")
-    p.add_argument("--seq-len", type=int, default=256, help="training sequence length (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=2, help="training micro-batch (default %(default)s)")
-    p.add_argument("--eval-batch-size", type=int, default=8, help="evaluation batch (default %(default)s)")
-    p.add_argument("--eval-seq-len", type=int, default=None, help="perplexity window in tokens "
+    p.add_argument("--seq-len", type=positive_int, default=256, help="training sequence length (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="training micro-batch (default %(default)s)")
+    p.add_argument("--eval-batch-size", type=positive_int, default=8, help="evaluation batch (default %(default)s)")
+    p.add_argument("--eval-seq-len", type=positive_int, default=None, help="perplexity window in tokens "
                    "(default: the evaluator's, 2048 or the model's maximum)")
-    p.add_argument("--calibration-sequences", type=int, default=8,
+    p.add_argument("--calibration-sequences", type=positive_int, default=8,
                    help="training sequences used for Block Influence and random-routing rates (default %(default)s)")
     p.add_argument("--alpha", type=float, default=8.0, help="sparsity regulariser weight (default %(default)s)")
     p.add_argument("--lr", type=float, default=2e-3, help="router learning rate (default %(default)s)")
@@ -68,43 +71,19 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "(default %(default)s)")
     p.add_argument("--workdir", default=None, help="where artifacts and cached evaluations go "
                    "(default: next to --output, named after it with _artifacts)")
-    p.add_argument("--output", required=True, help="results JSON (a list of rows); the table also goes to .md "
-                   "and a bar chart of retention and perplexity to .png")
+    add_output(p, "results JSON (a list of rows); the table also goes to .md and a bar chart of retention and "
+               "perplexity to .png", required=True)
     return p
 
 
 def parse_sparsities(text: str) -> list[float]:
-    from ..config import check_sparsity
-    from ..errors import ConfigError
-
-    values = []
-    for part in text.split(","):
-        try:
-            value = float(part)
-        except ValueError:
-            raise ConfigError(f"--sparsity {text!r}: {part!r} is not a number (use e.g. 0.25 or 0.25,0.4)") from None
-        values.append(check_sparsity(value, "--sparsity"))
-    return values
+    """"0.25,0.4" -> [0.25, 0.4]; ConfigError for a part that is not a fraction in [0, 1)."""
+    return [parse_sparsity(part) for part in text.split(",")]
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-    from pathlib import Path
-
-    from ..baselines.compare import CompareSettings, check_methods, run_comparison
-    from ..baselines.registry import DEFAULT_METHODS
-    from ..baselines.table import markdown_table
-    from ..errors import ConfigError
-    from ..io import write_json_atomic, write_text_atomic
-    from .eval import parse_tasks
-
     tasks = parse_tasks(args.task)
-    sparsities = parse_sparsities(args.sparsity)
     methods = check_methods([m.strip() for m in args.methods.split(",")] if args.methods else DEFAULT_METHODS)
-    for flag in ("steps", "limit", "seq_len", "batch_size", "eval_batch_size", "eval_seq_len", "calibration_sequences"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     output = Path(args.output)
     workdir = Path(args.workdir) if args.workdir else output.with_name(output.stem + "_artifacts")
     settings = CompareSettings(
@@ -113,14 +92,14 @@ def run(args: argparse.Namespace) -> int:
         eval_batch_size=args.eval_batch_size, eval_seq_len=args.eval_seq_len,
         calibration_sequences=args.calibration_sequences, alpha=args.alpha, lr=args.lr, distill=args.distill,
     )
-    rows = run_comparison(settings, sparsities, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    rows = run_comparison(settings, args.sparsity, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     table = markdown_table(rows)
     print(table)
     write_json_atomic(output, rows)
     write_text_atomic(output.with_suffix(".md"), table)
     written = [output, output.with_suffix(".md")]
     if any(r["method"] != "dense" for r in rows):
-        from ..baselines.figure import comparison_figure
+        from ..baselines.figure import comparison_figure  # matplotlib: only when there is a figure to draw
 
         written.append(comparison_figure(rows, output.with_suffix(".png"),
                                          f"{args.model}: every method at equal parameter sparsity"))

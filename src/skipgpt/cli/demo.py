@@ -1,55 +1,51 @@
-"""`skipgpt demo`: the whole method on the embedded SmolLM2-135M in a few minutes, offline.
+"""`skipgpt demo`: tune, evaluate, benchmark and plot SkipGPT routers on the embedded model (a few minutes)
 
-Tune routers to a target sparsity on text the dense model writes itself, calibrate the argmax
-threshold, compare held-out perplexity with the dense model and with ShortGPT at the same
-parameter sparsity, measure sparse-vs-dense speed, and draw what the routers learned.
+End-to-end demo on the embedded SmolLM2-135M, offline: tune routers to --sparsity on text the dense model
+writes itself, calibrate the argmax threshold, compare held-out perplexity with the dense model and with
+ShortGPT at the same parameter sparsity, measure sparse-vs-dense speed, and draw what the routers learned.
+Everything is written under --output; nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
+import torch
+
+from ..baselines.static import shortgpt
+from ..inference.bench import measure_speed
+from ..io import write_json_atomic
+from ..training import TrainConfig, train
+from ..training.data import load_data
+from ..training.trainer import build_routed, held_out_nll
+from .common import add_command, add_model_flags, add_output, int_at_least, positive_int, sparsity
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "demo",
-        help="tune, evaluate, benchmark and plot SkipGPT routers on the embedded model (a few minutes)",
-        description="End-to-end demo: router tuning at --sparsity on self-generated text, held-out "
-        "perplexity against dense and ShortGPT, sparse speedup, and analysis figures. Everything is "
-        "written under --output; nothing is downloaded.",
-    )
-    p.add_argument("--model", default="smollm2-135m", help="model to route (default: the embedded %(default)s)")
-    p.add_argument("--sparsity", type=float, default=0.25, help="target parameter sparsity (default %(default)s)")
-    p.add_argument("--steps", type=int, default=120, help="router-tuning steps (default %(default)s)")
-    p.add_argument("--seq-len", type=int, default=128, help="training sequence length (default %(default)s)")
-    p.add_argument("--sequences", type=int, default=48, help="self-generated training sequences (default %(default)s)")
+    p = add_command(sub, __doc__)
+    add_model_flags(p, dtype=False, note="the model to route")
+    p.add_argument("--sparsity", type=sparsity, default=0.25, help="target parameter sparsity (default %(default)s)")
+    p.add_argument("--steps", type=positive_int, default=120, help="router-tuning steps (default %(default)s)")
+    p.add_argument("--seq-len", type=int_at_least(2), default=128,
+                   help="training sequence length (default %(default)s)")
+    p.add_argument("--sequences", type=positive_int, default=48,
+                   help="self-generated training sequences (default %(default)s)")
     p.add_argument("--distill", type=float, default=1.0,
                    help="0 = LM loss, 1 = KL to the dense model, between = mix (default %(default)s)")
-    p.add_argument("--output", default="runs/demo", help="output folder (default %(default)s)")
+    add_output(p, "output folder", default="runs/demo")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     return p
 
 
 def _ppl(routed, sequences, batch_size: int = 4) -> float:
-    import math
-
-    from ..training.trainer import held_out_nll
-
     return math.exp(held_out_nll(routed, sequences, batch_size))
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..analysis.figures import write_analysis
-    from ..baselines import shortgpt
-    from ..inference.bench import measure_speed
-    from ..io import write_json_atomic
-    from ..training import TrainConfig, train
-    from ..training.data import load_data
-    from ..training.trainer import build_routed
+    from ..analysis.figures import write_analysis  # matplotlib: imported when a command draws, not at start-up
 
     t0 = time.perf_counter()
     out = Path(args.output)

@@ -1,8 +1,19 @@
-"""`skipgpt eval`: the paper's zero-shot table and perplexities for one model, on local data."""
+"""`skipgpt eval`: zero-shot accuracy (lm-evaluation-harness) and perplexity, with realised sparsity
+
+Evaluate a model, with or without routers, as the SkipGPT paper does: multiple-choice tasks through
+lm-evaluation-harness's stock prompts and acc/acc_norm scoring on local data, and WikiText-2/PTB
+perplexity over non-overlapping windows. Reports the realised sparsity of every task (pads excluded),
+prints a markdown table and writes JSON.
+"""
 
 from __future__ import annotations
 
 import argparse
+
+from ..errors import ConfigError
+from ..evaluation.tasks import TASKS, find_file
+from ..io import write_json_atomic
+from .common import add_command, add_model_flags, add_output, int_at_least, model_options, positive_int
 
 TASK_HELP = """\
 tasks (NAME=PATH, repeat --task for each):
@@ -25,18 +36,8 @@ example:
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "eval",
-        help="zero-shot accuracy (lm-evaluation-harness) and perplexity, with realised sparsity",
-        description="Evaluate a model, with or without routers, as the SkipGPT paper does: multiple-choice "
-        "tasks through lm-evaluation-harness's stock prompts and acc/acc_norm scoring on local data, and "
-        "WikiText-2/PTB perplexity over non-overlapping windows. Reports the realised sparsity of every task "
-        "(pads excluded), prints a markdown table and writes JSON.",
-        epilog=TASK_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--model", default="smollm2-135m",
-                   help="hub name, HF folder, .gguf file or alias (default %(default)s)")
+    p = add_command(sub, __doc__, epilog=TASK_HELP)
+    add_model_flags(p, device="cpu")
     p.add_argument("--routers", default=None, help="router directory from `skipgpt train`; omit for the dense model")
     p.add_argument("--lora", default=None, help="LoRA adapter folder (PEFT, safetensors), merged into the base after "
                    "the routers are attached")
@@ -45,22 +46,18 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "sparse: skipped tokens are not computed. Same decisions, same scores (default %(default)s)")
     p.add_argument("--task", action="append", required=True, metavar="NAME[=PATH]",
                    help="a task and where its data is; repeat for several tasks (see the list below)")
-    p.add_argument("--limit", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
                    help="quick run: first N items of each multiple-choice task, first N windows of a perplexity task")
-    p.add_argument("--batch-size", type=int, default=1, help="items (or windows) per forward pass (default 1)")
-    p.add_argument("--seq-len", type=int, default=None,
+    p.add_argument("--batch-size", type=positive_int, default=1,
+                   help="items (or windows) per forward pass (default %(default)s)")
+    p.add_argument("--seq-len", type=int_at_least(2), default=None,
                    help="perplexity window length in tokens (default 2048, or the model's maximum if smaller)")
-    p.add_argument("--dtype", default="float32", help="model dtype: float32, bfloat16, float16 (default %(default)s)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cuda (default: cpu)")
-    p.add_argument("--output", default=None, help="write the results JSON here")
+    add_output(p, "write the results JSON here")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
 
 def parse_tasks(specs: list[str]) -> dict[str, str | None]:
-    from ..errors import ConfigError
-    from ..evaluation.tasks import TASKS
-
     tasks: dict[str, str | None] = {}
     for spec in specs:
         name, _, path = spec.partition("=")
@@ -74,25 +71,17 @@ def parse_tasks(specs: list[str]) -> dict[str, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..errors import ConfigError
-    from ..io import write_json_atomic
-
     tasks = parse_tasks(args.task)
-    for flag in ("limit", "batch_size", "seq_len"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if args.seq_len is not None and args.seq_len < 2:
-        raise ConfigError(f"--seq-len must be at least 2 (a window predicts seq_len - 1 tokens), got {args.seq_len}")
-    from ..evaluation.tasks import find_file
-
     for name, path in tasks.items():  # fail on a wrong path before the model loads
         if path:
             find_file(name, path)
+    options = model_options(args)
+    # lm-evaluation-harness takes seconds to import: only when a model is evaluated
     from ..evaluation.harness import prepare_model
     from ..evaluation.runner import evaluate, markdown_table
 
-    model, tokenizer = prepare_model(args.model, args.routers, args.lora, args.mode, args.dtype, args.device)
+    model, tokenizer = prepare_model(args.model, args.routers, args.lora, args.mode, options["dtype"],
+                                     options["device"])
     results = evaluate(
         model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
         progress=not args.no_progress, model_name=args.model, routers=args.routers, lora=args.lora,

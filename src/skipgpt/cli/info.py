@@ -1,30 +1,28 @@
-"""`skipgpt info`: what a model or router directory is, without running anything heavy."""
+"""`skipgpt info`: describe a model's routable structure or a router directory
+
+Print the routable structure of MODEL (layers, parameters per module) and, with --routers, the router
+config and whether it matches the model. Nothing heavy runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 
+from ..artifact import load_routers
+from ..models.loading import load_model
+from ..models.routed import RoutedModel
+from .common import add_command, add_model_flags
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "info",
-        help="describe a model's routable structure or a router directory",
-        description="Print the routable structure of MODEL (layers, parameters per module) and, with "
-        "--routers, the router config and whether it matches the model.",
-    )
-    p.add_argument(
-        "--model", default="smollm2-135m", help="hub name, HF folder, .gguf file or alias (default %(default)s)"
-    )
+    p = add_command(sub, __doc__)
+    add_model_flags(p, dtype=False)
     p.add_argument("--routers", default=None, help="router directory to check against the model")
     return p
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..artifact import load_routers
-    from ..models.loading import load_model
-    from ..models.routed import RoutedModel
-
     model, _ = load_model(args.model)
     routed = load_routers(model, args.routers) if args.routers else RoutedModel(model, name=args.model)
     c = routed.costs

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import sys
 
 from ..errors import SkipGPTError
+from . import analyze, bench, compare, demo, info, train
+from . import eval as evaluate
+from .common import Parser
 
-# Each module defines add_parser(subparsers) and run(args); heavy imports stay inside run().
-COMMANDS = ["demo", "train", "eval", "bench", "compare", "analyze", "info"]
+# Each module defines add_parser(subparsers) and run(args); the shared flags come from .common.
+COMMANDS = {"demo": demo, "train": train, "eval": evaluate, "bench": bench, "compare": compare,
+            "analyze": analyze, "info": info}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    parser = Parser(
         prog="skipgpt",
         description=(
             "SkipGPT: per-token routers before every attention and MLP module of a decoder-only LLM. "
@@ -23,14 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Models: a hub name, a local HF folder, a .gguf file, or the embedded alias smollm2-135m.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        module = importlib.import_module(f"skipgpt.cli.{name}")
+    for module in COMMANDS.values():
         module.add_parser(sub).set_defaults(_run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The exit status of `skipgpt ARGV...`: 0, 2 for bad input (one line on stderr), 130 if interrupted."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or argparse's one-line error (2)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
         result = args._run(args)
     except SkipGPTError as e:

@@ -16,13 +16,17 @@ metrics) and swaps its dataset for the items read by skipgpt.evaluation.tasks.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..errors import ArtifactError, ConfigError, DataError
+from ..artifact import ADAPTER_DIR, apply_adapter, load_adapter, load_routers
+from ..errors import ConfigError, DataError
+from ..models.loading import load_model
+from ..models.routed import RoutedModel
 from .tasks import TaskData
 
 # Stock task YAML of each task, relative to lm_eval/tasks.
@@ -43,32 +47,23 @@ def prepare_model(
     pretrained: str, routers: str | None = None, lora: str | None = None, mode: str = "masked",
     dtype: str = "float32", device: str | None = None,
 ):
-    """(routed or plain HF model, tokenizer): load the base, attach routers, then merge a LoRA adapter.
-
-    A baseline's directory from `skipgpt compare` (ShortGPT, random, MoD-D, ...) gets its saved policy
-    back: its router weights alone do not decide as it did (a static baseline's are the untrained
-    "execute everything" initialisation)."""
-    from ..baselines.registry import load_baseline
-    from ..models.loading import load_model
-
+    """(routed or plain HF model, tokenizer): load the base, then everything the router directory holds
+    (routers, a baseline's policy, a stage-2 adapter, see skipgpt.load_routers); `lora` merges an
+    adapter kept elsewhere."""
     model, tokenizer = load_model(pretrained, dtype=dtype, device=device)
-    routed = load_baseline(model, routers) if routers else None
-    if lora:
-        lora_dir = Path(lora)
-        if not (lora_dir / "adapter_config.json").is_file():
-            raise ArtifactError(f"{lora_dir}: not a LoRA adapter folder (no adapter_config.json)")
-        if not (lora_dir / "adapter_model.safetensors").is_file():
-            raise ArtifactError(f"{lora_dir}: no adapter_model.safetensors (only safetensors adapters are read)")
-        from peft import PeftModel
-
-        # Merging keeps the same module objects, so the routed layers stay patched.
-        PeftModel.from_pretrained(model, str(lora_dir)).merge_and_unload()
-    if routed is not None:
-        routed.routers.eval()
-        routed.set_mode(mode)
-    elif mode == "sparse":
+    if mode == "sparse" and not routers:
         raise ConfigError("--mode sparse needs --routers (a dense model has nothing to skip)")
-    return (routed if routed is not None else model), tokenizer
+    if not routers:
+        return (load_adapter(model, lora) if lora else model), tokenizer
+    own = Path(routers) / ADAPTER_DIR
+    if lora and own.exists() and Path(lora).resolve() != own.resolve():
+        raise ConfigError(f"{routers} holds its own stage-2 adapter ({own}); drop --lora {lora}")
+    routed = load_routers(model, routers)  # applies routers/adapter (the same as --lora DIR/adapter)
+    if lora and not own.exists():
+        apply_adapter(routed, lora)
+    routed.routers.eval()
+    routed.set_mode(mode)
+    return routed, tokenizer
 
 
 def _real_tokens(inps: torch.Tensor) -> torch.Tensor:
@@ -92,8 +87,6 @@ class SkipGPTLM(HFLM):
         self, pretrained="smollm2-135m", routers: str | None = None, lora: str | None = None,
         mode: str = "masked", dtype: str = "float32", tokenizer=None, device: str | None = "cpu", **kwargs,
     ) -> None:
-        from ..models.routed import RoutedModel
-
         if isinstance(pretrained, str):
             pretrained, tok = prepare_model(pretrained, routers, lora, mode, dtype, None if device is None else device)
             tokenizer = tokenizer or tok
@@ -186,8 +179,6 @@ def run_task(lm: HFLM, task, limit: int | None = None, log_samples: bool = False
 
 def main(argv: list[str] | None = None) -> None:
     """The harness's command line, with the `skipgpt` model registered."""
-    import sys
-
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..models.routed import RoutedModel
 from . import tasks as task_data
 from .harness import PAPER_METRIC, SkipGPTLM, build_task, run_task
 from .perplexity import default_seq_len, perplexity, tokenize_text
@@ -52,8 +53,6 @@ def evaluate(
     items); perplexity tasks score the first `limit` windows of `seq_len` tokens. Returns the results
     dict written by `skipgpt eval --output` (see docs/RESULTS.md for its shape).
     """
-    from ..models.routed import RoutedModel
-
     for name in tasks:
         task_data.check_name(name)
     routed = model if isinstance(model, RoutedModel) else None

@@ -4,7 +4,7 @@ Three variants of the same weights are timed interleaved (so a noisy machine slo
 each after a warm-up, and medians over repeats are reported:
 - dense:  the unmodified HF model (the routed layer forwards are detached for the run);
 - masked: routing with every module computed and multiplied by its gate (training semantics);
-- sparse: routing that computes only executing tokens (skipgpt.inference.sparse).
+- sparse: routing that computes only executing tokens (skipgpt.models.sparse).
 Prefill is one forward over (batch, seq_len) tokens with logits for every position and a KV
 cache being filled; decode is `decode_tokens` greedy steps of one token per sequence from that cache.
 The ideal speedup is the FLOP ratio of the whole forward, LM head included, under this project's
@@ -13,15 +13,17 @@ semantics (a skipped attention still computes its keys and values): total / (tot
 
 from __future__ import annotations
 
+import platform
 import resource
 import statistics
 import time
-from contextlib import contextmanager
 
 import torch
+from transformers import DynamicCache
 
 from ..models.adapters import unwrap
 from ..routing import policies
+from ..routing.sparsity import report
 
 VARIANTS = ("dense", "masked", "sparse")
 
@@ -37,24 +39,13 @@ def skip_fraction_policy(num_layers: int, fraction: float, seed: int = 0) -> pol
     return policies.random(torch.full((num_layers, 2), float(fraction)), seed=seed)
 
 
-@contextmanager
 def _variant(routed, variant: str, policy_factory):
     """Run the wrapped model as `variant`; routing decisions restart from the same seed each time."""
-    saved_mode, saved_policy = routed.mode, routed.policy
-    saved_forwards = {}
     if variant == "dense":
-        for parts in routed.layers:
-            saved_forwards[parts.layer] = parts.layer.__dict__.pop("forward")
-    else:
-        routed.mode = variant
-        if policy_factory is not None:
-            routed.policy = policy_factory()
-    try:
-        yield
-    finally:
-        for layer, forward in saved_forwards.items():
-            layer.forward = forward
-        routed.mode, routed.policy = saved_mode, saved_policy
+        return routed.unrouted()
+    if policy_factory is None:
+        return routed.using(mode=variant)
+    return routed.using(mode=variant, policy=policy_factory())
 
 
 def _sync(device: torch.device) -> None:
@@ -63,8 +54,6 @@ def _sync(device: torch.device) -> None:
 
 
 def _prefill(model, ids: torch.Tensor):
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=unwrap(model).config)
     out = model(input_ids=ids, cache=cache, use_cache=True)
     return out.logits[:, -1:].argmax(-1), cache
@@ -187,20 +176,11 @@ def measure_speed(
 
 
 def _report(routed, totals) -> dict[str, float]:
-    if totals is None:
-        return {"param": 0.0, "attention": 0.0, "mlp": 0.0, "flop": 0.0}
-    saved = routed.meter.totals
-    routed.meter.totals = totals
-    try:
-        r = routed.sparsity()
-    finally:
-        routed.meter.totals = saved
+    r = report(totals, routed.costs)
     return {"param": r.param, "attention": r.attention, "mlp": r.mlp, "flop": r.flop}
 
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda: {torch.cuda.get_device_name(device)}"
-    import platform
-
     return f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"

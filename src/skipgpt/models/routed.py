@@ -1,34 +1,153 @@
-"""RoutedModel: a Hugging Face causal LM whose decoder layers consult SkipGPT routers.
+"""The SkipGPT routing core, top to bottom: routers, gate decisions, the per-forward state, the
+RoutedModel that owns them, and the routed decoder-layer forward.
 
-The HF model object is kept as it is: its decoder layers get a routed `forward` on the instance,
-and the routers live in a separate RouterBank, so `routed.model.state_dict()` keys, PEFT target
-names and `generate()` stay stock. Two execution modes share the same decisions:
+The Hugging Face model object is kept as it is: its decoder layers get a routed `forward` on the
+instance and the routers live in a separate RouterBank, so `routed.model.state_dict()` keys, PEFT
+target names and `generate()` stay stock. Two execution modes share the same decisions:
 - "masked": every module runs and its output is multiplied by the execute gate (training semantics);
-- "sparse": only executing tokens are computed (see skipgpt.inference.sparse).
+- "sparse": only executing tokens are computed (skipgpt.models.sparse); inference only, since a
+  token whose module is not computed would give its router no gradient.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import SkipConfig
 from ..errors import ConfigError
 from ..routing import policies
-from ..routing.policies import Policy
-from ..routing.router import KINDS, RouterBank, argmax_gate, sample_gate, straight_through_gumbel
+from ..routing.policies import EXECUTE, KINDS, SKIP, Policy
 from ..routing.sparsity import SparsityMeter, SparsityReport, ratios, skip_totals
 from .adapters import LayerParts, find_decoder, find_layers, fingerprint, module_costs, unwrap
+from .sparse import run_attention, run_mlp, sparse_attention, sparse_mlp
 
 MODES = ("masked", "sparse")
 
+# -- routers -----------------------------------------------------------------------------------------------
+
+
+class Router(nn.Module):
+    """Maps a token's hidden state to two logits, (execute, skip): linear (the paper) or a 2-layer MLP
+    (hidden -> hidden/4 -> ReLU -> 2, the published code)."""
+
+    def __init__(self, hidden_size: int, kind: str = "linear", execute_bias: float = 2.0):
+        super().__init__()
+        if kind == "linear":
+            self.net = nn.Linear(hidden_size, 2)
+            last = self.net
+        else:
+            inner = hidden_size // 4
+            self.net = nn.Sequential(nn.Linear(hidden_size, inner), nn.ReLU(), nn.Linear(inner, 2))
+            last = self.net[-1]
+        # Zero weights + an execute bias: training starts at "execute everything" whatever the
+        # scale of the hidden state (random weights on LLaMA outliers give near-random routing).
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor([execute_bias, 0.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.net.weight if isinstance(self.net, nn.Linear) else self.net[0].weight
+        # The model may sit on other devices (device_map) or in bf16; routers stay fp32.
+        return self.net(x.to(weight.device, weight.dtype))
+
+
+class RouterBank(nn.Module):
+    """All routers of a model, kept outside the base model so its state-dict keys stay stock."""
+
+    def __init__(self, num_layers: int, hidden_size: int, config: SkipConfig):
+        super().__init__()
+        self.attn = nn.ModuleList(Router(hidden_size, config.router, config.execute_bias) for _ in range(num_layers))
+        self.mlp = nn.ModuleList(Router(hidden_size, config.router, config.execute_bias) for _ in range(num_layers))
+
+    def get(self, layer: int, kind: str) -> Router:
+        return (self.attn if kind == "attn" else self.mlp)[layer]
+
+
+# -- gate decisions ----------------------------------------------------------------------------------------
+
+
+def _gumbel(like: torch.Tensor) -> torch.Tensor:
+    u = torch.rand_like(like, dtype=torch.float32).clamp_(1e-10, 1.0 - 1e-7)
+    return -torch.log(-torch.log(u))
+
+
+def straight_through_gumbel(logits: torch.Tensor, temperature: float, noise: float = 1.0) -> torch.Tensor:
+    """Execute gate in {0, 1} forward, softmax((logits + noise * g) / t) gradient backward.
+
+    noise = 1 is the standard Gumbel-softmax; noise = 0 makes the forward decision the inference-time argmax
+    while the gradient stays the tempered softmax's (a deterministic straight-through estimator).
+    """
+    soft = F.softmax((logits.float() + noise * _gumbel(logits)) / temperature, dim=-1)[..., EXECUTE]
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+def sample_gate(logits: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Hard Gumbel sample without gradient (the published code's stochastic evaluation)."""
+    noisy = logits.float() + _gumbel(logits)
+    return (noisy[..., SKIP] - noisy[..., EXECUTE] <= threshold).float()
+
+
+def argmax_gate(logits: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Execute unless the skip logit beats the execute logit by more than `threshold` (inference)."""
+    return (logits[..., SKIP].float() - logits[..., EXECUTE].float() <= threshold).float()
+
+
+# -- the state of one forward pass -------------------------------------------------------------------------
+
+
+@dataclass
+class ForwardState:
+    """What one forward pass decided, created when the decoder starts and read by the loss and the
+    sparsity accounting: the execute gate of every module, which tokens are real, and how many keys
+    each token attends to."""
+
+    token_mask: torch.Tensor  # (B, T) bool, False for padding
+    num_layers: int
+    gates: list[list[torch.Tensor | None]] = field(default_factory=list)  # [layer][kind] (B, T)
+    context: torch.Tensor | None = None  # (B, T) keys visible to each token (position + 1)
+
+    def __post_init__(self) -> None:
+        self.gates = [[None, None] for _ in range(self.num_layers)]
+
+    @property
+    def complete(self) -> bool:
+        return all(g is not None for pair in self.gates for g in pair)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gates (L, 2, B, T) (differentiable in training), real-token mask (B, T) and context lengths (B, T)."""
+        if not self.complete:
+            raise RuntimeError("the forward pass did not reach every decoder layer")
+        gates = torch.stack([torch.stack(pair) for pair in self.gates]).float()
+        context = self.context if self.context is not None else torch.ones_like(gates[0, 0])
+        return gates, self.token_mask, context.expand_as(gates[0, 0])
+
+    def totals(self, costs) -> dict[str, torch.Tensor]:
+        """The sums behind every sparsity ratio of this pass (differentiable in the gates)."""
+        return skip_totals(*self.stacked(), costs)
+
+
+# -- the routed model --------------------------------------------------------------------------------------
+
 
 class RoutedModel(nn.Module):
+    """A HF causal LM whose decoder layers consult a router before every attention and MLP module.
+
+    Settings a caller may change for a while go through `using(...)` (or `forced` / `mode_as`), which
+    restores them afterwards: mode, policy, sample, track, temperature, noise.
+    """
+
+    SETTINGS = ("mode", "policy", "sample", "track", "temperature", "noise")
+
     def __init__(self, model: nn.Module, config: SkipConfig | None = None, name: str | None = None):
         super().__init__()
         self.model = model
@@ -47,36 +166,34 @@ class RoutedModel(nn.Module):
         self.routers = RouterBank(len(self.layers), hf.config.hidden_size, self.config).to(param.device).eval()
         self.costs = module_costs(model, self.layers)
         self.meter = SparsityMeter(self.costs)
-
-        self.mode = "masked"
-        self.temperature = 1.0  # used only while self.routers.training
-        self.noise = 1.0  # scale of the training Gumbel noise (1 = standard Gumbel-softmax)
-        self.sample = False  # Gumbel sampling at inference (the published code's behaviour)
-        self.policy: Policy | None = None
-        self.track = True  # accumulate sparsity statistics
         self.gradient_checkpointing = False  # trade compute for activation memory in training
-        self.last_totals: dict[str, torch.Tensor] | None = None
-        self._gates: list[list[torch.Tensor | None]] = [[None, None] for _ in self.layers]
-        self._token_mask: torch.Tensor | None = None
-        self._context: torch.Tensor | None = None
+        # settings (see using())
+        self.mode = "masked"
+        self.policy: Policy | None = None  # decisions that do not come from the routers
+        self.sample = False  # Gumbel sampling at inference (the published code's behaviour)
+        self.track = True  # accumulate sparsity statistics in self.meter
+        self.temperature = 1.0  # Gumbel-softmax temperature, used only while routers train
+        self.noise = 1.0  # scale of the training Gumbel noise (1 = standard Gumbel-softmax)
+        # the last forward pass
+        self.state: ForwardState | None = None
         self._hooks: list = []
         self.patch()
 
-    # -- wiring -------------------------------------------------------------------------------------------
+    # -- wiring ------------------------------------------------------------------------------------------
 
     def patch(self) -> RoutedModel:
         """Route the HF model's decoder layers through this object (done on construction)."""
         if self._hooks:
             return self
-        decoder = find_decoder(self.model)
         if any("forward" in parts.layer.__dict__ for parts in self.layers):
             raise ConfigError("this model is already routed by another RoutedModel; call .unpatch() on that one first")
         for i, parts in enumerate(self.layers):
             signature = inspect.signature(type(parts.layer).forward)
             parts.layer.forward = functools.partial(_routed_layer_forward, self, i, parts, signature)
+        decoder = find_decoder(self.model)
         self._hooks = [
-            decoder.register_forward_pre_hook(self._before_decoder, with_kwargs=True),
-            decoder.register_forward_hook(self._after_decoder),
+            decoder.register_forward_pre_hook(self._start_forward, with_kwargs=True),
+            decoder.register_forward_hook(self._end_forward),
         ]
         return self
 
@@ -89,26 +206,37 @@ class RoutedModel(nn.Module):
         self._hooks = []
         return self.model
 
-    def _before_decoder(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    @contextmanager
+    def unrouted(self) -> Iterator[nn.Module]:
+        """The unmodified HF model for the block (the dense reference), routed again afterwards."""
+        self.unpatch()
+        try:
+            yield self.model
+        finally:
+            self.patch()
+
+    def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = kwargs.get("input_ids")
         if x is None:
             x = args[0] if args else kwargs.get("inputs_embeds")
         batch, seq = x.shape[0], x.shape[1]
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            self._token_mask = mask[:, -seq:].to(torch.bool)
+            real = mask[:, -seq:].to(torch.bool)
         else:
-            self._token_mask = torch.ones(batch, seq, dtype=torch.bool, device=x.device)
-        self._context = None
-        self._gates = [[None, None] for _ in self.layers]
+            real = torch.ones(batch, seq, dtype=torch.bool, device=x.device)
+        self.state = ForwardState(real, len(self.layers))
 
-    def _after_decoder(self, module: nn.Module, args: tuple, output) -> None:
-        if not self.track or any(g is None for pair in self._gates for g in pair):
-            return
-        self.last_totals = skip_totals(*self.last_forward(), self.costs)
-        self.meter.add(self.last_totals)
+    def _end_forward(self, module: nn.Module, args: tuple, output) -> None:
+        if self.track and self.state is not None and self.state.complete:
+            self.meter.add(self.state.totals(self.costs))
 
-    # -- decisions ------------------------------------------------------------------------------------------
+    # -- decisions ---------------------------------------------------------------------------------------
+
+    @property
+    def training_routers(self) -> bool:
+        """Whether gates are straight-through Gumbel samples (routers in train mode, gradients on)."""
+        return self.routers.training and torch.is_grad_enabled()
 
     def gate(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
         """Execute gate (batch, seq) in {0, 1} for module `kind` of `layer`, given its router input x."""
@@ -116,18 +244,18 @@ class RoutedModel(nn.Module):
             g = self.policy(layer, kind, x).to(torch.float32)
         else:
             g = self.decide(self.routers.get(layer, kind)(x))
-        self._gates[layer][KINDS.index(kind)] = g
+        self.state.gates[layer][KINDS.index(kind)] = g
         return g
 
     def decide(self, logits: torch.Tensor) -> torch.Tensor:
         """Execute gate from router logits: straight-through Gumbel in training, else argmax (or a sample)."""
-        if self.routers.training and torch.is_grad_enabled():
+        if self.training_routers:
             return straight_through_gumbel(logits, self.temperature, self.noise)
         if self.sample:
             return sample_gate(logits, self.config.threshold)
         return argmax_gate(logits, self.config.threshold)
 
-    # -- user API -------------------------------------------------------------------------------------------
+    # -- user API ----------------------------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
         return self.model(*args, **kwargs)
@@ -137,8 +265,8 @@ class RoutedModel(nn.Module):
 
     @property
     def token_mask(self) -> torch.Tensor | None:
-        """(B, T) bool: which tokens of the forward pass in progress are real (not padding)."""
-        return self._token_mask
+        """(B, T) bool: which tokens of the forward pass in progress (or the last one) are real."""
+        return None if self.state is None else self.state.token_mask
 
     @property
     def threshold(self) -> float:
@@ -147,6 +275,26 @@ class RoutedModel(nn.Module):
     @threshold.setter
     def threshold(self, value: float) -> None:
         self.config.threshold = float(value)
+
+    @contextmanager
+    def using(self, **settings) -> Iterator[RoutedModel]:
+        """Change settings (mode, policy, sample, track, temperature, noise) for the block, then restore them."""
+        unknown = sorted(set(settings) - set(self.SETTINGS))
+        if unknown:
+            raise ConfigError(f"unknown routing settings {unknown}; choose from {self.SETTINGS}")
+        saved = {k: getattr(self, k) for k in settings}
+        try:
+            for key, value in settings.items():
+                if key == "mode":
+                    self.set_mode(value)
+                elif key == "policy":
+                    self.force(value)
+                else:
+                    setattr(self, key, value)
+            yield self
+        finally:
+            for key, value in saved.items():
+                setattr(self, key, value)
 
     def set_mode(self, mode: str) -> RoutedModel:
         if mode not in MODES:
@@ -166,23 +314,13 @@ class RoutedModel(nn.Module):
         self.policy = what
         return self
 
-    @contextmanager
     def forced(self, what: str | torch.Tensor | Policy | None):
-        saved = self.policy
-        self.force(what)
-        try:
-            yield self
-        finally:
-            self.policy = saved
+        """force() for the block only."""
+        return self.using(policy=what)
 
-    @contextmanager
     def mode_as(self, mode: str):
-        saved = self.mode
-        self.set_mode(mode)
-        try:
-            yield self
-        finally:
-            self.mode = saved
+        """set_mode() for the block only."""
+        return self.using(mode=mode)
 
     def sparsity(self) -> SparsityReport:
         """Realised sparsity over all tokens since the last reset_sparsity()."""
@@ -193,24 +331,15 @@ class RoutedModel(nn.Module):
 
     def realised_sparsity(self, accounting: str = "param") -> dict[str, torch.Tensor]:
         """Ratios of the last forward pass, differentiable through straight-through gates."""
-        if self.last_totals is None:
-            raise RuntimeError("no routed forward pass has run yet")
-        r = ratios(self.last_totals, self.costs)
+        if self.state is None or not self.state.complete:
+            raise RuntimeError("no complete routed forward pass has run yet")
+        r = ratios(self.state.totals(self.costs), self.costs)
         r["target_metric"] = r[accounting]
         return r
 
-    def last_forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gates (L, 2, B, T) (differentiable in training), non-pad mask (B, T) and context lengths (B, T)
-        of the last forward pass: what the sparsity accounting and the regulariser are computed from."""
-        if any(g is None for pair in self._gates for g in pair):
-            raise RuntimeError("no complete routed forward pass has run yet")
-        gates = torch.stack([torch.stack(pair) for pair in self._gates]).float()
-        context = self._context if self._context is not None else torch.ones_like(gates[0, 0])
-        return gates, self._token_mask, context.expand_as(gates[0, 0])
-
     def decisions(self) -> torch.Tensor:
         """Execute decisions of the last forward pass as a (L, 2, B, T) bool tensor."""
-        return torch.stack([torch.stack(pair) for pair in self._gates]) > 0.5
+        return self.state.stacked()[0] > 0.5
 
     def router_parameters(self):
         return self.routers.parameters()
@@ -220,46 +349,42 @@ class RoutedModel(nn.Module):
             p.requires_grad_(False)
 
 
+# -- the routed decoder layer ------------------------------------------------------------------------------
+
+
 def _routed_layer_forward(
     routed: RoutedModel, index: int, parts: LayerParts, signature: inspect.Signature, *args, **kwargs
 ) -> torch.Tensor:
+    """Stands in for decoder layer `index`'s forward; takes the arguments the HF decoder passes."""
     if args[1:]:  # positional extras: name them as the layer's own forward would
         bound = signature.bind(parts.layer, *args, **kwargs)
         kwargs = dict(bound.arguments)
         kwargs.pop("self", None)
         kwargs.update(kwargs.pop("kwargs", {}))
         hidden = kwargs.pop("hidden_states")
-    elif args:
-        hidden = args[0]
     else:
-        hidden = kwargs.pop("hidden_states")
+        hidden = args[0] if args else kwargs.pop("hidden_states")
     if index == 0:
         pos = kwargs.get("position_ids")
-        routed._context = None if pos is None else (pos + 1)
-    # Training always runs masked: a token whose module is not computed would give its router no gradient.
-    if routed.mode == "sparse" and not (routed.routers.training and torch.is_grad_enabled()):
-        from ..inference.sparse import sparse_layer_forward
-
-        return sparse_layer_forward(routed, index, parts, hidden, kwargs)
+        routed.state.context = None if pos is None else (pos + 1)
     if routed.gradient_checkpointing and torch.is_grad_enabled():
         # Recompute the layer in backward; the saved RNG state replays the same Gumbel noise.
         # A KV cache would be appended to twice, so training under checkpointing runs without one.
         kwargs = {**kwargs, "cache": None, "use_cache": False}
-        return checkpoint(_masked_layer_forward, routed, index, parts, hidden, kwargs, use_reentrant=False)
-    return _masked_layer_forward(routed, index, parts, hidden, kwargs)
+        return checkpoint(_layer, routed, index, parts, hidden, kwargs, use_reentrant=False)
+    return _layer(routed, index, parts, hidden, kwargs)
 
 
-def _masked_layer_forward(
-    routed: RoutedModel, index: int, parts: LayerParts, hidden: torch.Tensor, kwargs: dict
-) -> torch.Tensor:
+def _layer(routed: RoutedModel, index: int, parts: LayerParts, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder layer: route, then attention and MLP, each either gated (masked) or gathered (sparse)."""
+    is_sparse = routed.mode == "sparse" and not routed.training_routers
     x = hidden
     g = routed.gate(index, "attn", x)
-    h = parts.attn(hidden_states=parts.attn_norm(x), **kwargs)[0]
-    if parts.attn_out_norm is not None:
-        h = parts.attn_out_norm(h)
-    x = x + h * g.unsqueeze(-1).to(h.dtype)
+    if is_sparse:
+        x = sparse_attention(parts, x, g, kwargs)
+    else:
+        x = x + run_attention(parts, x, kwargs) * g.unsqueeze(-1).to(x.dtype)
     g = routed.gate(index, "mlp", x if routed.config.router_input == "module" else hidden)
-    h = parts.mlp(parts.mlp_norm(x))
-    if parts.mlp_out_norm is not None:
-        h = parts.mlp_out_norm(h)
-    return x + h * g.unsqueeze(-1).to(h.dtype)
+    if is_sparse:
+        return sparse_mlp(parts, x, g)
+    return x + run_mlp(parts, x) * g.unsqueeze(-1).to(x.dtype)

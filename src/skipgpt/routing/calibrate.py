@@ -10,27 +10,11 @@ forward passes (not a quantile of first-pass logits) lands on the target.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 
 from ..config import check_sparsity
-
-
-@contextlib.contextmanager
-def argmax_routing(routed) -> Iterator[None]:
-    """Deterministic argmax routing (routers in eval mode, no Gumbel sample) for the block; restores both
-    and clears the sparsity statistics the calibration passes left behind."""
-    was_training, saved_sample = routed.routers.training, routed.sample
-    routed.routers.eval()
-    routed.sample = False
-    try:
-        yield
-    finally:
-        routed.sample = saved_sample
-        routed.routers.train(was_training)
-        routed.reset_sparsity()
 
 
 @torch.no_grad()
@@ -56,7 +40,8 @@ def calibrate_threshold(
         raise ValueError("calibration needs at least one batch of text")
     lo, hi = -30.0, 30.0  # higher threshold -> fewer skips
     best = (float("inf"), routed.threshold)
-    with argmax_routing(routed):
+    # Deterministic argmax decisions (no Gumbel sample), statistics on; they are cleared afterwards.
+    with routed.using(sample=False, track=True):
         try:
             for _ in range(iterations):
                 mid = (lo + hi) / 2
@@ -72,48 +57,5 @@ def calibrate_threshold(
                     hi = mid
         finally:
             routed.threshold = best[1]
+            routed.reset_sparsity()
     return best[1]
-
-
-@torch.no_grad()
-def calibrate_input_scale(routed, batches: list[dict[str, torch.Tensor]], floor: float = 1e-2,
-                          overwrite: bool = False) -> int:
-    """Set every "channel"-normalised router's input_scale to the RMS of each input channel on `batches`.
-
-    Runs before router tuning, while fresh routers still execute every module, so the scales are those
-    of the dense model's hidden states. Pads (attention_mask 0) are left out.
-    Routers whose scale is no longer all ones are left alone unless `overwrite`. Returns the number set.
-    """
-    # Scales already set (loaded or trained routers) belong to their weights: keep them unless told otherwise.
-    routers = [r for r in routed.routers.modules()
-               if hasattr(r, "input_scale") and (overwrite or bool((r.input_scale == 1).all()))]
-    if not routers:
-        return 0
-    if not batches:
-        raise ValueError("input-scale calibration needs at least one batch of text")
-    sums = {id(r): torch.zeros_like(r.input_scale, dtype=torch.float64) for r in routers}
-    counts = dict.fromkeys(sums, 0)
-
-    def hook(module, args):
-        x, mask = args[0].detach().to(torch.float64), routed.token_mask
-        x = x[mask.to(x.device)] if mask is not None and mask.shape == x.shape[:-1] else x.reshape(-1, x.shape[-1])
-        sums[id(module)] += x.pow(2).sum(0).to(sums[id(module)].device)
-        counts[id(module)] += x.shape[0]
-
-    handles = [r.register_forward_pre_hook(hook) for r in routers]
-    saved_threshold = routed.threshold
-    with argmax_routing(routed):
-        routed.threshold = 0.0
-        try:
-            for r in routers:
-                r.input_scale.fill_(1.0)
-            for batch in batches:
-                routed(**batch)
-        finally:
-            for h in handles:
-                h.remove()
-            routed.threshold = saved_threshold
-    for r in routers:
-        rms = (sums[id(r)] / max(counts[id(r)], 1)).sqrt().clamp_min(floor)
-        r.input_scale.copy_(rms.to(r.input_scale.dtype))
-    return len(routers)

@@ -1,6 +1,18 @@
-"""Forced routing: decisions that do not come from the routers (tests, baselines, ablations).
+"""Policies: routing decisions that do not come from the plain router argmax (tests, baselines, ablations).
 
 A policy is a callable (layer, kind, x) -> execute mask of shape x.shape[:-1], kind "attn" or "mlp".
+Baselines save what their policy needs in the artifact's config (`extra["routing"]` names the variant),
+and `from_extra` rebuilds it, so a loaded baseline decides exactly as the saved one did.
+
+MoD-D (Mixture-of-Depths with attention and MLP routed separately): each module's router gives a
+score per token (execute logit - skip logit); the top-k tokens of each sequence execute, with
+k = capacity x real tokens. The forward gate is exactly 0/1 and the gradient reaches the router
+through sigmoid(score) (straight-through). Top-k is non-causal (a token's decision depends on later
+tokens' scores), so it is used only while the routers train; at inference a token executes iff its
+score exceeds a per-module threshold calibrated on text, module by module in forward order.
+
+Coupled: the attention router of a layer decides attention and MLP together (the ablation of
+SkipGPT's module decoupling).
 """
 
 from __future__ import annotations
@@ -9,8 +21,12 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import ArtifactError, ConfigError
+
 Policy = Callable[[int, str, torch.Tensor], torch.Tensor]
-KIND_INDEX = {"attn": 0, "mlp": 1}
+EXECUTE, SKIP = 0, 1  # router logit columns
+KINDS = ("attn", "mlp")  # index 0 attention, 1 MLP in every (L, 2, ...) tensor
+KIND_INDEX = {kind: i for i, kind in enumerate(KINDS)}
 
 
 def execute_all(layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
@@ -51,3 +67,104 @@ def random(skip_rates: torch.Tensor, seed: int = 0) -> Policy:
         return (u >= float(skip_rates[layer, KIND_INDEX[kind]])).to(x.device)
 
     return policy
+
+
+class ModPolicy:
+    """Top-k capacity routing per module while the routers train; a causal score threshold at inference."""
+
+    def __init__(self, routed, capacity: torch.Tensor, thresholds: torch.Tensor | None = None):
+        self.routed = routed
+        self.capacity = capacity.double()  # (L, 2) fraction of tokens that execute
+        self.thresholds = thresholds  # (L, 2) score thresholds for causal inference
+        self._calibrating = False
+
+    def score(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
+        logits = self.routed.routers.get(layer, kind)(x).float()
+        return logits[..., EXECUTE] - logits[..., SKIP]
+
+    def __call__(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
+        k_index = KIND_INDEX[kind]
+        s = self.score(layer, kind, x)  # (B, T)
+        if self._calibrating:
+            real = self.routed.token_mask
+            seen = s.detach()[real] if real is not None and real.shape == s.shape else s.detach().reshape(-1)
+            self.thresholds[layer, k_index] = torch.quantile(seen.double(), 1.0 - float(self.capacity[layer, k_index]))
+        training = self.routed.training_routers
+        if (training or self.thresholds is None) and s.shape[-1] > 1:
+            hard = self._topk(s, float(self.capacity[layer, k_index]))
+        else:
+            t = 0.0 if self.thresholds is None else float(self.thresholds[layer, k_index])
+            hard = (s > t).float()
+        soft = torch.sigmoid(s)
+        return hard + soft - soft.detach() if training else hard
+
+    def _topk(self, s: torch.Tensor, capacity: float) -> torch.Tensor:
+        real = self.routed.token_mask
+        if real is None or real.shape != s.shape:
+            real = torch.ones_like(s, dtype=torch.bool)
+        masked = s.masked_fill(~real, float("-inf"))
+        k = torch.clamp(torch.round(real.sum(-1).double() * capacity), min=1).long()  # (B,) per sequence
+        rank = torch.argsort(torch.argsort(masked, dim=-1, descending=True), dim=-1)
+        return ((rank < k[:, None]) & real).float()
+
+    @torch.no_grad()
+    def calibrate(self, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """Thresholds at which the causal rule executes `capacity` of the calibration tokens, per module.
+
+        All batches run as one forward pass, so each module's threshold is set from all calibration
+        tokens before the next module runs: every module is calibrated on the states that the causal
+        rule, with the thresholds already set upstream, produces. (Quantiles of scores recorded under
+        top-k routing miss the target: top-k produces other states than inference does.)
+        """
+        if not batches:
+            raise ConfigError("MoD-D calibration needs at least one batch of text")
+        lengths = {b["input_ids"].shape[-1] for b in batches}
+        if len(lengths) != 1:
+            raise ConfigError(f"MoD-D calibration batches must share one sequence length, got {sorted(lengths)}")
+        joined = {k: torch.cat([b[k] for b in batches]) for k in ("input_ids", "attention_mask") if k in batches[0]}
+        self.thresholds = torch.zeros(self.capacity.shape[0], 2, dtype=torch.float64)
+        self._calibrating = True
+        try:
+            with self.routed.using(sample=False, track=False):
+                self.routed(**joined, use_cache=False)
+        finally:
+            self._calibrating = False
+        self.routed.config.extra["thresholds"] = self.thresholds.tolist()
+        return self.thresholds
+
+
+class CoupledPolicy:
+    """The attention router's decision is used for the MLP of the same layer as well."""
+
+    def __init__(self, routed):
+        self.routed = routed
+        self.last: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
+        if kind == "mlp" and layer in self.last:
+            return self.last.pop(layer)
+        g = self.routed.decide(self.routed.routers.attn[layer](x))
+        self.last[layer] = g
+        return g
+
+
+def from_extra(routed, source: str = "routers") -> Policy | None:
+    """The policy a saved artifact's config.extra["routing"] names (None for plain SkipGPT routers)."""
+    extra = routed.config.extra
+    kind = extra.get("routing", "skipgpt")
+    try:
+        if kind in ("shortgpt", "static-modules"):
+            return static(torch.tensor(extra["keep"], dtype=torch.bool))
+        if kind == "random":
+            return random(torch.tensor(extra["skip_rates"]), int(extra.get("seed", 0)))
+        if kind == "mod-d":
+            thresholds = extra.get("thresholds")
+            thresholds = None if thresholds is None else torch.tensor(thresholds, dtype=torch.float64)
+            return ModPolicy(routed, torch.tensor(extra["capacity"]), thresholds)
+        if kind == "coupled":
+            return CoupledPolicy(routed)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"{source}: routing variant {kind!r} is missing or has a bad field ({e})") from None
+    if kind not in ("skipgpt", "dense"):
+        raise ArtifactError(f"{source}: unknown routing variant {kind!r} in skip_config.json extra")
+    return None

@@ -120,18 +120,23 @@ class SparsityMeter:
             self.totals = {k: self.totals[k] + t[k] for k in t}
 
     def report(self) -> SparsityReport:
-        if self.totals is None or float(self.totals["tokens"]) == 0:
-            L = self.costs.num_layers
-            return SparsityReport(0.0, 0.0, 0.0, 0.0, 0.0, 0, [0.0] * L, [0.0] * L)
-        r = ratios(self.totals, self.costs.to("cpu"))
-        pm = r["per_module"]
-        return SparsityReport(
-            param=float(r["param"]),
-            module=float(r["module"]),
-            flop=float(r["flop"]),
-            attention=float(r["attention"]),
-            mlp=float(r["mlp"]),
-            tokens=int(self.totals["tokens"]),
-            per_layer_attention=[float(x) for x in pm[:, 0]],
-            per_layer_mlp=[float(x) for x in pm[:, 1]],
-        )
+        return report(self.totals, self.costs)
+
+
+def report(totals: dict[str, torch.Tensor] | None, costs: ModuleCosts) -> SparsityReport:
+    """Realised sparsity of summed totals (None or no tokens: all zero)."""
+    if totals is None or float(totals["tokens"]) == 0:
+        L = costs.num_layers
+        return SparsityReport(0.0, 0.0, 0.0, 0.0, 0.0, 0, [0.0] * L, [0.0] * L)
+    r = ratios({k: v.detach().double().cpu() for k, v in totals.items()}, costs.to("cpu"))
+    pm = r["per_module"]
+    return SparsityReport(
+        param=float(r["param"]),
+        module=float(r["module"]),
+        flop=float(r["flop"]),
+        attention=float(r["attention"]),
+        mlp=float(r["mlp"]),
+        tokens=int(totals["tokens"]),
+        per_layer_attention=[float(x) for x in pm[:, 0]],
+        per_layer_mlp=[float(x) for x in pm[:, 1]],
+    )

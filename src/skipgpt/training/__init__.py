@@ -6,8 +6,7 @@
 """
 
 from .config import TrainConfig
-from .lora import attach_lora, load_adapter, load_trained, merge_lora
+from .lora import attach_lora, merge_lora
 from .trainer import TrainingError, TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingError", "attach_lora", "load_adapter", "load_trained",
-           "merge_lora", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingError", "attach_lora", "merge_lora", "train"]

@@ -21,8 +21,6 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 # Options that do not change what a resumed run computes; every other option must match the checkpoint's,
 # or the resumed steps would silently follow another recipe (other data order, schedule, loss...).
 RESUME_MAY_CHANGE = frozenset({"resume", "progress", "report_to", "checkpoint_every", "output", "calibrate"})
-# What a checkpoint written before an option existed ran with: its absence is that value, not "anything".
-IMPLIED_BY_OLDER_CHECKPOINTS = {"noise_start": 1.0, "noise_end": 1.0, "threshold_gain": 0.0}
 
 
 def trainable(routed) -> dict[str, torch.nn.Parameter]:
@@ -38,8 +36,6 @@ def save_checkpoint(path: Path, routed, optimizer: torch.optim.Optimizer, step: 
     for index, slots in state["state"].items():
         for key, value in slots.items():
             tensors[f"opt.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    for n, b in routed.routers.named_buffers():  # e.g. router input scales, fixed before step 1
-        tensors[f"buffer.routers.{n}"] = b.detach()
     tensors["rng.torch"] = torch.get_rng_state()
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
     meta = {"step": step, "param_groups": groups, **extra}
@@ -60,7 +56,6 @@ def check_resume_config(path: Path, config: dict[str, Any]) -> None:
     saved = read_metadata(path).get("config")
     if not isinstance(saved, dict):
         return  # written without its config: nothing to compare against
-    saved = {**IMPLIED_BY_OLDER_CHECKPOINTS, **saved}
     differ = [f"{k} {saved[k]!r} -> {config[k]!r}" for k in sorted(set(saved) & set(config))
               if k not in RESUME_MAY_CHANGE and saved[k] != config[k]]
     if differ:
@@ -84,9 +79,6 @@ def load_checkpoint(path: Path, routed, optimizer: torch.optim.Optimizer) -> dic
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param.{name}"])
-        for name, b in routed.routers.named_buffers():
-            if f"buffer.routers.{name}" in tensors:
-                b.copy_(tensors[f"buffer.routers.{name}"])
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if key.startswith("opt."):

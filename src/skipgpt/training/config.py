@@ -1,4 +1,7 @@
-"""TrainConfig: every option of `skipgpt train`, as one dataclass that round-trips to JSON and YAML."""
+"""TrainConfig: every option of `skipgpt train`, as one dataclass that round-trips to JSON and YAML.
+
+Each field's metadata holds its help text (and, for the string options, its choices); the command line
+builds one flag per field from them (skipgpt.cli.common.add_field_flag)."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ACCOUNTINGS, ROUTER_INPUTS, ROUTER_KINDS, ROUTER_NORMS, check_sparsity
+from ..config import ACCOUNTINGS, ROUTER_INPUTS, ROUTER_KINDS, check_sparsity
 from ..errors import ConfigError
 
 STAGES = ("router", "lora", "joint")
@@ -35,56 +38,93 @@ class TrainConfig:
     sparsity drifts during stage 2 and the final recalibration then changes the decisions LoRA adapted
     to. A gain > 0 moves the threshold after every step by gain * (realised - target sparsity of the
     step's batch), so LoRA trains on the sparsity it is evaluated at. 0 keeps the threshold fixed.
-    attention_sparsity: None lets the routers split target_sparsity between attention and MLP as the
-    loss prefers (the paper). A value adds a second term alpha * |attention_sparsity - realised
-    attention skip rate|, so the MLPs make up the rest of the target. On SmolLM2-135M holding attention
-    at 10% did worse than the routers' own split (docs/RESULTS.md, "Holding attention down").
     """
 
-    stage: str = "router"
-    model: str = "smollm2-135m"
-    data: str = "self"
-    text_field: str = "text"
-    output: str = "skipgpt-run"
-    routers: str | None = None
-    target_sparsity: float = 0.25
-    attention_sparsity: float | None = None
-    accounting: str = "param"
-    alpha: float = 8.0
-    steps: int = 150
-    seq_len: int = 256
-    batch_size: int = 2
-    grad_accum: int = 1
-    lr: float = 2e-3
-    lora_lr: float = 2e-4
-    weight_decay: float = 0.0
-    schedule: str = "auto"
-    warmup_ratio: float | None = None
-    temperature_start: float = 5.0
-    temperature_end: float = 1.0
-    noise_start: float = 1.0
-    noise_end: float = 0.0
-    distill: float = 0.0
-    threshold_gain: float = 0.0
-    router: str = "linear"
-    router_input: str = "module"
-    router_norm: str = "none"
-    execute_bias: float = 2.0
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "gate_proj"])
-    val_sequences: int = 8
-    calibrate: bool = True
-    max_tokens: int | None = None
-    self_sequences: int = 64
-    seed: int = 0
-    checkpoint_every: int = 50
-    resume: bool = False
-    report_to: str = "none"
-    mixed_precision: str = "no"
-    dtype: str = "float32"
-    progress: bool = True
+    stage: str = field(default="router", metadata={"choices": STAGES, "help": (
+        "router: tune routers on the frozen model (stage 1). lora: LoRA under frozen routers from --routers "
+        "(stage 2). joint: routers and LoRA together from step 0 (the paper's ablation)")})
+    model: str = field(default="smollm2-135m", metadata={
+        "help": "hub name, HF folder, .gguf file or the embedded alias smollm2-135m"})
+    data: str = field(default="self", metadata={"help": (
+        "training text: a .txt/.jsonl/.parquet file (WikiText .tokens/.raw read as .txt) or a folder of them, "
+        "a Hugging Face dataset name (needs network), or 'self' = sequences sampled from the dense model itself "
+        "(cached in OUTPUT/cache)")})
+    text_field: str = field(default="text", metadata={
+        "help": "field of .jsonl rows / column of .parquet files holding the text"})
+    output: str = field(default="skipgpt-run", metadata={"help": (
+        "directory receiving the router artifact, the PEFT adapter (OUTPUT/adapter, stages lora/joint), "
+        "train_log.csv, train_config.yaml and the resumable checkpoint")})
+    routers: str | None = field(default=None, metadata={
+        "help": "router directory to start from (required for --stage lora, where these routers stay frozen)"})
+    target_sparsity: float = field(default=0.25, metadata={
+        "help": "fraction of the decoder to skip, in [0, 1), e.g. 0.25"})
+    accounting: str = field(default="param", metadata={"choices": ACCOUNTINGS, "help": (
+        "what sparsity counts: param = skipped decoder parameters per token (the paper's number), "
+        "module = skipped modules, flop = skipped FLOPs")})
+    alpha: float = field(default=8.0, metadata={
+        "help": "weight of the sparsity regulariser alpha * |target - realised sparsity| (the paper: 8)"})
+    steps: int = field(default=150, metadata={
+        "help": "optimizer steps of this stage (the temperature anneals over exactly these)"})
+    seq_len: int = field(default=256, metadata={"help": "tokens per packed training sequence"})
+    batch_size: int = field(default=2, metadata={"help": "sequences per micro-batch (per process)"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "micro-batches per optimizer step; losses are normalised over the whole step"})
+    lr: float = field(default=2e-3, metadata={"help": "router learning rate (AdamW)"})
+    lora_lr: float = field(default=2e-4, metadata={"help": "LoRA learning rate (AdamW)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    schedule: str = field(default="auto", metadata={"choices": SCHEDULES, "help": (
+        "learning-rate schedule: constant, or cosine decay to zero after a linear warmup; auto = "
+        "cosine (a constant router lr degrades late in long runs)")})
+    warmup_ratio: float | None = field(default=None, metadata={
+        "help": "fraction of steps of linear warmup (default: 0 for router tuning, 0.1 when LoRA trains)"})
+    temperature_start: float = field(default=5.0, metadata={
+        "help": "Gumbel-softmax temperature at the first step (annealed linearly)"})
+    temperature_end: float = field(default=1.0, metadata={"help": "Gumbel-softmax temperature at the last step"})
+    noise_start: float = field(default=1.0, metadata={
+        "help": "scale of the Gumbel noise at the first step (annealed linearly; 1 = standard Gumbel-softmax)"})
+    noise_end: float = field(default=0.0, metadata={"help": (
+        "scale of the Gumbel noise at the last step: 0 ends training on the argmax decisions that "
+        "inference makes; 1 = the paper's constant noise")})
+    distill: float = field(default=0.0, metadata={"help": (
+        "0 = language-model loss, 1 = KL divergence from the frozen dense model's next-token "
+        "distribution (costs one extra dense forward), in between = a mix")})
+    threshold_gain: float = field(default=0.0, metadata={"help": (
+        "stage lora: after every step move the inference threshold by GAIN * (realised - target "
+        "sparsity), so LoRA trains at the sparsity it is evaluated at (LoRA shifts what the frozen "
+        "routers read); 0 = fixed threshold")})
+    router: str = field(default="linear", metadata={"choices": ROUTER_KINDS, "help": (
+        "new routers: linear (the paper) or mlp (hidden -> hidden/4 -> 2, as the published code)")})
+    router_input: str = field(default="module", metadata={"choices": ROUTER_INPUTS, "help": (
+        "new routers: module = each router reads its module's input; layer = both read the layer input")})
+    execute_bias: float = field(default=2.0, metadata={
+        "help": "new routers: initial execute-logit margin, so training starts from the dense model"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout"})
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "gate_proj"], metadata={
+        "help": "comma-separated module names that get LoRA"})
+    val_sequences: int = field(default=8, metadata={
+        "help": "packed sequences held out to calibrate the threshold and report held-out perplexity"})
+    calibrate: bool = field(default=True, metadata={"help": (
+        "after training, shift the inference threshold so argmax routing meets the target on held-out "
+        "text (training under Gumbel noise skips more than argmax does)")})
+    max_tokens: int | None = field(default=None, metadata={"help": "read at most this many tokens of the data"})
+    self_sequences: int = field(default=64, metadata={
+        "help": "with --data self: how many training sequences to sample from the model"})
+    seed: int = field(default=0, metadata={"help": "seed of data order, Gumbel noise and self-sampled data"})
+    checkpoint_every: int = field(default=50, metadata={
+        "help": "write OUTPUT/checkpoint.safetensors every N steps (atomically); 0 = never"})
+    resume: bool = field(default=False, metadata={"help": (
+        "continue from OUTPUT/checkpoint.safetensors if present (identical result to an uninterrupted run); "
+        "every other option must match the run that wrote it, except --checkpoint-every, --progress, "
+        "--report-to and --calibrate")})
+    report_to: str = field(default="none", metadata={"choices": REPORTERS, "help": (
+        "also log to tensorboard or wandb (the CSV log is always written)")})
+    mixed_precision: str = field(default="no", metadata={"choices": PRECISIONS, "help": (
+        "accelerate mixed precision (no, bf16, fp16)")})
+    dtype: str = field(default="float32", metadata={
+        "help": "dtype the base model is loaded in (float32, bfloat16, float16)"})
+    progress: bool = field(default=True, metadata={"help": "show the progress bar"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -94,23 +134,10 @@ class TrainConfig:
             if getattr(self, name) not in options:
                 raise ConfigError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
 
-        choice("stage", STAGES)
-        choice("accounting", ACCOUNTINGS)
-        choice("schedule", SCHEDULES)
-        choice("router", ROUTER_KINDS)
-        choice("router_input", ROUTER_INPUTS)
-        choice("router_norm", ROUTER_NORMS)
-        choice("report_to", REPORTERS)
-        choice("mixed_precision", PRECISIONS)
+        for f in dataclasses.fields(self):  # stage, accounting, schedule, router, ...: the choices in the metadata
+            if "choices" in f.metadata:
+                choice(f.name, f.metadata["choices"])
         check_sparsity(self.target_sparsity)
-        if self.attention_sparsity is not None:
-            a = self.attention_sparsity
-            if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a < 1.0:
-                raise ConfigError(f"attention_sparsity must be in [0, 1) (the attention skip rate), got {a!r}")
-            if not self.trains_routers:
-                raise ConfigError("attention_sparsity shapes router tuning; stage 'lora' keeps the routers frozen")
-            if self.accounting == "flop":  # the attention share of FLOPs depends on the context length
-                raise ConfigError("attention_sparsity needs accounting param or module")
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "val_sequences", "lora_r", "self_sequences"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -4,7 +4,6 @@ The objective of one optimizer step over sequences b with n_b real tokens is
 
     (1 - distill) * sum(NLL) / N  +  distill * sum(KL(dense || routed)) / N
       + alpha * sum_b n_b * |target - sparsity_b| / sum_b n_b
-      [ + alpha * sum_b n_b * |attention_target - attention_b| / sum_b n_b ]
 
 where N counts predicted tokens and sparsity_b is sequence b's realised sparsity under the chosen
 accounting. Every term is a sum over sequences divided by a step-wide count, so k micro-batches
@@ -50,32 +49,22 @@ def kd_sum(logits: torch.Tensor, dense_logits: torch.Tensor, batch: dict[str, to
     return (kl * mask).sum()
 
 
-def sequence_sparsity(routed, *accountings: str) -> tuple[torch.Tensor, ...]:
-    """Differentiable realised sparsity of each sequence of the last forward, one (B,) tensor per
-    accounting asked for, then the (B,) real-token counts.
+def sequence_sparsity(routed, accounting: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable realised sparsity (B,) of each sequence of the last forward, and its real-token counts (B,).
 
-    An accounting is param, module or flop, or attention / mlp for the skip rate of one module kind.
     Reads the gates whatever produced them (routers or a policy with float gates), so the
     regulariser trains whichever parameters the gates depend on.
     """
-    gates, mask, context = routed.last_forward()
-    values, counts = [[] for _ in accountings], []
+    gates, mask, context = routed.state.stacked()
+    values, counts = [], []
     for b in range(gates.shape[2]):
         totals = skip_totals(gates[:, :, b : b + 1], mask[b : b + 1], context[b : b + 1], routed.costs)
-        r = ratios(totals, routed.costs)
-        for column, accounting in zip(values, accountings):
-            column.append(r[accounting])
+        values.append(ratios(totals, routed.costs)[accounting])
         counts.append(totals["tokens"])
-    return (*(torch.stack(column) for column in values), torch.stack(counts))
+    return torch.stack(values), torch.stack(counts)
 
 
-def regulariser_sum(routed, accounting: str, target: float, attention_target: float | None = None) -> torch.Tensor:
-    """sum_b n_b * |target - sparsity_b| for the last forward (divide by the step's real-token count).
-
-    With `attention_target`, also sum_b n_b * |attention_target - attention skip rate_b|.
-    """
-    if attention_target is None:
-        values, counts = sequence_sparsity(routed, accounting)
-        return (counts * (target - values).abs()).sum()
-    values, attention, counts = sequence_sparsity(routed, accounting, "attention")
-    return (counts * ((target - values).abs() + (attention_target - attention).abs())).sum()
+def regulariser_sum(routed, accounting: str, target: float) -> torch.Tensor:
+    """sum_b n_b * |target - sparsity_b| for the last forward (divide by the step's real-token count)."""
+    values, counts = sequence_sparsity(routed, accounting)
+    return (counts * (target - values).abs()).sum()

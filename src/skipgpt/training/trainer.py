@@ -26,15 +26,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
 
+from ..artifact import load_routers, save_routers
+from ..config import SkipConfig
 from ..errors import ConfigError, SkipGPTError
+from ..evaluation.perplexity import perplexity
 from ..io import write_text_atomic
-from ..routing.calibrate import calibrate_input_scale, calibrate_threshold
-from ..routing.router import anneal
+from ..models.loading import load_model
+from ..models.routed import RoutedModel
+from ..routing.calibrate import calibrate_threshold
 from . import loss as L
 from .checkpoint import CHECKPOINT_NAME, check_resume_config, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import PackedData, data_files, load_data, micro_batches
+from .lora import attach_lora, check_lora_targets, lora_parameters
 
 LOG_NAME = "train_log.csv"
 LOG_FIELDS = ("step", "loss", "lm_loss", "kd_loss", "reg", "sparsity", "attention", "mlp", "temperature", "noise",
@@ -63,6 +70,15 @@ def learning_rate(step: int, total: int, base: float, schedule: str, warmup: flo
         return base
     progress = (step - warm) / max(1, total - warm)
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def anneal(step: int, total_steps: int, start: float, end: float) -> float:
+    """Linear annealing from start to end over the stage (reaches `end` on the last step): the Gumbel
+    temperature (5 -> 1) and the Gumbel noise scale follow it."""
+    if total_steps <= 1:
+        return end
+    frac = min(max(step / (total_steps - 1), 0.0), 1.0)
+    return start + (end - start) * frac
 
 
 def micro_seed(seed: int, step: int, micro: int) -> int:
@@ -97,7 +113,7 @@ def step_gradients(routed, batches: list[dict[str, torch.Tensor]], cfg: TrainCon
             logits = forward(**batch).logits
             nll = L.nll_sum(logits, batch) / n_pred
             kd = L.kd_sum(logits, dense, batch) / n_pred if dense is not None else torch.zeros_like(nll)
-            reg = L.regulariser_sum(routed, cfg.accounting, cfg.target_sparsity, cfg.attention_sparsity) / n_real
+            reg = L.regulariser_sum(routed, cfg.accounting, cfg.target_sparsity) / n_real
             total = (1.0 - cfg.distill) * nll + cfg.distill * kd + alpha * reg
             if not torch.isfinite(total.detach()):
                 return {**stats, "loss": float("nan")}
@@ -126,18 +142,14 @@ def steer_threshold(routed, gain: float, reduce=None) -> float:
 def _dense(routed):
     """The frozen dense model: every module executes and no LoRA is applied."""
     disable = getattr(routed.model, "disable_adapter", None)
-    with routed.forced("execute"), (disable() if callable(disable) else contextlib.nullcontext()):
+    with routed.using(policy="execute", track=False), (disable() if callable(disable) else contextlib.nullcontext()):
         yield
 
 
 @torch.no_grad()
 def _dense_logits(routed, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    track, routed.track = routed.track, False
-    try:
-        with _dense(routed):
-            return routed(**batch).logits
-    finally:
-        routed.track = track
+    with _dense(routed):
+        return routed(**batch).logits
 
 
 @torch.no_grad()
@@ -146,8 +158,6 @@ def held_out_nll(routed, sequences: torch.Tensor, batch_size: int, dense: bool =
 
     Each packed sequence is one perplexity window, so this is the evaluation's perplexity function.
     """
-    from ..evaluation.perplexity import perplexity
-
     was_training, model_training = routed.routers.training, routed.model.training
     routed.routers.eval()
     routed.model.eval()
@@ -161,41 +171,23 @@ def held_out_nll(routed, sequences: torch.Tensor, batch_size: int, dense: bool =
 
 
 def build_routed(cfg: TrainConfig):
-    """(routed, tokenizer) for cfg: the model, with routers loaded from cfg.routers or freshly initialised."""
-    from ..artifact import load_routers
-    from ..config import SkipConfig
-    from ..models.loading import load_model
-    from ..models.routed import RoutedModel
+    """(routed, tokenizer) for cfg: the model, with routers loaded from cfg.routers or freshly initialised.
 
+    A stage-2 adapter next to those routers is not loaded: this stage trains its own."""
     if cfg.stage == "lora" and not cfg.routers:
         raise ConfigError("stage 'lora' trains LoRA under frozen routers: pass the stage-1 router directory "
                           "with --routers DIR")
     model, tokenizer = load_model(cfg.model, dtype=cfg.dtype)
     if cfg.routers:
-        routed = load_routers(model, cfg.routers)
+        routed = load_routers(model, cfg.routers, lora="none")
     else:
-        skip = SkipConfig(router=cfg.router, router_input=cfg.router_input, router_norm=cfg.router_norm,
-                          execute_bias=cfg.execute_bias, target_sparsity=cfg.target_sparsity,
-                          accounting=cfg.accounting)
+        skip = SkipConfig(router=cfg.router, router_input=cfg.router_input, execute_bias=cfg.execute_bias,
+                          target_sparsity=cfg.target_sparsity, accounting=cfg.accounting)
         routed = RoutedModel(model, skip, name=cfg.model)
     return routed, tokenizer
 
 
-def check_attention_target(routed, cfg: TrainConfig) -> float:
-    """The MLP skip rate that attention_sparsity leaves to reach target_sparsity; ConfigError if outside [0, 1]."""
-    c = routed.costs
-    share = 0.5 if cfg.accounting == "module" else float(c.attn_params.sum() / (c.attn_params + c.mlp_params).sum())
-    mlp = (cfg.target_sparsity - share * cfg.attention_sparsity) / (1.0 - share)
-    if not 0.0 <= mlp <= 1.0:
-        raise ConfigError(f"attention_sparsity {cfg.attention_sparsity} cannot meet {cfg.accounting} sparsity "
-                          f"{cfg.target_sparsity}: the MLPs would have to skip {mlp:.1%} (attention is "
-                          f"{share:.1%} of the {cfg.accounting} count)")
-    return mlp
-
-
 def _setup_parameters(routed, cfg: TrainConfig) -> list[dict]:
-    from .lora import attach_lora, lora_parameters
-
     routed.freeze_base()
     for p in routed.routers.parameters():
         p.requires_grad_(cfg.trains_routers)
@@ -227,11 +219,6 @@ def _write_log(path: Path, history: list[dict[str, float]]) -> None:
 def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None = None) -> TrainResult:
     """Run one stage as `cfg` says. Pass `routed` to train routers (or LoRA) of a model you built,
     e.g. under a custom gating policy; `data` skips loading text (then no tokenizer is needed)."""
-    from accelerate import Accelerator
-
-    from ..artifact import save_routers
-    from .lora import ADAPTER_DIR, check_lora_targets, save_adapter
-
     output = Path(cfg.output)
     ckpt = output / CHECKPOINT_NAME
     # Bad input fails here, before minutes of model loading and before anything is written to `output`.
@@ -245,8 +232,6 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         raise ConfigError("train(cfg, routed=...) needs a tokenizer or pre-packed `data`")
     if cfg.trains_lora and not hasattr(routed.model, "peft_config"):
         check_lora_targets(routed.model, cfg.lora_targets)
-    if cfg.attention_sparsity is not None:  # validate() allows it only when routers train
-        check_attention_target(routed, cfg)
     # Under torchrun on a machine without an accelerator, Accelerator() runs every process alone unless told
     # to use the CPU (then it joins them over gloo): each would train on its own shard and write its own result.
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -264,12 +249,6 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         routed.config.target_sparsity = cfg.target_sparsity
         routed.config.accounting = cfg.accounting
     # else (stage lora): the frozen routers keep the target and accounting they were tuned for
-    if cfg.trains_routers and routed.policy is None and not (cfg.resume and ckpt.exists()):
-        # Fresh "channel" routers get their input scales from the first training sequences (a no-op otherwise);
-        # a resumed run restores them from the checkpoint instead.
-        first = data.train[: max(cfg.batch_size, min(8, len(data.train)))]
-        calibrate_input_scale(routed, [{"input_ids": first[i : i + cfg.batch_size].to(accelerator.device)}
-                                       for i in range(0, len(first), cfg.batch_size)])
     groups = _setup_parameters(routed, cfg)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     wrapped, optimizer = accelerator.prepare(routed, optimizer)
@@ -290,8 +269,6 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         output.mkdir(parents=True, exist_ok=True)
         write_text_atomic(output / "train_config.yaml", cfg.to_yaml())
         _write_log(output / LOG_NAME, history)
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and main), desc=f"train {cfg.stage}",
                dynamic_ncols=True)
@@ -343,9 +320,7 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
     elapsed = time.perf_counter() - t_start
     summary = _finish(routed, cfg, data, history, elapsed, tokens_seen)
     if main:
-        save_routers(routed, output)
-        if cfg.trains_lora:
-            save_adapter(routed, output / ADAPTER_DIR)
+        save_routers(routed, output)  # with the adapter in output/adapter when LoRA trained
         _write_log(output / LOG_NAME, history)
     if cfg.report_to != "none":
         accelerator.end_training()

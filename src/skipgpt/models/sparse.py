@@ -29,47 +29,42 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .adapters import LayerParts
 
-def sparse_layer_forward(routed, index: int, parts, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """One decoder layer in sparse mode; records gates through routed.gate() like the masked path."""
-    x = hidden
-    g = routed.gate(index, "attn", x)
-    x = _attention(parts, x, g, kwargs)
-    g = routed.gate(index, "mlp", x if routed.config.router_input == "module" else hidden)
-    return _mlp(parts, x, g)
+
+def run_attention(parts: LayerParts, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The layer's attention module on every token, its output norm included (what the gate multiplies)."""
+    h = parts.attn(hidden_states=parts.attn_norm(x), **kwargs)[0]
+    return parts.attn_out_norm(h) if parts.attn_out_norm is not None else h
+
+
+def run_mlp(parts: LayerParts, x: torch.Tensor) -> torch.Tensor:
+    """The layer's MLP module on every row of x, its output norm included."""
+    h = parts.mlp(parts.mlp_norm(x))
+    return parts.mlp_out_norm(h) if parts.mlp_out_norm is not None else h
 
 
 # -- MLP ---------------------------------------------------------------------------------------------------
 
 
-def _mlp(parts, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def sparse_mlp(parts: LayerParts, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """x plus the MLP output of the tokens whose gate g (B, T) is 1; the others pass through."""
     execute = g > 0.5
     count = int(execute.sum())
     if count == 0:
         return x
     if count == execute.numel():
-        return x + _gated(_mlp_block(parts, x), g)
+        return x + run_mlp(parts, x)
     flat = x.reshape(-1, x.shape[-1])
     rows = execute.reshape(-1).nonzero().squeeze(1)
-    h = _gated(_mlp_block(parts, flat.index_select(0, rows)), g.reshape(-1).index_select(0, rows))
+    h = run_mlp(parts, flat.index_select(0, rows))
     return flat.index_add(0, rows, h.to(flat.dtype)).view_as(x)
-
-
-def _mlp_block(parts, x: torch.Tensor) -> torch.Tensor:
-    h = parts.mlp(parts.mlp_norm(x))
-    return parts.mlp_out_norm(h) if parts.mlp_out_norm is not None else h
-
-
-def _gated(h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    # Gates are exactly 1 for executing tokens at inference; multiplying only when they carry a
-    # gradient (straight-through training in sparse mode) keeps the router trainable for free.
-    return h * g.unsqueeze(-1).to(h.dtype) if g.requires_grad else h
 
 
 # -- attention ---------------------------------------------------------------------------------------------
 
 
-def supports_sparse_attention(parts, attention_mask) -> bool:
+def supports_sparse_attention(parts: LayerParts, attention_mask) -> bool:
     """Whether the gathered-query SDPA path reproduces this layer's attention exactly."""
     attn = parts.attn
     config = getattr(attn, "config", None)
@@ -80,20 +75,18 @@ def supports_sparse_attention(parts, attention_mask) -> bool:
     return attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4)
 
 
-def _attention(parts, x: torch.Tensor, g: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def sparse_attention(parts: LayerParts, x: torch.Tensor, g: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """x plus the attention output of the tokens whose gate g (B, T) is 1; keys and values of all tokens."""
     execute = g > 0.5
     batch, seq, _ = x.shape
     per_row = execute.sum(dim=1)
     count = int(per_row.sum())
     cache = kwargs.get("cache")
     mask = kwargs.get("attention_mask")
-    if count == batch * seq or not supports_sparse_attention(parts, mask):
-        h = parts.attn(hidden_states=parts.attn_norm(x), **kwargs)[0]
-        if parts.attn_out_norm is not None:
-            h = parts.attn_out_norm(h)
-        if count == batch * seq:
-            return x + _gated(h, g)
-        return x + h * g.unsqueeze(-1).to(h.dtype)
+    if count == batch * seq:
+        return x + run_attention(parts, x, kwargs)
+    if not supports_sparse_attention(parts, mask):
+        return x + run_attention(parts, x, kwargs) * g.unsqueeze(-1).to(x.dtype)
     if count == 0 and cache is None:
         return x  # nobody queries this layer and nothing is cached: its keys are never read
 
@@ -136,10 +129,9 @@ def _attention(parts, x: torch.Tensor, g: torch.Tensor, kwargs: dict) -> torch.T
     h = attn.o_proj(out.transpose(1, 2).reshape(rows.numel(), longest, -1))
 
     flat_index = (rows[:, None] * seq + order)
-    gate = g[rows].gather(1, order)
     if not bool(valid.all()):
-        h, flat_index, gate = h[valid], flat_index[valid], gate[valid]
-    h = _gated(h.reshape(-1, h.shape[-1]), gate.reshape(-1))
+        h, flat_index = h[valid], flat_index[valid]
+    h = h.reshape(-1, h.shape[-1])
     flat = x.reshape(-1, x.shape[-1])
     return flat.index_add(0, flat_index.reshape(-1), h.to(flat.dtype)).view_as(x)
 

@@ -1,0 +1,217 @@
+"""What the subcommands share, declared once.
+
+- Each command's parser, named and documented by its module's docstring (`add_command`).
+- Flags built from config dataclass fields (`add_field_flag`): type from the field's annotation, choices
+  and help from its metadata. `skipgpt train` builds every flag this way; the other commands build their
+  --model and --dtype from the same TrainConfig fields (`add_model_flags`).
+- --device and --threads (`add_model_flags`) and what they do at run time (`model_options`).
+- --output (`add_output`).
+- argparse types that refuse a bad value at parse time (`positive_int`, `int_at_least`, `sparsity`,
+  `checked`), and `Parser`, whose errors are one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import inspect
+import types
+import typing
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..config import check_sparsity
+from ..errors import ConfigError
+from ..training.config import TrainConfig
+
+FIELD_DEFAULT: Any = dataclasses.MISSING  # add_field_flag(default=...): the field's own default
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line on stderr ("skipgpt bench: error: ..."), exit status 2.
+
+    Subcommand parsers are made of the same class, so every command reports its errors alike."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def add_command(sub: argparse._SubParsersAction, doc: str, epilog: str | None = None) -> argparse.ArgumentParser:
+    """The parser of one command, from its module's docstring.
+
+    The docstring opens with "`skipgpt NAME`: HELP" (HELP is the line `skipgpt --help` shows); the
+    paragraphs after it are the command's description. An epilog laid out in lines (examples, lists of
+    tasks) is printed as written, a one-paragraph epilog is wrapped like the description."""
+    head, _, description = inspect.cleandoc(doc).partition("\n\n")
+    title, _, summary = " ".join(head.split()).partition(": ")
+    name = title.strip("`").split()[-1]
+    raw = epilog is not None and "\n" in epilog
+    return sub.add_parser(name, help=summary, description=description.strip() or summary, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter)
+
+
+# -- argparse types ---------------------------------------------------------------------------------------
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: a whole number >= minimum (else argparse's one-line error, exit status 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "int" if minimum == 1 else f"int >= {minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def checked(convert: Callable[[str], Any]) -> Callable[[str], Any]:
+    """argparse type from a converter that raises ConfigError: its message becomes argparse's one-line error."""
+
+    @functools.wraps(convert)
+    def parse(text: str) -> Any:
+        try:
+            return convert(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def parse_sparsity(text: str) -> float:
+    """A sparsity fraction in [0, 1), e.g. "0.25"; ConfigError otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{text!r} is not a number (use a fraction such as 0.25)") from None
+    return check_sparsity(value, "sparsity")
+
+
+sparsity = checked(parse_sparsity)
+
+
+def comma_list(text: str) -> list[str]:
+    """argparse type of a list[str] field: "q_proj, v_proj" -> ["q_proj", "v_proj"]."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# -- flags from dataclass fields -------------------------------------------------------------------------
+
+
+def field_default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def field_type(hint: Any) -> Callable[[str], Any]:
+    """The argparse type a field annotation asks for: int, float, str, bool; X | None as X; list[str]."""
+    if hint in (int, float, str, bool):
+        return hint
+    origin, args = typing.get_origin(hint), [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(args) == 1:
+        return field_type(args[0])
+    if origin is list and args == [str]:
+        return comma_list
+    raise TypeError(f"no command-line type for a field annotated {hint!r}")
+
+
+def add_field_flag(parser: argparse.ArgumentParser, cls: type, name: str, default: Any = FIELD_DEFAULT,
+                   shown: str | None = None, note: str | None = None) -> argparse.Action:
+    """--NAME (underscores as dashes) for field `name` of dataclass `cls`.
+
+    The type comes from the annotation (a bool field is --NAME/--no-NAME), the choices and the help from
+    the field's metadata ({"help": ..., "choices": ...}); the help ends with the field's default (or
+    `shown`), `note` is added to it. `default` is the flag's value when it is not given: the field's
+    default unless told otherwise (`skipgpt train` passes None, so that --config FILE can fill it)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    kind = field_type(typing.get_type_hints(cls)[name])
+    value = field_default(f)
+    default = value if default is FIELD_DEFAULT else default
+    text = f.metadata["help"] + (f"; {note}" if note else "")
+    if "(default" not in text:
+        text += f" (default: {shown or (','.join(value) if isinstance(value, list) else value)})"
+    flag = "--" + name.replace("_", "-")
+    text = text.replace("%", "%%")
+    if kind is bool:
+        return parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=default,
+                                   help=text)
+    return parser.add_argument(flag, dest=name, type=kind, default=default, choices=f.metadata.get("choices"),
+                               help=text)
+
+
+# -- the shared flags -------------------------------------------------------------------------------------
+
+
+def add_model_flags(parser: argparse.ArgumentParser, *, note: str | None = None, dtype: bool = True,
+                    dtype_default: Any = FIELD_DEFAULT, dtype_note: str | None = None, device: str | None = None,
+                    threads: bool = False) -> None:
+    """--model and (unless dtype=False) --dtype, from TrainConfig's fields; --device and --threads on request.
+
+    dtype_default=None leaves --dtype unset so that model_options picks it by device (bfloat16 on cuda,
+    float32 on cpu). device: None = no --device flag; "auto" = default cuda when available, else cpu;
+    "cpu" = default cpu. model_options(args) applies all of them."""
+    add_field_flag(parser, TrainConfig, "model", note=note)
+    if dtype:
+        add_field_flag(parser, TrainConfig, "dtype", default=dtype_default, note=dtype_note,
+                       shown="bfloat16 on cuda, float32 on cpu" if dtype_default is None else None)
+    if device is not None:
+        shown = "cuda if available, else cpu" if device == "auto" else device
+        parser.add_argument("--device", default=None, help=f"torch device: cpu, cuda or cuda:N (default: {shown})")
+        parser.set_defaults(device_default=device)
+    if threads:
+        parser.add_argument("--threads", type=positive_int, default=None,
+                            help="CPU threads for torch (default: torch's choice)")
+
+
+def add_output(parser: argparse.ArgumentParser, help: str, required: bool = False,
+               default: str | None = None) -> argparse.Action:
+    """--output: a required one, or one with a default (None = not written)."""
+    if required:
+        return parser.add_argument("--output", required=True, help=help)
+    shown = f" (default: {default})" if default is not None else ""
+    return parser.add_argument("--output", default=default, help=help + shown)
+
+
+# -- what the shared flags do -----------------------------------------------------------------------------
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """--threads N: torch uses N CPU threads (without it, torch's own choice)."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def resolve_device(args: argparse.Namespace) -> str | None:
+    """The device --device asks for (None = the model stays where it loads, on the cpu).
+
+    Without --device, "auto" commands take cuda when it is there. Asking for cuda without a CUDA
+    device is a ConfigError (one line), not a torch traceback later."""
+    device = getattr(args, "device", None)
+    if device is None and getattr(args, "device_default", None) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} was asked for but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(args: argparse.Namespace, device: str | None) -> str:
+    """--dtype, or without it bfloat16 on cuda and float32 elsewhere."""
+    if getattr(args, "dtype", None) is not None:
+        return args.dtype
+    return "bfloat16" if device is not None and device.startswith("cuda") else "float32"
+
+
+def model_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Apply --threads and resolve --device and --dtype: the dtype= and device= keywords of load_model."""
+    apply_threads(args)
+    device = resolve_device(args)
+    return {"dtype": resolve_dtype(args, device), "device": device}
