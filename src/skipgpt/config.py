@@ -15,6 +15,7 @@ FORMAT_VERSION = 1
 ROUTER_KINDS = ("linear", "mlp")
 ROUTER_INPUTS = ("module", "layer")
 ACCOUNTINGS = ("param", "module", "flop")
+FORECASTERS = ("linear",)
 
 
 @dataclass
@@ -40,6 +41,10 @@ class SkipConfig:
                    decisions are known at the start of the layer.
     execute_bias:  initial logit margin for "execute", so training starts from the dense model.
     threshold:     inference-time shift: a module is skipped when skip_logit - execute_logit > threshold.
+    forecaster_rank: 0 is the paper's plain skip (a skipped module adds nothing). R > 0 gives every
+                   module a rank-R forecaster of its output from its normalised input, and a skipped
+                   token gets x + forecast instead of x (informed skipping).
+    forecaster:    the forecaster's kind: "linear" (a rank-R bottleneck, fitted in closed form).
     """
 
     router: str = "linear"
@@ -48,6 +53,8 @@ class SkipConfig:
     target_sparsity: float = 0.25
     accounting: str = "param"
     threshold: float = 0.0
+    forecaster_rank: int = 0
+    forecaster: str = "linear"
     base: BaseModelInfo = field(default_factory=BaseModelInfo)
     format_version: int = FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
@@ -62,6 +69,11 @@ class SkipConfig:
             raise ConfigError(f"router_input must be one of {ROUTER_INPUTS}, got {self.router_input!r}")
         if self.accounting not in ACCOUNTINGS:
             raise ConfigError(f"accounting must be one of {ACCOUNTINGS}, got {self.accounting!r}")
+        if self.forecaster not in FORECASTERS:
+            raise ConfigError(f"forecaster must be one of {FORECASTERS}, got {self.forecaster!r}")
+        rank = self.forecaster_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ConfigError(f"forecaster_rank must be a whole number >= 0 (0 = plain skip), got {rank!r}")
         check_sparsity(self.target_sparsity)
 
     def to_dict(self) -> dict[str, Any]:
