@@ -3,6 +3,7 @@
     python benchmarks/speed.py                      # CPU: SmolLM2-135M and a reduced-depth LLaMA-2-7B shape
     python benchmarks/speed.py --device cuda        # GPU: the full 32-layer LLaMA-2-7B shape in bf16
     python benchmarks/speed.py --routers runs/demo/routers   # trained SmolLM2 routers instead of random skipping
+    python benchmarks/speed.py --device cuda --models llama7b --llama-batches 1,8   # what benchmarks/gpu.sh runs
 
 For each model and each sparsity (0%, 25%, 40% of parameters) it prints prefill and decode tokens/s of
 the three variants, the sparse/dense speedup, the ideal speedup from the FLOPs actually skipped (whole
@@ -68,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", default="smollm2,llama7b", help="which of smollm2,llama7b,smollm2-b1 to run")
     ap.add_argument("--llama-layers", type=int, default=None,
                     help="depth of the 7B shape (default 4 on cpu, 32 on cuda)")
-    ap.add_argument("--output", default=None, help="also write all results as JSON here")
+    ap.add_argument("--llama-batches", default=None,
+                    help="comma-separated batch sizes of the 7B shape (default 4 on cuda, 1 on cpu)")
+    ap.add_argument("--llama-seq-len", type=int, default=None, help="prompt length of the 7B shape "
+                    "(default 512 on cuda, 256 on cpu)")
+    ap.add_argument("--output", default=None, help="also write all results as JSON here (after every measurement, "
+                    "so a run cut short keeps what it measured)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             r = measure_speed(routed, vocab, seq, batch, decode, args.repeats, sparsity=use)
             r.update(model=name, target=s)
             results.append(r)
+            if args.output:
+                Path(args.output).write_text(json.dumps(results, indent=2))
             for phase in phases:
                 lines.append(row(name, f"b{batch} s{seq}", f"{s:.0%}", phase, r, r))
                 print(lines[-1], flush=True)
@@ -108,12 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         layers = args.llama_layers or (32 if cuda else 4)
         model, vocab = llama7b_shaped(layers, dtype, args.device)
         routed = skipgpt.RoutedModel(model)
-        seq, batch = (512, 4) if cuda else (256, 1)
-        bench(f"LLaMA-2-7B shape, {layers} layers", routed, vocab, seq, batch, 16, ("prefill", "decode"))
+        seq = args.llama_seq_len or (512 if cuda else 256)
+        batches = args.llama_batches or ("4" if cuda else "1")
+        for batch in (int(b) for b in batches.split(",")):
+            bench(f"LLaMA-2-7B shape, {layers} layers", routed, vocab, seq, batch, 16, ("prefill", "decode"))
     device = results[0]["device"] if results else args.device
     print(f"\ndevice: {device}; dtype {dtype}; repeats {args.repeats}; torch threads {torch.get_num_threads()}")
-    if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2))
     return 0
 
 

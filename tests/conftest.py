@@ -3,7 +3,12 @@ the embedded SmolLM2, and the CLI run in-process."""
 
 from __future__ import annotations
 
+import os
 import random
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +119,52 @@ def varied_routers(seed: int = 1, model: torch.nn.Module | None = None) -> Route
         for p in routed.routers.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.5)
     return routed
+
+
+# -- what a user sees --------------------------------------------------------------------------------------
+
+PROGRESS_BAR = re.compile(r"\d+%\|")  # a tqdm bar (transformers' weight loading): progress, not a message
+
+
+def one_error_line(err: str, command: str, model_loaded: bool = False) -> str:
+    """The one error line of `skipgpt COMMAND` in stderr `err` (asserted: no traceback, nothing else).
+
+    model_loaded=False also refuses a progress bar: the error came before the model started loading."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and not (model_loaded and PROGRESS_BAR.search(line))]
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"skipgpt {command}: error: "), err
+    return lines[0]
+
+
+def snapshot(path: Path) -> object:
+    """What is at `path` (nothing, a file's bytes, or a folder's files and bytes), to compare before/after."""
+    if not path.exists():
+        return None
+    if path.is_file():
+        return path.read_bytes()
+    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None) for p in sorted(path.rglob("*"))}
+
+
+def run_process(argv: list[str], umask: int | None = None, **env: str) -> subprocess.CompletedProcess:
+    """`python -m skipgpt ARGV...` in a fresh process: its own exit status, stderr and umask."""
+    environ = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), **env)
+    return subprocess.run([sys.executable, "-m", "skipgpt", *argv], env=environ, capture_output=True, text=True,
+                          timeout=600, preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """An empty folder nothing can be written into: a read-only mount as root, a 0555 folder otherwise."""
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("root without the right to mount a read-only file system")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=True)

@@ -26,6 +26,7 @@ REQUIRED = {
     "demo": [], "train": [], "eval": ["--task", "piqa"], "bench": ["--output", "b.json"],
     "compare": ["--task", "piqa", "--output", "c.json"], "analyze": ["--routers", "r", "--text", "t.txt",
                                                                     "--output", "figs"], "info": [],
+    "generate": ["--prompt", "hi"],
 }
 
 

@@ -254,7 +254,8 @@ def test_registered_with_the_harness():
 def test_prepare_model_attaches_routers_then_merges_lora(tmp_path, tokenizer):
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    from skipgpt import save_routers
+    from skipgpt import load_model, load_routers, save_routers
+    from skipgpt.artifact import apply_adapter
     from skipgpt.errors import ArtifactError
     from skipgpt.evaluation.harness import prepare_model
 
@@ -291,14 +292,18 @@ def test_prepare_model_attaches_routers_then_merges_lora(tmp_path, tokenizer):
     # A stage-2 directory holds its adapter: --routers DIR alone applies it, exactly as --lora DIR/adapter did;
     # naming that same adapter again applies it once, naming another one is refused.
     stage2 = tmp_path / "stage2"
-    shutil.copytree(tmp_path / "routers", stage2)
-    shutil.copytree(tmp_path / "lora", stage2 / "adapter")
+    with_lora = load_routers(load_model(str(tmp_path / "base"))[0], tmp_path / "routers")
+    save_routers(apply_adapter(with_lora, tmp_path / "lora", merge=False), stage2)
     for lora in (None, str(stage2 / "adapter")):
         again, _ = prepare_model(str(tmp_path / "base"), str(stage2), lora)
         with torch.no_grad():
             assert torch.equal(again(input_ids=ids).logits, got)
     with pytest.raises(ConfigError, match="holds its own stage-2 adapter"):
         prepare_model(str(tmp_path / "base"), str(stage2), str(tmp_path / "lora"))
+    # An adapter copied in by hand is not part of the saved run: refused, not silently applied or ignored.
+    shutil.copytree(tmp_path / "lora", tmp_path / "routers" / "adapter")
+    with pytest.raises(ArtifactError, match="not among the files"):
+        prepare_model(str(tmp_path / "base"), str(tmp_path / "routers"))
 
 
 def test_prepare_model_restores_a_baseline_policy(tmp_path, tokenizer):

@@ -3,14 +3,21 @@
     DIR/skip_config.json        router design, calibrated threshold, base-model identity, and for a
                                 baseline the policy it routes by (extra["routing"])
     DIR/routers.safetensors     router weights
+    DIR/forecasters.safetensors the forecasters of informed skipping (forecaster_rank > 0 in the config)
     DIR/adapter/                the stage-2 LoRA adapter (PEFT, safetensors), when LoRA trained
 
 The config records the identity of the base model (architecture, hidden size, layer count, weight
-fingerprint), so routers are never silently applied to a model they were not trained on.
+fingerprint), so routers are never silently applied to a model they were not trained on, and lists every
+other file of the directory with its sha256 ("files"), so a directory loads whole or not at all.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -18,30 +25,93 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import SkipConfig
+from .config import FILES_KEY, SkipConfig
 from .errors import ArtifactError, ConfigError
-from .io import save_safetensors_atomic, write_text_atomic
+from .io import file_sha256, fsync_dir, remove_temporaries, save_tensors, settle
 from .models.adapters import find_layers, fingerprint, unwrap
 from .models.routed import RoutedModel
 from .routing import policies
 
 CONFIG_NAME = "skip_config.json"
 WEIGHTS_NAME = "routers.safetensors"
+FORECASTERS_NAME = "forecasters.safetensors"
 ADAPTER_DIR = "adapter"
 LORA_ACTIONS = ("merge", "attach", "none")
+SAVE_PREFIX = ".skipgpt-save-"  # the temporary folder a save writes into, inside the directory
+# The names a save owns in its directory: one there that the config does not list is stale (a new save
+# removes it, a load refuses it), since an unlisted DIR/adapter would otherwise be applied without a word.
+PART_NAMES = frozenset({WEIGHTS_NAME, FORECASTERS_NAME, ADAPTER_DIR})
+
+Writer = Callable[[Path], None]  # writes one part (a file or a folder) at the path it is given
 
 
 def save_routers(routed: RoutedModel, directory: str | Path) -> Path:
-    """Write the routers, their config and (if the model carries one) the LoRA adapter to `directory`."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_safetensors_atomic(directory / WEIGHTS_NAME, routed.routers.state_dict(),
-                            metadata={"format": "skipgpt-routers"})
+    """Write the routers, their config and (when the model has them) the forecasters and the LoRA adapter
+    to `directory`, all or nothing (write_parts)."""
+    # One entry per part of the directory: its name and what writes it.
+    parts: dict[str, Writer] = {WEIGHTS_NAME: tensors_writer(routed.routers.state_dict(), "skipgpt-routers")}
+    if routed.forecasters is not None:
+        parts[FORECASTERS_NAME] = tensors_writer(routed.forecasters.state_dict(), "skipgpt-forecasters")
     if hasattr(routed.model, "peft_config"):
-        routed.model.save_pretrained(directory / ADAPTER_DIR, safe_serialization=True)
-    # The config goes last: a directory with a config always has its weights.
-    write_text_atomic(directory / CONFIG_NAME, routed.config.to_json() + "\n")
-    return directory
+        parts[ADAPTER_DIR] = lambda path: routed.model.save_pretrained(path, safe_serialization=True)
+    write_parts(Path(directory), parts, routed.config)
+    return Path(directory)
+
+
+def tensors_writer(tensors: dict[str, torch.Tensor], kind: str) -> Writer:
+    return lambda path: save_tensors(tensors, path, metadata={"format": kind})
+
+
+def write_parts(directory: Path, parts: dict[str, Writer], config: SkipConfig) -> None:
+    """Write `parts` and the config (listing every file written, with its sha256) into `directory`.
+
+    Everything is first written into a temporary folder inside `directory` (same file system, and a run
+    folder keeps its checkpoint, logs and cache where they are). Then the old config is removed, the
+    parts are moved into place and the new config comes last. A kill while writing leaves the previous
+    save whole; a kill while moving leaves a directory without config, which does not load; the next
+    save removes what a killed one left.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob(SAVE_PREFIX + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    for name in (CONFIG_NAME, *parts):
+        remove_temporaries(directory / name)  # of the per-file atomic writes of older versions
+    tmp = Path(tempfile.mkdtemp(prefix=SAVE_PREFIX, dir=directory))
+    try:
+        for name, write in parts.items():
+            write(tmp / name)
+        files = {p.relative_to(tmp).as_posix(): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        text = json.dumps({**config.to_dict(), FILES_KEY: files}, indent=2, sort_keys=True) + "\n"
+        (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+        settle(tmp)
+        stale = (PART_NAMES | _listed_parts(directory)) - set(parts)
+        (directory / CONFIG_NAME).unlink(missing_ok=True)  # from here to the last rename it does not load
+        for name in sorted(stale):
+            _remove(directory / name)
+        for name in parts:
+            if (directory / name).is_dir():
+                shutil.rmtree(directory / name)  # a rename cannot replace a folder that holds files
+            os.replace(tmp / name, directory / name)
+        os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
+        fsync_dir(directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _listed_parts(directory: Path) -> set[str]:
+    """The top-level parts the directory's current config lists (none if it has no readable list)."""
+    try:
+        files = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))[FILES_KEY]
+        return {name.split("/")[0] for name in files}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def load_routers(model: nn.Module, directory: str | Path, check: bool = True, lora: str = "merge") -> RoutedModel:
@@ -55,22 +125,27 @@ def load_routers(model: nn.Module, directory: str | Path, check: bool = True, lo
     if lora not in LORA_ACTIONS:
         raise ConfigError(f"lora must be one of {LORA_ACTIONS}, got {lora!r}")
     directory = Path(directory)
-    config = read_config(directory)
+    config, files = _read(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
         raise ArtifactError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     if check:
         check_base(config, model, str(directory))
-    try:
-        state = load_file(weights)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ArtifactError(f"{weights} is corrupt or truncated ({e})") from None
+    state = _read_safetensors(weights)
     routed = RoutedModel(model, config)
     try:
         _check_router_state(state, routed.routers.state_dict(), weights, config.router)
         routed.routers.load_state_dict(state)
+        if routed.forecasters is not None:
+            path = directory / FORECASTERS_NAME
+            if not path.exists():
+                raise ArtifactError(f"{directory}: its config names rank-{config.forecaster_rank} forecasters but "
+                                    f"{FORECASTERS_NAME} is missing")
+            forecasters = _read_safetensors(path)
+            _check_router_state(forecasters, routed.forecasters.state_dict(), path, "forecaster")
+            routed.forecasters.load_state_dict(forecasters)
         routed.force(policies.from_extra(routed, str(directory)))
-        if lora != "none" and (directory / ADAPTER_DIR).exists():
+        if lora != "none" and has_adapter(directory, files):
             apply_adapter(routed, directory / ADAPTER_DIR, merge=lora == "merge")
     except ArtifactError:
         routed.unpatch()
@@ -80,11 +155,7 @@ def load_routers(model: nn.Module, directory: str | Path, check: bool = True, lo
 
 def load_adapter(model: nn.Module, directory: str | Path, merge: bool = True, trainable: bool = False) -> nn.Module:
     """`model` with the PEFT LoRA adapter in `directory`: merged into its weights, or as a PeftModel."""
-    directory = Path(directory)
-    if not (directory / "adapter_config.json").is_file():
-        raise ArtifactError(f"{directory}: not a LoRA adapter folder (no adapter_config.json)")
-    if not (directory / "adapter_model.safetensors").is_file():
-        raise ArtifactError(f"{directory}: no adapter_model.safetensors (only safetensors adapters are read)")
+    directory = check_adapter(directory)
     from peft import PeftModel  # seconds to import: only commands that meet an adapter pay for it
 
     try:
@@ -92,6 +163,16 @@ def load_adapter(model: nn.Module, directory: str | Path, merge: bool = True, tr
     except (ValueError, OSError, KeyError, RuntimeError) as e:
         raise ArtifactError(f"{directory}: cannot load the adapter ({str(e).splitlines()[0]})") from None
     return peft.merge_and_unload() if merge else peft
+
+
+def check_adapter(directory: str | Path) -> Path:
+    """`directory` if it looks like a PEFT LoRA adapter folder skipgpt reads, else ArtifactError."""
+    directory = Path(directory)
+    if not (directory / "adapter_config.json").is_file():
+        raise ArtifactError(f"{directory}: not a LoRA adapter folder (no adapter_config.json)")
+    if not (directory / "adapter_model.safetensors").is_file():
+        raise ArtifactError(f"{directory}: no adapter_model.safetensors (only safetensors adapters are read)")
+    return directory
 
 
 def apply_adapter(routed: RoutedModel, directory: str | Path, merge: bool = True) -> RoutedModel:
@@ -110,20 +191,66 @@ def check_layers(routed: RoutedModel) -> None:
 
 
 def read_config(directory: str | Path) -> SkipConfig:
-    directory = Path(directory)
+    """The config of a router directory, once every file it lists is there and unchanged (ArtifactError
+    otherwise): commands call it to refuse a bad --routers before loading a model."""
+    return _read(Path(directory))[0]
+
+
+def has_adapter(directory: Path, files: dict[str, str] | None) -> bool:
+    """Whether the save wrote a stage-2 adapter (older configs, without a file list: DIR/adapter exists)."""
+    if files is None:
+        return (directory / ADAPTER_DIR).exists()
+    return any(name.startswith(ADAPTER_DIR + "/") for name in files)
+
+
+def _read(directory: Path) -> tuple[SkipConfig, dict[str, str] | None]:
     if not directory.exists():
         raise ArtifactError(f"router directory {directory} does not exist")
     if not directory.is_dir():
         raise ArtifactError(f"{directory} is a file; expected a router directory holding {CONFIG_NAME}")
     path = directory / CONFIG_NAME
     if not path.exists():
+        if (directory / WEIGHTS_NAME).exists() or any(directory.glob(SAVE_PREFIX + "*")):
+            raise ArtifactError(f"{directory} is incomplete (no {CONFIG_NAME}: its save was interrupted); "
+                                f"save or train again")
         raise ArtifactError(f"{directory} has no {CONFIG_NAME}: not a skipgpt router directory")
     try:
-        return SkipConfig.load(path)
-    except ConfigError as e:
-        raise ArtifactError(str(e)) from None
+        data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ArtifactError(f"{path}: not a UTF-8 JSON file") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+    files = data.pop(FILES_KEY, None) if isinstance(data, dict) else None
+    try:
+        config = SkipConfig.from_dict(data, source=str(path))
+    except ConfigError as e:
+        raise ArtifactError(str(e)) from None
+    _check_files(directory, files)
+    return config, files
+
+
+def _check_files(directory: Path, files) -> None:
+    """Every file the config lists is there with the sha256 it was saved with."""
+    if files is None:
+        return  # saved before configs listed their files
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in files.items()):
+        raise ArtifactError(f"{directory / CONFIG_NAME}: '{FILES_KEY}' must map file names to sha256 digests")
+    for name, digest in files.items():
+        path = directory / name
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ArtifactError(f"{directory / CONFIG_NAME}: '{FILES_KEY}' names {name}, outside the directory")
+        if not path.is_file():
+            raise ArtifactError(f"{directory} is incomplete: {name} is missing, though its {CONFIG_NAME} lists it; "
+                                f"save or train again")
+        if file_sha256(path) != digest:
+            raise ArtifactError(f"{path} is not the file {CONFIG_NAME} was saved with (corrupt or truncated, "
+                                f"or written by another save); save or train again")
+    listed = {name.split("/")[0] for name in files}
+    for name in sorted(PART_NAMES - listed):
+        if (directory / name).exists():
+            raise ArtifactError(f"{directory / name} is not among the files its {CONFIG_NAME} lists (added after "
+                                f"the save, or left by an interrupted one); move it out (an adapter can be given "
+                                f"with --lora) or save again")
 
 
 def check_base(config: SkipConfig, model: nn.Module, source: str) -> None:
@@ -148,6 +275,13 @@ def check_base(config: SkipConfig, model: nn.Module, source: str) -> None:
                 f"{source}: routers were trained on different weights ({want.name}, fingerprint "
                 f"{want.fingerprint}) than the given model (fingerprint {got})"
             )
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{path} is corrupt or truncated ({e})") from None
 
 
 def _check_router_state(state: dict, expected: dict, weights: Path, router: str) -> None:

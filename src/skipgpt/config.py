@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ ROUTER_KINDS = ("linear", "mlp")
 ROUTER_INPUTS = ("module", "layer")
 ACCOUNTINGS = ("param", "module", "flop")
 FORECASTERS = ("linear",)
+# skip_config.json also lists the files of its run directory (written and checked by skipgpt.artifact).
+FILES_KEY = "files"
 
 
 @dataclass
@@ -75,6 +78,17 @@ class SkipConfig:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"forecaster_rank must be a whole number >= 0 (0 = plain skip), got {rank!r}")
         check_sparsity(self.target_sparsity)
+        if not _is_number(self.threshold) or self.threshold != self.threshold:
+            raise ConfigError(f"threshold must be a number (skip iff skip - execute logit > threshold), "
+                              f"got {self.threshold!r}")
+        if not _is_number(self.execute_bias) or not math.isfinite(self.execute_bias):
+            raise ConfigError(f"execute_bias must be a finite number, got {self.execute_bias!r}")
+        if not isinstance(self.extra, dict):
+            raise ConfigError(f"extra must be a JSON object, got {self.extra!r}")
+        for f in dataclasses.fields(BaseModelInfo):
+            value = getattr(self.base, f.name)
+            if not isinstance(value, type(f.default)) or isinstance(value, bool):
+                raise ConfigError(f"base.{f.name} must be a {type(f.default).__name__}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -93,17 +107,19 @@ class SkipConfig:
                 f"({FORMAT_VERSION}); upgrade skipgpt"
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known - {FILES_KEY})
         if unknown:
             raise ConfigError(f"{source}: unknown keys {unknown}")
-        data = dict(data)
+        data = {k: v for k, v in data.items() if k != FILES_KEY}
         base = data.pop("base", {}) or {}
         base_known = {f.name for f in dataclasses.fields(BaseModelInfo)}
+        if not isinstance(base, dict):
+            raise ConfigError(f"{source}: 'base' must be a JSON object")
         if set(base) - base_known:
             raise ConfigError(f"{source}: unknown keys in 'base': {sorted(set(base) - base_known)}")
         try:
             return cls(base=BaseModelInfo(**base), **data)
-        except TypeError as e:
+        except (TypeError, ConfigError) as e:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
@@ -117,7 +133,15 @@ class SkipConfig:
     @classmethod
     def load(cls, path: str | Path) -> SkipConfig:
         path = Path(path)
-        return cls.from_json(path.read_text(encoding="utf-8"), source=str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 JSON file") from None
+        return cls.from_json(text, source=str(path))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def check_sparsity(value: float, name: str = "target sparsity") -> float:

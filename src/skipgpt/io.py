@@ -1,7 +1,13 @@
-"""Atomic writes: a crash mid-write never leaves a half-written file under the final name."""
+"""Atomic writes with the user's umask, checks that an output can be written, and clean-up of temporaries.
+
+A crash mid-write never leaves a half-written file under the final name; the temporary it leaves is
+removed by the next write of the same file.
+"""
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import json
 import os
 import tempfile
@@ -11,15 +17,46 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from .errors import ConfigError
+
+
+def umask() -> int:
+    mask = os.umask(0)  # the only way to read it; set back at once
+    os.umask(mask)
+    return mask
+
+
+def settle(path: str | Path) -> None:
+    """Give `path` and everything under it the modes the user's umask asks for, and flush its files to disk.
+
+    tempfile and safetensors create files 0600 and folders 0700 whatever the umask; results are meant
+    to be shared like any file the user writes."""
+    path = Path(path)
+    mask = umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def remove_temporaries(path: Path) -> None:
+    """Delete the temporaries that an interrupted atomic write of `path` left beside it."""
+    for tmp in glob.glob(glob.escape(str(path.parent / f".{path.name}.")) + "*.tmp"):
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass  # removed meanwhile, or not ours to remove: the write goes on
+
 
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_temporaries(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        settle(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -42,5 +79,45 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 def save_safetensors_atomic(
     path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    _atomic(Path(path), lambda tmp: save_tensors(tensors, tmp, metadata))
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file for tensors on any device, shared or not (a state dict's views)."""
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+
+def check_output(path: str | Path, folder: bool = False, flag: str = "--output") -> Path:
+    """Refuse, before any work, an output that cannot be written: a folder where a file is meant (or the
+    reverse), a parent that is a file, a read-only or unwritable location. Creates nothing."""
+    path = Path(path).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} {path} is a file; give a folder (it is created if missing)")
+    if not folder and path.is_dir():
+        raise ConfigError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'results.json'}")
+    existing = path if folder and path.is_dir() else path.absolute().parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {path} cannot be created: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "is on a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "is not writable"
+        raise ConfigError(f"{flag} {path} cannot be written: {existing} {why}; choose another {flag}")
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the renames inside folder `path` durable (a power cut after it keeps them)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

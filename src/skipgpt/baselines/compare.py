@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..artifact import CONFIG_NAME, load_routers, save_routers
+from ..config import SkipConfig
 from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..io import write_json_atomic
@@ -27,7 +28,7 @@ from ..routing.calibrate import calibrate_threshold
 from ..training import TrainConfig, train
 from ..training.data import load_data
 from .dynamic import coupled, mod_d
-from .registry import METHODS
+from .registry import INFORMED_RANK, METHODS
 from .static import random_routing, shortgpt, static_modules
 
 # Written last: marks a finished build, keeps its wall time for reruns, and the settings it was built with.
@@ -71,7 +72,6 @@ def artifact_dir(s: CompareSettings, method: str, sparsity: float) -> Path:
 
 
 def _train_config(s: CompareSettings, stage: str, sparsity: float, output: Path, routers: Path | None = None):
-
     return TrainConfig(stage=stage, model=s.model, data=s.data, output=str(output), target_sparsity=sparsity,
                        steps=s.steps, seq_len=s.seq_len, batch_size=s.batch_size, alpha=s.alpha, lr=s.lr,
                        distill=s.distill, seed=s.seed, routers=None if routers is None else str(routers),
@@ -90,12 +90,10 @@ class Builder:
         return {k: str(getattr(self.s, k)) for k in BUILD_SETTINGS}
 
     def fresh(self):
-
         return load_model(self.s.model, dtype=self.s.dtype)
 
     def data(self, routed, tokenizer):
         if self._data is None:
-
             cfg = _train_config(self.s, "router", 0.25, Path(self.s.workdir))
             self._data = load_data(cfg, routed, tokenizer, Path(self.s.workdir) / "cache")
         return self._data
@@ -122,27 +120,25 @@ class Builder:
             stale.unlink()
         tic = time.perf_counter()
         if method in ("shortgpt", "static-modules"):
-
             routed = RoutedModel(model, name=self.s.model)
             build = shortgpt if method == "shortgpt" else static_modules
             build(routed, tok, sparsity, self.calibration(routed, tok))
             save_routers(routed, out)
         elif method == "random":
-
             routed = random_routing(RoutedModel(model, name=self.s.model), sparsity,
                                     self._reference_rates(sparsity), seed=self.s.seed)
             save_routers(routed, out)
-        elif method in ("skipgpt-rt", "skipgpt-joint"):
-
-            stage = "router" if method == "skipgpt-rt" else "joint"
-            routed = RoutedModel(model, name=self.s.model)
+        elif method in ("skipgpt-rt", "skipgpt-joint", "skipgpt-informed"):
+            stage = "joint" if method == "skipgpt-joint" else "router"
+            rank = min(INFORMED_RANK, model.config.hidden_size) if method == "skipgpt-informed" else 0
+            routed = RoutedModel(model, SkipConfig(forecaster_rank=rank), name=self.s.model)
             data = self.data(routed, tok)
             routed = train(_train_config(self.s, stage, sparsity, out), routed=routed, tokenizer=tok, data=data).routed
-        elif method == "skipgpt-rt-lora":
-
-            rt = artifact_dir(self.s, "skipgpt-rt", sparsity)
+        elif method in ("skipgpt-rt-lora", "skipgpt-informed-lora"):
+            first = method.removesuffix("-lora")
+            rt = artifact_dir(self.s, first, sparsity)
             if not (rt / CONFIG_NAME).exists():
-                self.build("skipgpt-rt", sparsity)
+                self.build(first, sparsity)
             routed = load_routers(model, rt)
             data = self.data(routed, tok)
             cfg = _train_config(self.s, "lora", sparsity, out, routers=rt)
@@ -152,12 +148,13 @@ class Builder:
         else:  # pragma: no cover - check_methods guards this
             raise ConfigError(f"unknown method {method}")
         seconds = time.perf_counter() - tic
+        # forward-only forecaster fitting counts as training text too: its token count goes on record
+        fit_tokens = int(routed.config.extra.get("forecaster_fit_tokens", 0)) if isinstance(routed, RoutedModel) else 0
         write_json_atomic(out / BUILD_LOG, {"method": method, "sparsity": sparsity, "seconds": seconds,
-                                            "settings": self.settings()})
+                                            "settings": self.settings(), "fit_tokens": fit_tokens})
         return routed, tok, seconds
 
     def _train_policy(self, method: str, model, tok, sparsity: float, out: Path):
-
         routed = (mod_d if method == "mod-d" else coupled)(model, sparsity)
         data = self.data(routed, tok)
         train(_train_config(self.s, "router", sparsity, out), routed=routed, tokenizer=tok, data=data)

@@ -12,6 +12,8 @@ METHODS: dict[str, tuple[str, bool]] = {
     "dense": ("the unmodified model", False),
     "skipgpt-rt": ("SkipGPT router tuning (stage 1, base frozen)", True),
     "skipgpt-rt-lora": ("SkipGPT router tuning then LoRA with routers frozen (stage 2)", True),
+    "skipgpt-informed": ("router tuning with a forecaster standing in for every skipped module", True),
+    "skipgpt-informed-lora": ("skipgpt-informed, then LoRA with routers and forecasters frozen", True),
     "shortgpt": ("ShortGPT: whole layers removed by Block Influence", False),
     "static-modules": ("attention/MLP modules removed by Block Influence", False),
     "random": ("random per-token routing at SkipGPT-RT's per-module skip rates", False),
@@ -20,3 +22,4 @@ METHODS: dict[str, tuple[str, bool]] = {
     "skipgpt-joint": ("routers and LoRA trained together from step 0", True),
 }
 DEFAULT_METHODS = list(METHODS)
+INFORMED_RANK = 32  # forecaster rank of skipgpt-informed (capped at the hidden size)

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..artifact import load_routers
+from ..artifact import load_routers, read_config
 from ..errors import DataError
 from ..evaluation.tasks import read_text
+from ..io import check_output
 from ..models.loading import load_model
 from .common import add_command, add_model_flags, add_output, int_at_least, positive_int
 
@@ -38,6 +39,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output, folder=True)
+    read_config(args.routers)
     path = Path(args.text)
     if not path.is_file():
         raise DataError(f"text file {path} does not exist")

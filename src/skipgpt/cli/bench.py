@@ -5,7 +5,9 @@ unmodified HF model (dense), routing with every module computed and gated (maske
 computes only the tokens that execute (sparse). Prefill is one forward over BATCH x SEQ_LEN random tokens
 with logits for every position; decode is DECODE_TOKENS greedy steps from its KV cache. 'speedup' is
 sparse/dense tokens per second; 'ideal_speedup' is the FLOP ratio of the whole forward (LM head included)
-given the modules actually skipped.
+given the modules actually skipped. Every run measures --batch-size sequences and also one sequence (what
+a single chat user sees): the JSON keeps the batch-N results at its top level and puts batch 1's under
+"batch_1".
 """
 
 from __future__ import annotations
@@ -14,14 +16,14 @@ import argparse
 
 import torch
 
-from ..artifact import load_routers
+from ..artifact import load_routers, read_config
 from ..errors import ConfigError
-from ..inference.bench import measure_speed
-from ..io import write_json_atomic
+from ..inference.bench import measure_speed_batches
+from ..io import check_output
 from ..models.loading import load_model
 from ..models.routed import RoutedModel
 from ..routing.calibrate import calibrate_threshold
-from .common import add_command, add_model_flags, add_output, model_options, positive_int, sparsity
+from .common import add_command, add_model_flags, add_output, model_options, positive_int, sparsity, write_results
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -36,7 +38,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="fraction of parameters to skip, e.g. 0.25 (default: 0.25 without --routers, "
                         "the routers' own threshold with them)")
     p.add_argument("--seq-len", type=positive_int, default=512, help="prompt length in tokens (default %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=4, help="sequences per batch (default %(default)s)")
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="sequences per batch; batch 1 is always measured too (default %(default)s)")
     p.add_argument("--decode-tokens", type=positive_int, default=32,
                    help="greedy decode steps timed (default %(default)s)")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed rounds after the warm-up; medians are "
@@ -46,6 +49,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output(args.output)
+    if args.routers:
+        read_config(args.routers)
     options = model_options(args)
     device = options["device"]
     model, tokenizer = load_model(args.model, **options)
@@ -63,16 +69,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         routed = RoutedModel(model, name=args.model)
         target = 0.25 if target is None else target
-    result = measure_speed(routed, tokenizer, args.seq_len, args.batch_size, args.decode_tokens, args.repeats,
-                           sparsity=target)
+    result = measure_speed_batches(routed, tokenizer, args.seq_len, args.batch_size, args.decode_tokens,
+                                   args.repeats, sparsity=target)
     result["model"] = args.model
     result["routers"] = args.routers
-    write_json_atomic(args.output, result)
-    pre, dec = result["prefill"], result["decode"]
-    print(f"sparsity: param {result['sparsity']['param']:.1%}  attention {result['sparsity']['attention']:.1%}  "
-          f"mlp {result['sparsity']['mlp']:.1%}  ({result['device']})")
-    for phase, r in (("prefill", pre), ("decode", dec)):
-        print(f"{phase:8s} tok/s  dense {r['dense_tok_s']:9.1f}  masked {r['masked_tok_s']:9.1f}  "
-              f"sparse {r['sparse_tok_s']:9.1f}  speedup {r['speedup']:.3f}x  ideal {r['ideal_speedup']:.3f}x")
+    write_results(args.output, result)
+    print(f"{result['device']}, {result['dtype']}, prompt {args.seq_len} tokens, {args.decode_tokens} decode steps")
+    batches = [(args.batch_size, result)] + ([(1, result["batch_1"])] if args.batch_size != 1 else [])
+    for batch, r in batches:
+        pre, dec = r["sparsity"], r["decode_sparsity"]
+        print(f"batch {batch}: param sparsity prefill {pre['param']:.1%} (attention {pre['attention']:.1%}, "
+              f"mlp {pre['mlp']:.1%}), decode {dec['param']:.1%}")
+        for phase in ("prefill", "decode"):
+            p = r[phase]
+            print(f"  {phase:8s} tok/s  dense {p['dense_tok_s']:9.1f}  masked {p['masked_tok_s']:9.1f}  "
+                  f"sparse {p['sparse_tok_s']:9.1f}  speedup {p['speedup']:.3f}x  ideal {p['ideal_speedup']:.3f}x")
     print(f"wrote {args.output}")
     return 0

@@ -5,7 +5,8 @@
   and help from its metadata. `skipgpt train` builds every flag this way; the other commands build their
   --model and --dtype from the same TrainConfig fields (`add_model_flags`).
 - --device and --threads (`add_model_flags`) and what they do at run time (`model_options`).
-- --output (`add_output`).
+- --output (`add_output`; each command checks it with skipgpt.io.check_output before any work), and
+  results written so that a late failure does not lose them (`write_results`).
 - argparse types that refuse a bad value at parse time (`positive_int`, `int_at_least`, `sparsity`,
   `checked`), and `Parser`, whose errors are one line on stderr with exit status 2.
 """
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import functools
 import inspect
+import json
 import types
 import typing
 from collections.abc import Callable
@@ -25,6 +27,7 @@ import torch
 
 from ..config import check_sparsity
 from ..errors import ConfigError
+from ..io import write_json_atomic
 from ..training.config import TrainConfig
 
 FIELD_DEFAULT: Any = dataclasses.MISSING  # add_field_flag(default=...): the field's own default
@@ -193,13 +196,28 @@ def apply_threads(args: argparse.Namespace) -> None:
 def resolve_device(args: argparse.Namespace) -> str | None:
     """The device --device asks for (None = the model stays where it loads, on the cpu).
 
-    Without --device, "auto" commands take cuda when it is there. Asking for cuda without a CUDA
-    device is a ConfigError (one line), not a torch traceback later."""
+    Without --device, "auto" commands take cuda when it is there. A device that torch does not know or
+    that this machine lacks (cuda on a CPU-only build, cuda:3 on one GPU) is a ConfigError (one line),
+    not a torch traceback later."""
     device = getattr(args, "device", None)
     if device is None and getattr(args, "device_default", None) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} was asked for but no CUDA device is available")
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device}: not a torch device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cpu":
+        return device
+    backend = getattr(torch, parsed.type, None)
+    available = backend is not None and hasattr(backend, "is_available") and backend.is_available()
+    if not available:
+        raise ConfigError(f"--device {device} was asked for but no {parsed.type.upper()} device is available")
+    count = backend.device_count() if hasattr(backend, "device_count") else 1
+    if parsed.index is not None and parsed.index >= count:
+        raise ConfigError(f"--device {device}: this machine has {count} {parsed.type} device(s), "
+                          f"numbered from 0")
     return device
 
 
@@ -208,6 +226,17 @@ def resolve_dtype(args: argparse.Namespace, device: str | None) -> str:
     if getattr(args, "dtype", None) is not None:
         return args.dtype
     return "bfloat16" if device is not None and device.startswith("cuda") else "float32"
+
+
+def write_results(path: str, results: Any) -> None:
+    """Write the JSON results a command computed to `path` (--output, checked before the work began). If
+    the write still fails (disk full, the folder removed meanwhile), print them to stdout rather than
+    lose them, then fail in one line."""
+    try:
+        write_json_atomic(path, results)
+    except OSError as e:
+        print(json.dumps(results, indent=2, sort_keys=True))
+        raise ConfigError(f"could not write {path} ({e.strerror}); the results are printed above") from None
 
 
 def model_options(args: argparse.Namespace) -> dict[str, Any]:

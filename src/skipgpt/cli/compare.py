@@ -16,8 +16,8 @@ from pathlib import Path
 from ..baselines.compare import CompareSettings, check_methods, run_comparison
 from ..baselines.registry import DEFAULT_METHODS
 from ..baselines.table import markdown_table
-from ..io import write_json_atomic, write_text_atomic
-from .common import add_command, add_model_flags, add_output, checked, parse_sparsity, positive_int
+from ..io import check_output, write_text_atomic
+from .common import add_command, add_model_flags, add_output, checked, parse_sparsity, positive_int, write_results
 from .eval import TASK_HELP, parse_tasks
 
 METHOD_HELP = """\
@@ -25,6 +25,9 @@ methods (--methods, comma-separated; default: all):
   dense            the unmodified model (always evaluated: retention is relative to it)
   skipgpt-rt       SkipGPT router tuning, base frozen (trained, --steps)
   skipgpt-rt-lora  skipgpt-rt, then LoRA with routers frozen (trained, --steps more; builds skipgpt-rt)
+  skipgpt-informed router tuning with a rank-32 forecaster standing in for every skipped module
+                   (forward-only fits before and after the same --steps; their tokens go in build.json)
+  skipgpt-informed-lora  skipgpt-informed, then LoRA with routers and forecasters frozen
   shortgpt         whole layers with the lowest Block Influence removed (static)
   static-modules   attention/MLP modules with the lowest Block Influence removed (static)
   random           per-token random skipping at skipgpt-rt's per-module rates (uniform if skipgpt-rt
@@ -86,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
     methods = check_methods([m.strip() for m in args.methods.split(",")] if args.methods else DEFAULT_METHODS)
     output = Path(args.output)
     workdir = Path(args.workdir) if args.workdir else output.with_name(output.stem + "_artifacts")
+    check_output(output)
+    check_output(workdir, folder=True, flag="--workdir")
     settings = CompareSettings(
         model=args.model, dtype=args.dtype, tasks=tasks, methods=methods, steps=args.steps, data=args.data,
         limit=args.limit, workdir=workdir, seq_len=args.seq_len, batch_size=args.batch_size,
@@ -95,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     rows = run_comparison(settings, args.sparsity, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     table = markdown_table(rows)
     print(table)
-    write_json_atomic(output, rows)
+    write_results(str(output), rows)
     write_text_atomic(output.with_suffix(".md"), table)
     written = [output, output.with_suffix(".md")]
     if any(r["method"] != "dense" for r in rows):

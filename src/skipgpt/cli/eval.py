@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 
+from ..artifact import check_adapter, read_config
 from ..errors import ConfigError
 from ..evaluation.tasks import TASKS, find_file
-from ..io import write_json_atomic
-from .common import add_command, add_model_flags, add_output, int_at_least, model_options, positive_int
+from ..io import check_output
+from .common import add_command, add_model_flags, add_output, int_at_least, model_options, positive_int, write_results
 
 TASK_HELP = """\
 tasks (NAME=PATH, repeat --task for each):
@@ -71,10 +72,16 @@ def parse_tasks(specs: list[str]) -> dict[str, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.output:
+        check_output(args.output)
     tasks = parse_tasks(args.task)
     for name, path in tasks.items():  # fail on a wrong path before the model loads
         if path:
             find_file(name, path)
+    if args.routers:
+        read_config(args.routers)
+    if args.lora:
+        check_adapter(args.lora)
     options = model_options(args)
     # lm-evaluation-harness takes seconds to import: only when a model is evaluated
     from ..evaluation.harness import prepare_model
@@ -92,6 +99,6 @@ def run(args: argparse.Namespace) -> int:
             parts = [f"{b['context'][0]}-{b['context'][1] - 1}: {b['ppl']:.2f}" for b in row["by_context"]]
             print(f"{name} perplexity by context length (tokens): " + ", ".join(parts))
     if args.output:
-        write_json_atomic(args.output, results)
+        write_results(args.output, results)
         print(f"wrote {args.output}")
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..artifact import load_routers
+from ..artifact import load_routers, read_config
 from ..models.loading import load_model
 from ..models.routed import RoutedModel
 from .common import add_command, add_model_flags
@@ -23,6 +23,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.routers:
+        read_config(args.routers)  # a bad router directory fails before the model loads
     model, _ = load_model(args.model)
     routed = load_routers(model, args.routers) if args.routers else RoutedModel(model, name=args.model)
     c = routed.costs

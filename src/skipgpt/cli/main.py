@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 from ..errors import SkipGPTError
-from . import analyze, bench, compare, demo, info, train
+from . import analyze, bench, compare, demo, generate, info, train
 from . import eval as evaluate
 from .common import Parser
 
 # Each module defines add_parser(subparsers) and run(args); the shared flags come from .common.
-COMMANDS = {"demo": demo, "train": train, "eval": evaluate, "bench": bench, "compare": compare,
-            "analyze": analyze, "info": info}
+# File-system errors that the user's environment causes, not skipgpt: one line, like bad input.
+USER_OS_ERRORS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EISDIR,
+                            errno.ENOTDIR, errno.EEXIST, errno.ENAMETOOLONG})
+COMMANDS = {"demo": demo, "train": train, "eval": evaluate, "bench": bench, "generate": generate,
+            "compare": compare, "analyze": analyze, "info": info}
 
 
 def build_parser() -> Parser:
@@ -40,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         result = args._run(args)
     except SkipGPTError as e:
         print(f"skipgpt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in USER_OS_ERRORS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"skipgpt {args.command}: error: {e.strerror}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"skipgpt {args.command}: interrupted", file=sys.stderr)

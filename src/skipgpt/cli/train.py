@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from ..io import write_json_atomic
+from ..artifact import read_config
+from ..io import check_output
 from ..training import TrainConfig, train
-from .common import add_command, add_field_flag
+from .common import add_command, add_field_flag, write_results
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -41,6 +42,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
+    check_output(cfg.output, folder=True)  # before minutes of model loading
+    if cfg.routers:
+        read_config(cfg.routers)
     result = train(cfg)
     s = result.summary
     print(f"saved routers to {result.output_dir}" + (" (+ adapter/)" if cfg.trains_lora else ""))
@@ -48,5 +52,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"held-out: {cfg.accounting} sparsity {hs[cfg.accounting]:.1%} (attention {hs['attention']:.1%}, "
           f"mlp {hs['mlp']:.1%}) at threshold {s['threshold']:+.3f}; perplexity {s['held_out_ppl']:.2f} "
           f"vs dense {s['held_out_dense_ppl']:.2f}; {s['tokens_per_s']:.0f} tokens/s")
-    write_json_atomic(result.output_dir / "train_summary.json", s)
+    write_results(str(result.output_dir / "train_summary.json"), s)
     return 0

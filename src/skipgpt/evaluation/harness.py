@@ -50,9 +50,9 @@ def prepare_model(
     """(routed or plain HF model, tokenizer): load the base, then everything the router directory holds
     (routers, a baseline's policy, a stage-2 adapter, see skipgpt.load_routers); `lora` merges an
     adapter kept elsewhere."""
-    model, tokenizer = load_model(pretrained, dtype=dtype, device=device)
     if mode == "sparse" and not routers:
         raise ConfigError("--mode sparse needs --routers (a dense model has nothing to skip)")
+    model, tokenizer = load_model(pretrained, dtype=dtype, device=device)
     if not routers:
         return (load_adapter(model, lora) if lora else model), tokenizer
     own = Path(routers) / ADAPTER_DIR

@@ -175,6 +175,34 @@ def measure_speed(
     return result
 
 
+# What a batch-1 measurement adds to the batch-N result (the rest, device and dtype, is shared).
+BATCH_1_KEYS = ("prefill", "decode", "sparsity", "decode_sparsity", "peak_memory_mib", "shape")
+
+
+def measure_speed_batches(
+    routed,
+    tokenizer_or_vocab,
+    seq_len: int = 512,
+    batch_size: int = 4,
+    decode_tokens: int = 32,
+    repeats: int = 5,
+    sparsity: float | None = None,
+    seed: int = 0,
+) -> dict:
+    """measure_speed at `batch_size` (its keys at the top level) and at batch 1 (the same keys under "batch_1").
+
+    Batch 1 is what one chat user sees: a module the token skips is not computed at all. At batch N a
+    decode step skips a module's weight reads only when every row skips it, so the two can differ a lot.
+    The batch-1 prompt is the first row of the batch-N one (same seed). batch_size 1 is measured once.
+    """
+    result = measure_speed(routed, tokenizer_or_vocab, seq_len, batch_size, decode_tokens, repeats, sparsity, seed)
+    one = result
+    if batch_size != 1:
+        one = measure_speed(routed, tokenizer_or_vocab, seq_len, 1, decode_tokens, repeats, sparsity, seed)
+    result["batch_1"] = {key: one[key] for key in BATCH_1_KEYS}
+    return result
+
+
 def _report(routed, totals) -> dict[str, float]:
     r = report(totals, routed.costs)
     return {"param": r.param, "attention": r.attention, "mlp": r.mlp, "flop": r.flop}

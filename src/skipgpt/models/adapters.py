@@ -93,7 +93,9 @@ def _weight_numel(linear: nn.Module) -> int:
     return _numel(linear)
 
 
-def module_costs(model: nn.Module, layers: list[LayerParts]) -> ModuleCosts:
+def module_costs(model: nn.Module, layers: list[LayerParts], forecaster_params: int = 0) -> ModuleCosts:
+    """Parameters and FLOPs of every module; a skipped token is charged `forecaster_params` (and twice as
+    many FLOPs) for the forecaster that stands in for the module (0 = plain skip)."""
     config = unwrap(model).config
     rows = []
     for p in layers:
@@ -104,9 +106,10 @@ def module_costs(model: nn.Module, layers: list[LayerParts]) -> ModuleCosts:
         k_v = _weight_numel(a.k_proj) + _weight_numel(a.v_proj)
         attn_params = _numel(a) + _numel(p.attn_norm) + _numel(p.attn_out_norm)
         mlp_params = _numel(p.mlp) + _numel(p.mlp_norm) + _numel(p.mlp_out_norm)
-        rows.append((attn_params, mlp_params, 2.0 * q_o, 2.0 * k_v, 4.0 * heads * head_dim, 2.0 * _numel(p.mlp)))
+        rows.append((attn_params, mlp_params, 2.0 * q_o, 2.0 * k_v, 4.0 * heads * head_dim, 2.0 * _numel(p.mlp),
+                     forecaster_params, 2.0 * forecaster_params))
     t = torch.tensor(rows, dtype=torch.float64)
-    return ModuleCosts(*(t[:, i].contiguous() for i in range(6)))
+    return ModuleCosts(*(t[:, i].contiguous() for i in range(8)))
 
 
 def fingerprint(model: nn.Module, samples: int = 256) -> str:

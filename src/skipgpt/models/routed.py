@@ -72,6 +72,44 @@ class RouterBank(nn.Module):
         return (self.attn if kind == "attn" else self.mlp)[layer]
 
 
+# -- forecasters (informed skipping) -----------------------------------------------------------------------
+
+
+class Forecaster(nn.Module):
+    """Predicts a module's output from its normalised input through a rank-R bottleneck: a skipped token
+    gets x + forecast instead of x. Zero-initialised, so an unfitted forecaster is the plain skip."""
+
+    def __init__(self, hidden_size: int, rank: int):
+        super().__init__()
+        self.down = nn.Linear(hidden_size, rank, bias=False)
+        self.up = nn.Linear(rank, hidden_size)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, xn: torch.Tensor) -> torch.Tensor:
+        w = self.down.weight
+        return self.up(self.down(xn.to(w.device, w.dtype))).to(xn.device, xn.dtype)
+
+
+class ForecasterBank(nn.Module):
+    """One forecaster per attention and per MLP module."""
+
+    def __init__(self, num_layers: int, hidden_size: int, rank: int):
+        super().__init__()
+        if rank > hidden_size:
+            raise ConfigError(f"forecaster_rank {rank} is above the hidden size {hidden_size}; a full-rank map "
+                              f"has rank {hidden_size}")
+        self.attn = nn.ModuleList(Forecaster(hidden_size, rank) for _ in range(num_layers))
+        self.mlp = nn.ModuleList(Forecaster(hidden_size, rank) for _ in range(num_layers))
+
+    def get(self, layer: int, kind: str) -> Forecaster:
+        return (self.attn if kind == "attn" else self.mlp)[layer]
+
+    def params_per_module(self) -> int:
+        return sum(p.numel() for p in self.attn[0].parameters())
+
+
 # -- gate decisions ----------------------------------------------------------------------------------------
 
 
@@ -164,7 +202,12 @@ class RoutedModel(nn.Module):
         param = next(model.parameters())
         # Inference (argmax) until a trainer calls routers.train(): a loaded model must be deterministic.
         self.routers = RouterBank(len(self.layers), hf.config.hidden_size, self.config).to(param.device).eval()
-        self.costs = module_costs(model, self.layers)
+        rank = self.config.forecaster_rank
+        # None for the paper's plain skip, so rank 0 runs exactly the code (and numbers) it always did.
+        self.forecasters = None
+        if rank:
+            self.forecasters = ForecasterBank(len(self.layers), hf.config.hidden_size, rank).to(param.device)
+        self.costs = module_costs(model, self.layers, 0 if rank == 0 else self.forecasters.params_per_module())
         self.meter = SparsityMeter(self.costs)
         self.gradient_checkpointing = False  # trade compute for activation memory in training
         # settings (see using())
@@ -378,13 +421,29 @@ def _routed_layer_forward(
 def _layer(routed: RoutedModel, index: int, parts: LayerParts, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """One decoder layer: route, then attention and MLP, each either gated (masked) or gathered (sparse)."""
     is_sparse = routed.mode == "sparse" and not routed.training_routers
+    fc = routed.forecasters
     x = hidden
     g = routed.gate(index, "attn", x)
     if is_sparse:
-        x = sparse_attention(parts, x, g, kwargs)
+        y = sparse_attention(parts, x, g, kwargs)
     else:
-        x = x + run_attention(parts, x, kwargs) * g.unsqueeze(-1).to(x.dtype)
+        y = x + run_attention(parts, x, kwargs) * g.unsqueeze(-1).to(x.dtype)
+    x = y if fc is None else _add_forecast(y, fc.attn[index], parts.attn_norm, x, g, is_sparse)
     g = routed.gate(index, "mlp", x if routed.config.router_input == "module" else hidden)
     if is_sparse:
-        return sparse_mlp(parts, x, g)
-    return x + run_mlp(parts, x) * g.unsqueeze(-1).to(x.dtype)
+        y = sparse_mlp(parts, x, g)
+    else:
+        y = x + run_mlp(parts, x) * g.unsqueeze(-1).to(x.dtype)
+    return y if fc is None else _add_forecast(y, fc.mlp[index], parts.mlp_norm, x, g, is_sparse)
+
+
+def _add_forecast(y: torch.Tensor, forecaster: Forecaster, norm: nn.Module, x: torch.Tensor, g: torch.Tensor,
+                  is_sparse: bool) -> torch.Tensor:
+    """y plus the forecast of the module output for the tokens that skipped it (module input x, gate g)."""
+    if not is_sparse:  # every token forecast, kept where the gate is 0 (differentiable in gate and forecaster)
+        return y + forecaster(norm(x)) * (1.0 - g).unsqueeze(-1).to(y.dtype)
+    rows = (g.reshape(-1) <= 0.5).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return y
+    flat = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+    return y.reshape(-1, y.shape[-1]).index_add(0, rows, forecaster(norm(flat)).to(y.dtype)).view_as(y)

@@ -5,6 +5,8 @@ Three ratios, all over non-pad tokens only:
 - param:  skipped decoder parameters / all decoder parameters, averaged over tokens (the paper's);
 - flop:   skipped FLOPs / all decoder FLOPs, under this project's semantics that a skipped attention
           still computes its keys and values (they stay visible to later tokens).
+With forecasters (informed skipping) param and flop are net: a skipped module saves its own cost
+minus its forecaster's. The module ratio counts skip decisions.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ class ModuleCosts:
     attn_kv_flops: torch.Tensor  # per token, always paid: k and v projections
     attn_ctx_flops: torch.Tensor  # per executing token and per visible key: QK^T and AV
     mlp_flops: torch.Tensor  # per executing token
+    forecast_params: torch.Tensor  # per skipping token, of each module's forecaster (0 = plain skip)
+    forecast_flops: torch.Tensor  # per skipping token
 
     @property
     def num_layers(self) -> int:
@@ -48,9 +52,12 @@ def skip_totals(
     c = costs.to(gates.device)
     dt = gates.dtype
     attn_tok = c.attn_flops.to(dt)[:, None, None] + c.attn_ctx_flops.to(dt)[:, None, None] * context.to(dt)
-    flop_skipped = (skip[:, 0] * attn_tok).sum() + (skip[:, 1].sum(dim=(1, 2)) * c.mlp_flops.to(dt)).sum()
     flop_total = (m * attn_tok).sum() + m.sum() * (c.attn_kv_flops + c.mlp_flops).sum().to(dt)
-    param_skipped = (per_module[:, 0] * c.attn_params.to(dt)).sum() + (per_module[:, 1] * c.mlp_params.to(dt)).sum()
+    fc_flops, fc_params = c.forecast_flops.to(dt), c.forecast_params.to(dt)
+    flop_skipped = ((skip[:, 0] * (attn_tok - fc_flops[:, None, None])).sum()
+                    + (skip[:, 1].sum(dim=(1, 2)) * (c.mlp_flops.to(dt) - fc_flops)).sum())
+    param_skipped = ((per_module[:, 0] * (c.attn_params.to(dt) - fc_params)).sum()
+                     + (per_module[:, 1] * (c.mlp_params.to(dt) - fc_params)).sum())
     return {
         "tokens": m.sum(),
         "skipped": per_module,

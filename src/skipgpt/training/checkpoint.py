@@ -16,11 +16,14 @@ from safetensors import SafetensorError, safe_open
 
 from ..errors import ArtifactError, ConfigError
 from ..io import save_safetensors_atomic
+from .data import data_digest
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 # Options that do not change what a resumed run computes; every other option must match the checkpoint's,
 # or the resumed steps would silently follow another recipe (other data order, schedule, loss...).
 RESUME_MAY_CHANGE = frozenset({"resume", "progress", "report_to", "checkpoint_every", "output", "calibrate"})
+# Options naming local files: the same file under another spelling (relative, absolute, ~) is the same option.
+PATH_OPTIONS = frozenset({"data", "model", "routers"})
 
 
 def trainable(routed) -> dict[str, torch.nn.Parameter]:
@@ -52,15 +55,31 @@ def read_metadata(path: Path) -> dict[str, Any]:
 
 
 def check_resume_config(path: Path, config: dict[str, Any]) -> None:
-    """Refuse to resume from `path` with a config other than the one that wrote it (naming what differs)."""
-    saved = read_metadata(path).get("config")
+    """Refuse to resume from `path` with a config other than the one that wrote it (naming what differs), or
+    with training data whose content changed since (the resumed steps would train on other text)."""
+    meta = read_metadata(path)
+    saved = meta.get("config")
     if not isinstance(saved, dict):
         return  # written without its config: nothing to compare against
+    digest = meta.get("data_sha256")  # then the data's content is compared below, wherever it lies now
+    may_differ = RESUME_MAY_CHANGE | ({"data"} if digest else set())
     differ = [f"{k} {saved[k]!r} -> {config[k]!r}" for k in sorted(set(saved) & set(config))
-              if k not in RESUME_MAY_CHANGE and saved[k] != config[k]]
+              if k not in may_differ and saved[k] != config[k]
+              and not (k in PATH_OPTIONS and _same_file(saved[k], config[k]))]
     if differ:
         raise ConfigError(f"{path}: cannot --resume, the options differ from the run that wrote this checkpoint "
                           f"({'; '.join(differ)}); rerun with the original options or use another --output")
+    if digest and data_digest(config["data"]) != digest:
+        raise ConfigError(f"{path}: cannot --resume, the content of the training data {config['data']} changed "
+                          f"since this checkpoint; restore the original data, or start afresh with another --output")
+
+
+def _same_file(a: Any, b: Any) -> bool:
+    """Two spellings of one existing file or folder."""
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def load_checkpoint(path: Path, routed, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

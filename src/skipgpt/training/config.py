@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,16 @@ STAGES = ("router", "lora", "joint")
 SCHEDULES = ("auto", "constant", "cosine")
 REPORTERS = ("none", "tensorboard", "wandb")
 PRECISIONS = ("no", "bf16", "fp16")
+# What each field annotation accepts (a YAML file can hold anything); inf and NaN are no option's value.
+FIELD_TYPES = {
+    "int": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+              and math.isfinite(v)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "list[str]": ("a list of names", lambda v: isinstance(v, str)
+                  or isinstance(v, list) and all(isinstance(t, str) for t in v)),
+}
 
 
 @dataclass
@@ -96,6 +107,9 @@ class TrainConfig:
         "new routers: linear (the paper) or mlp (hidden -> hidden/4 -> 2, as the published code)")})
     router_input: str = field(default="module", metadata={"choices": ROUTER_INPUTS, "help": (
         "new routers: module = each router reads its module's input; layer = both read the layer input")})
+    forecaster_rank: int = field(default=0, metadata={"help": (
+        "new routers: 0 = the paper's plain skip; R > 0 = informed skipping, a rank-R forecaster per module "
+        "stands in for it when skipped (fitted in closed form before and after router tuning)")})
     execute_bias: float = field(default=2.0, metadata={
         "help": "new routers: initial execute-logit margin, so training starts from the dense model"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
@@ -134,16 +148,24 @@ class TrainConfig:
             if getattr(self, name) not in options:
                 raise ConfigError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
 
+        check_sparsity(self.target_sparsity)  # first: its own message, for NaN too
+        for f in dataclasses.fields(self):  # every value of its annotated type (None where the annotation allows)
+            value, kind = getattr(self, f.name), str(f.type).removesuffix(" | None")
+            what, ok = FIELD_TYPES.get(kind, ("", lambda v: True))
+            if not ok(value) and not (value is None and kind != str(f.type)):
+                raise ConfigError(f"{f.name} must be {what}, got {value!r}")
         for f in dataclasses.fields(self):  # stage, accounting, schedule, router, ...: the choices in the metadata
             if "choices" in f.metadata:
                 choice(f.name, f.metadata["choices"])
-        check_sparsity(self.target_sparsity)
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "val_sequences", "lora_r", "self_sequences"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.seq_len < 2:
             raise ConfigError("seq_len must be at least 2 (one token predicts the next)")
+        rank = self.forecaster_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ConfigError(f"forecaster_rank must be a whole number >= 0 (0 = plain skip), got {rank!r}")
         for name in ("alpha", "lr", "lora_lr", "weight_decay", "threshold_gain"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value != value or value < 0:
@@ -219,7 +241,10 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a UTF-8 text file (expected YAML or JSON options)") from None
         try:
             if path.suffix == ".json":
                 data = json.loads(text)

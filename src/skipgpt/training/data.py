@@ -19,7 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import DataError
-from ..io import save_safetensors_atomic
+from ..io import file_sha256, save_safetensors_atomic
+from ..models.loading import hub_problem
 
 # .tokens/.raw are the WikiText release files: plain text under another name
 TEXT_SUFFIXES = (".txt", ".tokens", ".raw")
@@ -32,6 +33,7 @@ class PackedData:
     train: torch.Tensor  # (N, seq_len) int64
     val: torch.Tensor  # (M, seq_len) int64
     source: str
+    digest: str | None = None  # data_digest of the source: a resumed run checks its data is the same
 
     @property
     def seq_len(self) -> int:
@@ -46,20 +48,23 @@ def _read_txt(path: Path) -> list[str]:
 
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text (a .jsonl file holds one JSON object per line)") from None
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or field not in row:
-                raise DataError(f"{path}:{lineno}: no {field!r} field (choose the field with --text-field)")
-            if not isinstance(row[field], str):
-                raise DataError(f"{path}:{lineno}: field {field!r} is not a string")
-            texts.append(row[field])
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or field not in row:
+            raise DataError(f"{path}:{lineno}: no {field!r} field (choose the field with --text-field)")
+        if not isinstance(row[field], str):
+            raise DataError(f"{path}:{lineno}: field {field!r} is not a string")
+        texts.append(row[field])
     return texts
 
 
@@ -92,6 +97,20 @@ def data_files(source: str) -> list[Path] | None:
     return None
 
 
+def data_digest(source: str) -> str | None:
+    """sha256 of the training data's content: every file's bytes, with its name inside a folder (the
+    reading order). None for 'self' (the model and seed make it) and hub datasets (no local files)."""
+    files = None if source == "self" else data_files(source)
+    if files is None:
+        return None
+    root = Path(source).expanduser()
+    h = hashlib.sha256()
+    for f in files:
+        name = f.relative_to(root).as_posix() if root.is_dir() else ""  # a single file: its content only
+        h.update(f"{name}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
 def read_texts(source: str, text_field: str = "text") -> list[str]:
     """Documents from a .txt/.jsonl/.parquet file (WikiText .tokens/.raw count as .txt), a folder of them,
     or a Hugging Face dataset name."""
@@ -113,13 +132,18 @@ def read_texts(source: str, text_field: str = "text") -> list[str]:
 
 
 def _read_hub(name: str, text_field: str) -> list[str]:
-    try:
-        import datasets
+    import datasets
 
+    problem = hub_problem(name, "dataset")
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = offline or bool(problem)  # the hub cannot help: the cache may, at once
+    try:
         ds = datasets.load_dataset(name, split="train")
     except Exception as e:  # noqa: BLE001 - offline, unknown name, gated: all are one-line data errors
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        first = problem or (str(e).splitlines()[0] if str(e) else type(e).__name__)
         raise DataError(f"{name!r} is neither a local path nor a loadable Hugging Face dataset ({first})") from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
     if text_field not in ds.column_names:
         raise DataError(f"dataset {name}: no column {text_field!r} (columns: {ds.column_names})")
     return [t for t in ds[text_field] if isinstance(t, str) and t.strip()]
@@ -207,8 +231,11 @@ def load_data(cfg, routed, tokenizer, cache_dir: Path) -> PackedData:
     if cfg.data == "self":
         ids = load_self(routed, tokenizer, cfg.self_sequences + cfg.val_sequences, cfg.seq_len, cfg.seed, cache_dir)
         return split(ids, cfg.val_sequences, "self")
+    digest = data_digest(cfg.data)
     texts = read_texts(cfg.data, cfg.text_field)
-    return split(tokenize_and_pack(texts, tokenizer, cfg.seq_len, cfg.max_tokens), cfg.val_sequences, cfg.data)
+    packed = split(tokenize_and_pack(texts, tokenizer, cfg.seq_len, cfg.max_tokens), cfg.val_sequences, cfg.data)
+    packed.digest = digest
+    return packed
 
 
 @functools.lru_cache(maxsize=4)

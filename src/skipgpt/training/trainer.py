@@ -41,9 +41,11 @@ from . import loss as L
 from .checkpoint import CHECKPOINT_NAME, check_resume_config, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import PackedData, data_files, load_data, micro_batches
+from .forecast import fit_forecasters
 from .lora import attach_lora, check_lora_targets, lora_parameters
 
 LOG_NAME = "train_log.csv"
+FIT_SEQUENCES = 64  # training sequences a forecaster fit reads (forward passes only)
 LOG_FIELDS = ("step", "loss", "lm_loss", "kd_loss", "reg", "sparsity", "attention", "mlp", "temperature", "noise",
               "lr", "threshold", "tokens_per_s")
 
@@ -182,7 +184,8 @@ def build_routed(cfg: TrainConfig):
         routed = load_routers(model, cfg.routers, lora="none")
     else:
         skip = SkipConfig(router=cfg.router, router_input=cfg.router_input, execute_bias=cfg.execute_bias,
-                          target_sparsity=cfg.target_sparsity, accounting=cfg.accounting)
+                          target_sparsity=cfg.target_sparsity, accounting=cfg.accounting,
+                          forecaster_rank=cfg.forecaster_rank)
         routed = RoutedModel(model, skip, name=cfg.model)
     return routed, tokenizer
 
@@ -191,6 +194,8 @@ def _setup_parameters(routed, cfg: TrainConfig) -> list[dict]:
     routed.freeze_base()
     for p in routed.routers.parameters():
         p.requires_grad_(cfg.trains_routers)
+    if routed.forecasters is not None:  # fitted in closed form, then fixed (training them too measured worse)
+        routed.forecasters.requires_grad_(False)
     groups = []
     if cfg.trains_routers:
         groups.append({"params": list(routed.routers.parameters()), "lr": cfg.lr, "base_lr": cfg.lr})
@@ -201,6 +206,12 @@ def _setup_parameters(routed, cfg: TrainConfig) -> list[dict]:
     routed.routers.train(cfg.trains_routers)
     routed.model.train(cfg.trains_lora)  # LoRA dropout on; router tuning keeps the base deterministic
     return groups
+
+
+def _fit_batches(data: PackedData, cfg: TrainConfig, device) -> list[dict[str, torch.Tensor]]:
+    """Training sequences for a forecaster fit: the first FIT_SEQUENCES of them, forward passes only."""
+    seqs = data.train[:FIT_SEQUENCES]
+    return [{"input_ids": seqs[i : i + cfg.batch_size].to(device)} for i in range(0, len(seqs), cfg.batch_size)]
 
 
 def _has_accelerator() -> bool:
@@ -249,16 +260,22 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         routed.config.target_sparsity = cfg.target_sparsity
         routed.config.accounting = cfg.accounting
     # else (stage lora): the frozen routers keep the target and accounting they were tuned for
+    if cfg.trains_routers and routed.forecasters is not None and routed.policy is None:
+        # Informed skipping starts from forecasters fitted on every token of dense passes (deterministic,
+        # so a resumed run fits the same); the routers then train with them in the skip path.
+        fit = fit_forecasters(routed, _fit_batches(data, cfg, accelerator.device), on_policy=False)
+        routed.config.extra["forecaster_fit_tokens"] = fit["tokens"]
     groups = _setup_parameters(routed, cfg)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     wrapped, optimizer = accelerator.prepare(routed, optimizer)
     schedule, warmup = cfg.effective_schedule()
 
-    start, history = 0, []
+    start, history, before = 0, [], (0.0, 0)  # seconds and tokens of the steps done before a resume
     torch.manual_seed(cfg.seed)
     if cfg.resume and ckpt.exists():
         meta = load_checkpoint(ckpt, routed, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
         start, history = int(meta["step"]), list(meta.get("history", []))
+        before = (float(meta.get("train_seconds", 0.0)), int(meta.get("tokens", 0)))
         if "threshold" in meta:  # steered during stage 2 (threshold_gain)
             routed.threshold = float(meta["threshold"])
         if main:
@@ -272,7 +289,7 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
 
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and main), desc=f"train {cfg.stage}",
                dynamic_ncols=True)
-    t_start, tokens_seen = time.perf_counter(), 0
+    t_start, tokens_seen = time.perf_counter() - before[0], before[1]  # the summary covers the whole run
     for step in range(start, cfg.steps):
         tic = time.perf_counter()
         routed.temperature = anneal(step, cfg.steps, cfg.temperature_start, cfg.temperature_end)
@@ -315,7 +332,9 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
             accelerator.wait_for_everyone()
             if main:
                 save_checkpoint(ckpt, routed, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                done, {"history": history, "config": cfg.to_dict(), "threshold": routed.threshold})
+                                done, {"history": history, "config": cfg.to_dict(), "threshold": routed.threshold,
+                                       "data_sha256": data.digest, "train_seconds": time.perf_counter() - t_start,
+                                       "tokens": tokens_seen})
     bar.close()
     elapsed = time.perf_counter() - t_start
     summary = _finish(routed, cfg, data, history, elapsed, tokens_seen)
@@ -335,6 +354,13 @@ def _finish(routed, cfg: TrainConfig, data: PackedData, history: list, elapsed: 
     val = [{"input_ids": data.val[i : i + cfg.batch_size].to(device)} for i in range(0, len(data.val), cfg.batch_size)]
     routed.routers.eval()
     routed.model.eval()
+    if cfg.trains_routers and routed.forecasters is not None and routed.policy is None:
+        # Refit on the tokens the trained routers skip (where the forecasters are used), twice: the
+        # refit moves the hidden states downstream routers read. Then calibrate with them in place.
+        for _ in range(2):
+            fit = fit_forecasters(routed, _fit_batches(data, cfg, device), on_policy=True)
+            extra = routed.config.extra
+            extra["forecaster_fit_tokens"] = extra.get("forecaster_fit_tokens", 0) + fit["tokens"]
     if cfg.calibrate and routed.policy is None:
         # Recalibrate onto the routers' own target: LoRA shifts the hidden states the routers read.
         calibrate_threshold(routed, val, routed.config.target_sparsity, routed.config.accounting)

@@ -1,0 +1,129 @@
+"""Fit the forecasters of informed skipping in closed form, from forward passes only.
+
+Each module's forecaster maps the module's normalised input to (an estimate of) its output. One masked
+forward pass computes every module for every token, so the same passes give every module's inputs and
+outputs; they are folded into the normal equations of a ridge regression with a bias,
+
+    [X 1]^T [X 1] W = [X 1]^T Y,
+
+and the rank-R forecaster is the reduced-rank solution: the ridge map projected onto the top R
+principal directions of its own predictions (the best rank-R map in squared error on the fitted rows).
+
+Which rows count decides what is learned. A forecaster is used only on the tokens its router skips, and
+routers skip tokens whose module output is small, so a fit on every token predicts an average that is
+wrong exactly there. `on_policy=True` fits only the tokens the current routers skip, under routed
+execution with the forecasters in place; `on_policy=False` fits every real token (the start, before
+the routers skip anything).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ..errors import DataError
+from ..models.routed import Forecaster, RoutedModel
+from ..routing.policies import KINDS
+
+
+class _Moments:
+    """Running [x 1]^T [x 1] and [x 1]^T y of one module, in float64."""
+
+    def __init__(self, hidden: int):
+        self.xx = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)
+        self.xy = torch.zeros(hidden + 1, hidden, dtype=torch.float64)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x1 = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1).cpu()
+        self.xx += x1.T @ x1
+        self.xy += x1.T @ y.double().cpu()
+        self.rows += x.shape[0]
+
+
+def solve(xx: torch.Tensor, xy: torch.Tensor, rank: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
+    """(down (R, d), up (d, R), bias (d,)) of the rank-R ridge fit from the moments of [x 1] and y.
+
+    Reduced-rank regression with an intercept: the ridge map W of the centred data, projected onto the
+    top-R principal directions V of its centred predictions; the bias (never penalised, never
+    projected) puts the mean prediction on the mean output. ridge is relative to the mean input
+    variance, so it means the same at any activation scale.
+    """
+    d = xy.shape[1]
+    n = xx[d, d]
+    mx, my = xx[d, :d] / n, xy[d] / n
+    cxx = xx[:d, :d] - n * torch.outer(mx, mx)
+    cxy = xy[:d] - n * torch.outer(mx, my)
+    penalty = ridge * float(cxx.diagonal().mean().clamp_min(1e-12))
+    w = torch.linalg.solve(cxx + penalty * torch.eye(d, dtype=cxx.dtype), cxy)  # (d, d)
+    v = torch.linalg.eigh(w.T @ cxx @ w).eigenvectors[:, -rank:]  # (d, R)
+    down = (w @ v).T
+    return down, v, my - mx @ w @ v @ v.T
+
+
+@torch.no_grad()
+def fit_forecasters(routed: RoutedModel, batches: Iterable[dict[str, torch.Tensor]], on_policy: bool,
+                    ridge: float = 1e-2) -> dict[str, float]:
+    """Fit every forecaster of `routed` on `batches` (see the module doc); returns the number of modules
+    fitted, of (module, token) rows fitted, and of real tokens read.
+
+    Runs in masked mode with argmax routing, so each module's true output is computed for every token.
+    """
+    bank = routed.forecasters
+    if bank is None:
+        raise ValueError("the routed model has no forecasters (forecaster_rank 0)")
+    L, hidden = len(routed.layers), routed.config.base.hidden_size
+    moments = {(i, k): _Moments(hidden) for i in range(L) for k in KINDS}
+    tokens = 0
+    inputs: dict[tuple[int, str], torch.Tensor] = {}
+    outputs: dict[tuple[int, str], torch.Tensor] = {}
+
+    def keep_input(key):
+        def hook(module, args):
+            inputs[key] = args[0].detach()
+        return hook
+
+    def keep_output(key):
+        def hook(module, args, output):
+            outputs[key] = (output[0] if isinstance(output, tuple) else output).detach()
+        return hook
+
+    hooks = []
+    for i, parts in enumerate(routed.layers):
+        # what the gate multiplies: the module's output, after its output norm on sandwich models
+        ends = {"attn": parts.attn_out_norm or parts.attn, "mlp": parts.mlp_out_norm or parts.mlp}
+        for kind, end in ends.items():
+            hooks.append(bank.get(i, kind).register_forward_pre_hook(keep_input((i, kind))))
+            hooks.append(end.register_forward_hook(keep_output((i, kind))))
+    try:
+        policy = routed.policy if on_policy else "execute"
+        with routed.using(mode="masked", sample=False, track=False, policy=policy):
+            for batch in batches:
+                routed(**batch, use_cache=False)
+                gates, real, _ = routed.state.stacked()
+                tokens += int(real.sum())
+                for (i, kind), m in moments.items():
+                    rows = real if not on_policy else real & (gates[i, KINDS.index(kind)] <= 0.5)
+                    m.add(inputs[(i, kind)][rows], outputs[(i, kind)][rows])
+    finally:
+        for h in hooks:
+            h.remove()
+    fitted = 0
+    for (i, kind), m in moments.items():
+        if m.rows == 0:
+            continue  # never skipped: keep the forecaster it has
+        down, up, bias = solve(m.xx, m.xy, bank.get(i, kind).down.out_features, ridge)
+        _load(bank.get(i, kind), down, up, bias)
+        fitted += 1
+    if tokens == 0:
+        raise DataError("forecaster fitting got no real tokens to read")
+    return {"modules": fitted, "rows": sum(m.rows for m in moments.values()), "tokens": tokens}
+
+
+def _load(forecaster: Forecaster, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor) -> None:
+    p = forecaster.down.weight
+    forecaster.down.weight.copy_(down.to(p.device, p.dtype))
+    forecaster.up.weight.copy_(up.to(p.device, p.dtype))
+    forecaster.up.bias.copy_(bias.to(p.device, p.dtype))

@@ -1,0 +1,165 @@
+"""`skipgpt generate`: the streamed greedy reply of routed sparse generation is the masked path's (and the
+unmodified model's when every module executes), --compare-dense prints both, bad input is one line; and
+`skipgpt bench` reports batch 1 beside batch N."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import TextStreamer
+
+import skipgpt
+from skipgpt.inference.generate import generate, prompt_ids
+
+from conftest import run_cli, varied_routers
+
+PROMPT = "Tell me about the old king and the water"
+NEW = 12
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_dir):
+    return str(tiny_dir / "model")
+
+
+def _save(routed, tmp_path_factory, name: str) -> str:
+    path = tmp_path_factory.mktemp(name) / "run"
+    skipgpt.save_routers(routed, path)
+    routed.unpatch()
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def varied_dir(model_dir, tmp_path_factory):
+    """Routers whose decisions depend on the token (fresh routers execute everything)."""
+    model, _ = skipgpt.load_model(model_dir)
+    return _save(varied_routers(model=model), tmp_path_factory, "varied")
+
+
+@pytest.fixture(scope="module")
+def fresh_dir(model_dir, tmp_path_factory):
+    """Untrained routers: zero weights and an execute bias, so every module executes."""
+    model, _ = skipgpt.load_model(model_dir)
+    return _save(skipgpt.RoutedModel(model), tmp_path_factory, "fresh")
+
+
+def _reference(model_dir: str, routers: str | None = None, mode: str = "masked") -> list[int]:
+    """New token ids of plain HF greedy generate() on the chat-formatted prompt: through the routed model in
+    `mode`, or the unmodified model without routers."""
+    model, tok = skipgpt.load_model(model_dir)
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    if routers is not None:
+        model = skipgpt.load_routers(model, routers).set_mode(mode).model
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def _streamed(model_dir: str, new_ids: list[int]) -> str:
+    """What TextStreamer prints for these new tokens (the CLI streams through it)."""
+    _, tok = skipgpt.load_model(model_dir)
+    printed = []
+
+    class Capture(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            printed.append(text)
+
+    streamer = Capture(tok, skip_prompt=True, skip_special_tokens=True)
+    streamer.put(torch.tensor([[1, 2]]))  # the prompt, skipped
+    for t in new_ids:
+        streamer.put(torch.tensor([t]))
+    streamer.end()
+    return "".join(printed)
+
+
+def _generate_cli(model_dir: str, *flags: str) -> list[str]:
+    return ["generate", "--model", model_dir, "--prompt", PROMPT, "--max-new-tokens", str(NEW), "--device", "cpu",
+            *flags]
+
+
+def test_routed_reply_is_the_masked_paths(model_dir, varied_dir, capsys):
+    masked = _reference(model_dir, varied_dir, "masked")
+    dense = _reference(model_dir)
+    assert masked != dense  # the routers change the reply, so agreeing with the masked path means something
+    assert run_cli(_generate_cli(model_dir, "--routers", varied_dir)) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(_streamed(model_dir, masked))
+    speed, every, decode = out.splitlines()[-3:]
+    assert speed.startswith("routed: decode ") and " tok/s (" in speed and "prefill " in speed
+    assert every.startswith("routed sparsity, prefill and decode: param ")
+    assert decode.startswith("routed sparsity, decode steps only: param ")
+
+    # token for token, in the library: sparse generation (what the CLI runs) against the masked path
+    model, tok = skipgpt.load_model(model_dir)
+    routed = skipgpt.load_routers(model, varied_dir).set_mode("sparse")
+    routed.reset_sparsity()
+    reply, _ = generate(routed.model, tok, prompt_ids(tok, PROMPT), NEW)
+    assert reply.new_ids == masked
+    assert routed.sparsity().tokens == reply.prompt_tokens + NEW - 1  # the last new token is never fed back
+    assert 0.1 < routed.sparsity().param < 0.9
+
+
+def test_reply_with_every_module_executing_is_the_unmodified_models(model_dir, fresh_dir, capsys):
+    dense = _reference(model_dir)
+    assert run_cli(_generate_cli(model_dir, "--routers", fresh_dir)) == 0
+    assert capsys.readouterr().out.startswith(_streamed(model_dir, dense))
+    assert run_cli(_generate_cli(model_dir)) == 0  # no routers: the unmodified model
+    out = capsys.readouterr().out
+    assert out.startswith(_streamed(model_dir, dense)) and out.splitlines()[-1].startswith("dense: decode ")
+
+
+def test_compare_dense_prints_both_replies_and_speeds(model_dir, varied_dir, capsys):
+    assert run_cli(_generate_cli(model_dir, "--routers", varied_dir, "--compare-dense")) == 0
+    out = capsys.readouterr().out
+    routed_part, _, dense_part = out.partition("--- dense (unmodified model) ---\n")
+    assert routed_part.startswith("--- routed (sparse) ---\n")
+    assert _streamed(model_dir, _reference(model_dir, varied_dir)) in routed_part
+    assert dense_part.startswith(_streamed(model_dir, _reference(model_dir)))
+    assert "\nrouted: decode " in routed_part and "\nrouted sparsity, decode steps only: param " in routed_part
+    assert "\ndense: decode " in dense_part and "\ndecode speedup routed/dense: " in dense_part
+
+
+def test_raw_prompt_skips_the_chat_template(model_dir):
+    _, tok = skipgpt.load_model(model_dir)
+    chat = prompt_ids(tok, PROMPT)
+    raw = prompt_ids(tok, PROMPT, chat=False)
+    assert torch.equal(raw, tok(PROMPT, return_tensors="pt").input_ids)
+    assert chat.shape[1] > raw.shape[1] and "assistant" in tok.decode(chat[0])
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--routers", "nowhere"], "router directory nowhere does not exist"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--compare-dense"], "give --routers DIR"),
+])
+def test_bad_input_is_one_line(model_dir, flags, says, capsys):
+    assert run_cli(_generate_cli(model_dir, *flags)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("skipgpt generate: error:") and len(err.splitlines()) == 1 and says in err, err
+
+
+def test_empty_prompt_is_one_line(model_dir, capsys):
+    argv = ["generate", "--model", model_dir, "--prompt", "", "--raw-prompt", "--device", "cpu"]
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "skipgpt generate: error: --prompt is empty"
+
+
+@pytest.mark.parametrize("batch", [2, 1])
+def test_bench_reports_batch_1_beside_batch_n(model_dir, varied_dir, batch, tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--model", model_dir, "--routers", varied_dir, "--device", "cpu", "--seq-len", "8",
+            "--batch-size", str(batch), "--decode-tokens", "2", "--repeats", "1", "--output", str(path)]
+    assert run_cli(argv) == 0
+    r = json.loads(path.read_text())
+    assert r["shape"]["batch_size"] == batch and r["batch_1"]["shape"]["batch_size"] == 1
+    for result in (r, r["batch_1"]):
+        for phase in ("prefill", "decode"):
+            assert result[phase]["dense_tok_s"] > 0 and result[phase]["sparse_tok_s"] > 0
+        assert 0 < result["decode_sparsity"]["param"] < 1
+    out = capsys.readouterr().out
+    assert f"\nbatch {batch}: param sparsity" in out and out.count("\nbatch 1: param sparsity") == 1

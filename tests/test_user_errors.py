@@ -1,0 +1,318 @@
+"""Every bad input a user can give is one line on stderr, exit status 2, before any work, nothing written.
+
+One test (or group) per case of the "one-line error" issue, numbered as there; 7 and 8 (file modes,
+all-or-nothing run folders) are in test_all_or_nothing.py, the fuzz test in test_cli_fuzz.py."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import errno
+import importlib
+import json
+import pkgutil
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from skipgpt import RoutedModel, load_model, save_routers
+from skipgpt.cli.main import build_parser
+from skipgpt.models.loading import _embedded_gguf
+from skipgpt.training.checkpoint import CHECKPOINT_NAME, read_metadata
+from skipgpt.training.data import data_digest
+
+from conftest import make_tiny, one_error_line, run_cli, run_process, snapshot
+
+TRAIN = ["--seq-len", "16", "--batch-size", "2", "--val-sequences", "4", "--no-progress"]
+
+
+def fails(capfd, argv: list[str], model_loaded: bool = False) -> str:
+    """Run `skipgpt ARGV` in this process; assert exit status 2 and one error line; return the line."""
+    capfd.readouterr()
+    assert run_cli(argv) == 2
+    return one_error_line(capfd.readouterr().err, argv[0], model_loaded)
+
+
+@pytest.fixture(scope="module")
+def routers(tiny_dir, tmp_path_factory) -> Path:
+    """Routers saved for the tiny model of tiny_dir."""
+    folder = tmp_path_factory.mktemp("routers") / "r"
+    model, _ = load_model(str(tiny_dir / "model"))
+    save_routers(RoutedModel(model), folder)
+    return folder
+
+
+# -- 1. output locations ------------------------------------------------------------------------------------
+
+
+def test_1_an_output_that_is_a_file_or_a_folder_is_refused_before_the_model_loads(tmp_path, tiny_dir, routers,
+                                                                                  capfd):
+    model, text = str(tiny_dir / "model"), str(tiny_dir / "text.txt")
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    cases = [
+        (["train", "--model", model, "--data", text, "--output", str(afile), *TRAIN], "is a file"),
+        (["analyze", "--model", model, "--routers", str(routers), "--text", text, "--output", str(afile)], "is a file"),
+        (["eval", "--model", model, "--task", f"wikitext2={text}", "--output", str(folder)], "is a folder"),
+        (["bench", "--model", model, "--output", str(folder)], "is a folder"),
+        (["bench", "--model", model, "--output", str(afile / "b.json")], "is a file, not a folder"),
+    ]
+    for argv, message in cases:
+        assert message in fails(capfd, argv), argv
+    assert afile.read_text() == "keep me" and list(folder.iterdir()) == []
+
+
+def test_1_an_output_on_a_read_only_mount_is_refused_before_the_model_loads(readonly_dir, tiny_dir, routers, capfd):
+    model, text = str(tiny_dir / "model"), str(tiny_dir / "text.txt")
+    cases = [
+        ["train", "--model", model, "--data", text, "--output", str(readonly_dir / "run"), *TRAIN],
+        ["analyze", "--model", model, "--routers", str(routers), "--text", text, "--output", str(readonly_dir / "a")],
+        ["eval", "--model", model, "--task", f"wikitext2={text}", "--output", str(readonly_dir / "e.json")],
+        ["bench", "--model", model, "--output", str(readonly_dir / "sub" / "b.json")],
+    ]
+    for argv in cases:
+        line = fails(capfd, argv)
+        assert str(readonly_dir) in line and ("read-only" in line or "not writable" in line), line
+    assert list(readonly_dir.iterdir()) == []
+
+
+def test_1_results_computed_are_printed_when_writing_them_fails_late(tmp_path, tiny_dir, capfd, monkeypatch):
+    """The output was fine when checked; the disk filled up during the job: the numbers are not lost."""
+    from skipgpt.cli import common
+
+    def disk_full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(common, "write_json_atomic", disk_full)
+    out = tmp_path / "e.json"
+    text = tiny_dir / "text.txt"
+    assert run_cli(["eval", "--model", str(tiny_dir / "model"), "--task", f"wikitext2={text}", "--limit", "1",
+                    "--seq-len", "16", "--no-progress", "--output", str(out)]) == 2
+    captured = capfd.readouterr()
+    line = one_error_line(captured.err, "eval", model_loaded=True)
+    assert "No space left on device" in line and "printed above" in line
+    printed = json.loads(captured.out[captured.out.index("\n{") + 1:])  # after the markdown table
+    assert printed["tasks"]["wikitext2"]["ppl"] > 0
+    assert not out.exists()
+
+
+# -- 2. a .gguf that is not GGUF ----------------------------------------------------------------------------
+
+
+def bad_ggufs(folder: Path) -> dict[str, Path]:
+    real = _embedded_gguf("smollm2-135m").read_bytes()[: 2 << 20]  # the header and part of the tensor index
+    contents = {
+        "text": b"this is a text file, not a model\n",
+        "random": bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0)).tolist()),
+        "empty": b"",
+        "truncated": real,
+        "magic-only": b"GGUF",
+        "garbage-header": b"GGUF" + bytes(range(256)) * 8,
+    }
+    paths = {}
+    for name, data in contents.items():
+        paths[name] = folder / f"{name}.gguf"
+        paths[name].write_bytes(data)
+    return paths
+
+
+def test_2_a_gguf_that_is_not_gguf_is_one_line_for_train_and_info(tmp_path, tiny_dir, capfd):
+    out = tmp_path / "out"
+    for name, path in bad_ggufs(tmp_path).items():
+        line = fails(capfd, ["info", "--model", str(path)])
+        assert str(path.name) in line, (name, line)
+        fails(capfd, ["train", "--model", str(path), "--data", str(tiny_dir / "text.txt"), "--output", str(out),
+                      *TRAIN])
+        assert not out.exists(), name
+
+
+# -- 3. non-UTF-8 input -------------------------------------------------------------------------------------
+
+
+def test_3_binary_data_and_config_files_are_one_line(tmp_path, tiny_dir, capfd):
+    binary = bytes(range(128, 256)) * 16
+    out = tmp_path / "out"
+    for suffix in (".jsonl", ".txt"):
+        data = tmp_path / f"x{suffix}"
+        data.write_bytes(binary)
+        line = fails(capfd, ["train", "--model", str(tiny_dir / "model"), "--data", str(data), "--output", str(out),
+                             *TRAIN], model_loaded=True)
+        assert "UTF-8" in line and str(data) in line
+    for suffix in (".yaml", ".json"):
+        config = tmp_path / f"x{suffix}"
+        config.write_bytes(binary)
+        line = fails(capfd, ["train", "--config", str(config), "--output", str(out)])
+        assert "UTF-8" in line and str(config) in line
+    assert not out.exists()
+
+
+# -- 4. a skip_config.json with a threshold that is not a number ------------------------------------------
+
+
+@pytest.mark.parametrize("threshold", ["abc", None, True, float("nan")])
+def test_4_a_bad_threshold_is_one_line_and_the_lora_run_writes_nothing(threshold, tmp_path, tiny_dir, routers,
+                                                                       capfd):
+    bad = tmp_path / "bad"
+    shutil.copytree(routers, bad)
+    config = json.loads((bad / "skip_config.json").read_text())
+    config["threshold"] = threshold
+    (bad / "skip_config.json").write_text(json.dumps(config))
+    model, text = str(tiny_dir / "model"), str(tiny_dir / "text.txt")
+    out = tmp_path / "lora"
+    for argv in (["info", "--model", model, "--routers", str(bad)],
+                 ["eval", "--model", model, "--routers", str(bad), "--task", f"wikitext2={text}", "--limit", "1"],
+                 ["train", "--stage", "lora", "--model", model, "--routers", str(bad), "--data", text,
+                  "--output", str(out), "--steps", "1", *TRAIN]):
+        line = fails(capfd, argv)
+        assert "threshold must be a number" in line and str(bad) in line, line
+    assert not out.exists()
+
+
+# -- 5. the base-model mismatch names no flag that does not exist -------------------------------------------
+
+
+def flags_of(command: str) -> set[str]:
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    return {flag for action in sub._actions for flag in action.option_strings}
+
+
+def test_5_the_base_mismatch_message_names_only_flags_that_exist(tmp_path, tiny_dir, capfd):
+    other = tmp_path / "other"
+    save_routers(RoutedModel(make_tiny("llama")), other)  # same shape, other weights
+    model, text = str(tiny_dir / "model"), str(tiny_dir / "text.txt")
+    for argv in (["info", "--model", model, "--routers", str(other)],
+                 ["bench", "--model", model, "--routers", str(other), "--output", str(tmp_path / "b.json")],
+                 ["analyze", "--model", model, "--routers", str(other), "--text", text,
+                  "--output", str(tmp_path / "a")]):
+        line = fails(capfd, argv, model_loaded=True)
+        assert "different weights" in line
+        named = set(re.findall(r"--[a-z][a-z0-9-]*", line))
+        assert named <= flags_of(argv[0]), named - flags_of(argv[0])
+
+
+def every_cli_flag() -> set[str]:
+    """The flags of every command module in skipgpt.cli (registered or about to be)."""
+    import skipgpt.cli
+
+    flags = set()
+    for info in pkgutil.iter_modules(skipgpt.cli.__path__):
+        module = importlib.import_module(f"skipgpt.cli.{info.name}")
+        if hasattr(module, "add_parser"):
+            parser = module.add_parser(argparse.ArgumentParser().add_subparsers())
+            flags |= {flag for action in parser._actions for flag in action.option_strings}
+    return flags
+
+
+def test_5_no_error_message_in_the_package_names_a_flag_that_no_command_has():
+    """Every --flag written into a raised error exists on some command (it once advised --no-check-base)."""
+    known = every_cli_flag() | {"--no-deps"}  # pip's, in the advice to install the embedded model
+    named = {}
+    for path in Path(__file__).parents[1].joinpath("src", "skipgpt").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Raise):
+                for const in ast.walk(node):
+                    if isinstance(const, ast.Constant) and isinstance(const.value, str):
+                        for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", const.value):
+                            named.setdefault(flag, path.name)
+    assert named, "the scan found no flags at all"
+    assert {f: where for f, where in named.items() if f not in known} == {}
+
+
+# -- 6. devices and threads ---------------------------------------------------------------------------------
+
+
+def test_6_unknown_or_missing_devices_and_bad_threads_are_one_line(tmp_path, tiny_dir, capfd, monkeypatch):
+    model, text = str(tiny_dir / "model"), str(tiny_dir / "text.txt")
+    out = tmp_path / "b.json"
+    evaluate = ["eval", "--model", model, "--task", f"wikitext2={text}", "--output", str(out)]
+    bench = ["bench", "--model", model, "--output", str(out)]
+    assert "not a torch device" in fails(capfd, [*bench, "--device", "tpu"])
+    assert "not a torch device" in fails(capfd, [*evaluate, "--device", "tpu"])
+    assert "--threads" in fails(capfd, [*bench, "--threads", "-1"])
+    assert "--threads" in fails(capfd, [*bench, "--threads", "0"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only build
+    for device in ("cuda", "cuda:1"):
+        assert "no CUDA device" in fails(capfd, [*evaluate, "--device", device])
+        assert "no CUDA device" in fails(capfd, [*bench, "--device", device])
+    assert not out.exists()
+
+
+# -- 9. resume compares the data's content, not the spelling of its path ----------------------------------
+
+
+def first_run(tmp_path, tiny_dir) -> tuple[Path, Path, list[str]]:
+    data = tmp_path / "data" / "text.txt"
+    data.parent.mkdir()
+    shutil.copy(tiny_dir / "text.txt", data)
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(tiny_dir / "model"), "--steps", "2", "--checkpoint-every", "1", "--output",
+            str(out), *TRAIN]
+    assert run_cli([*argv, "--data", str(data)]) == 0
+    return data, out, argv
+
+
+def test_9_resume_refuses_training_data_whose_content_changed(tmp_path, tiny_dir, capfd):
+    data, out, argv = first_run(tmp_path, tiny_dir)
+    assert read_metadata(out / CHECKPOINT_NAME)["data_sha256"] == data_digest(str(data))
+    before = snapshot(out)
+    data.write_text(data.read_text().replace("the", "a"))
+    line = fails(capfd, [*argv, "--data", str(data), "--resume"])
+    assert "changed" in line and str(data) in line
+    assert snapshot(out) == before
+
+
+def test_9_resume_accepts_the_same_data_under_another_path(tmp_path, tiny_dir, monkeypatch):
+    data, out, argv = first_run(tmp_path, tiny_dir)
+    monkeypatch.chdir(data.parent)
+    assert run_cli([*argv, "--data", "text.txt", "--resume"]) == 0  # relative now, absolute before
+    moved = tmp_path / "elsewhere.txt"
+    shutil.copy(data, moved)
+    assert run_cli([*argv, "--data", str(moved), "--resume"]) == 0  # another file with the same content
+
+
+# -- 10. hub names offline, non-finite options, the summary of a resumed run --------------------------------
+
+
+def test_10_an_unknown_hub_name_fails_at_once_in_one_line(tmp_path):
+    # A closed local port stands in for "no network" (and for an unknown name on a machine that has one).
+    proc = run_process(["info", "--model", "someone/no-such-model-xyz"], HF_ENDPOINT="http://127.0.0.1:9",
+                       HF_HUB_CACHE=str(tmp_path / "hub"))
+    assert proc.returncode == 2
+    line = one_error_line(proc.stderr, "info")
+    assert "someone/no-such-model-xyz" in line and "cache" in line
+
+
+def test_10_a_hub_model_in_the_local_cache_loads_without_the_hub(tmp_path, tiny_dir):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    shutil.copytree(tiny_dir / "model", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    proc = run_process(["info", "--model", "someone/tiny"], HF_ENDPOINT="http://127.0.0.1:9",
+                       HF_HUB_CACHE=str(tmp_path / "hub"))
+    assert proc.returncode == 0, proc.stderr
+    assert "decoder layers: 3" in proc.stdout and "Retry" not in proc.stderr
+
+
+@pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--temperature-start", "nan"), ("--alpha", "-inf"),
+                                        ("--noise-end", "nan"), ("--warmup-ratio", "nan")])
+def test_10_non_finite_options_are_refused_before_the_model_loads(flag, value, tmp_path, tiny_dir, capfd):
+    line = fails(capfd, ["train", "--model", str(tiny_dir / "model"), "--data", str(tiny_dir / "text.txt"),
+                         "--output", str(tmp_path / "o"), f"{flag}={value}", *TRAIN])
+    assert flag[2:].replace("-", "_") in line and "finite" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_10_the_summary_of_a_resumed_run_covers_the_whole_run(tmp_path, tiny_dir):
+    _, out, argv = first_run(tmp_path, tiny_dir)
+    meta = read_metadata(out / CHECKPOINT_NAME)
+    assert run_cli([*argv, "--data", str(tmp_path / "data" / "text.txt"), "--resume"]) == 0
+    summary = json.loads((out / "train_summary.json").read_text())
+    tokens = 2 * 2 * 16  # steps x batch x seq_len, all trained before the resume
+    assert summary["train_seconds"] >= meta["train_seconds"] > 0
+    assert summary["tokens_per_s"] * summary["train_seconds"] == pytest.approx(tokens)
