@@ -426,22 +426,24 @@ def _layer(routed: RoutedModel, index: int, parts: LayerParts, hidden: torch.Ten
     g = routed.gate(index, "attn", x)
     if is_sparse:
         y = sparse_attention(parts, x, g, kwargs)
+        x = y if fc is None else _add_forecast(y, fc.attn[index], parts.attn_norm, x, g)
     else:
-        y = x + run_attention(parts, x, kwargs) * g.unsqueeze(-1).to(x.dtype)
-    x = y if fc is None else _add_forecast(y, fc.attn[index], parts.attn_norm, x, g, is_sparse)
+        xn = parts.attn_norm(x)
+        y = x + run_attention(parts, xn, kwargs) * g.unsqueeze(-1).to(x.dtype)
+        x = y if fc is None else y + fc.attn[index](xn) * (1.0 - g).unsqueeze(-1).to(x.dtype)
     g = routed.gate(index, "mlp", x if routed.config.router_input == "module" else hidden)
     if is_sparse:
         y = sparse_mlp(parts, x, g)
-    else:
-        y = x + run_mlp(parts, x) * g.unsqueeze(-1).to(x.dtype)
-    return y if fc is None else _add_forecast(y, fc.mlp[index], parts.mlp_norm, x, g, is_sparse)
+        return y if fc is None else _add_forecast(y, fc.mlp[index], parts.mlp_norm, x, g)
+    xn = parts.mlp_norm(x)
+    y = x + run_mlp(parts, xn) * g.unsqueeze(-1).to(x.dtype)
+    # masked: every token's forecast, kept where the gate is 0 (differentiable in the gate)
+    return y if fc is None else y + fc.mlp[index](xn) * (1.0 - g).unsqueeze(-1).to(x.dtype)
 
 
-def _add_forecast(y: torch.Tensor, forecaster: Forecaster, norm: nn.Module, x: torch.Tensor, g: torch.Tensor,
-                  is_sparse: bool) -> torch.Tensor:
-    """y plus the forecast of the module output for the tokens that skipped it (module input x, gate g)."""
-    if not is_sparse:  # every token forecast, kept where the gate is 0 (differentiable in gate and forecaster)
-        return y + forecaster(norm(x)) * (1.0 - g).unsqueeze(-1).to(y.dtype)
+def _add_forecast(y: torch.Tensor, forecaster: Forecaster, norm: nn.Module, x: torch.Tensor, g: torch.Tensor
+                  ) -> torch.Tensor:
+    """Sparse mode: y plus the forecast of the module output for the rows that skipped it (input x, gate g)."""
     rows = (g.reshape(-1) <= 0.5).nonzero().squeeze(1)
     if rows.numel() == 0:
         return y

@@ -32,15 +32,16 @@ import torch.nn.functional as F
 from .adapters import LayerParts
 
 
-def run_attention(parts: LayerParts, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """The layer's attention module on every token, its output norm included (what the gate multiplies)."""
-    h = parts.attn(hidden_states=parts.attn_norm(x), **kwargs)[0]
+def run_attention(parts: LayerParts, xn: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The layer's attention module on every token of its normalised input xn, its output norm included
+    (what the gate multiplies)."""
+    h = parts.attn(hidden_states=xn, **kwargs)[0]
     return parts.attn_out_norm(h) if parts.attn_out_norm is not None else h
 
 
-def run_mlp(parts: LayerParts, x: torch.Tensor) -> torch.Tensor:
-    """The layer's MLP module on every row of x, its output norm included."""
-    h = parts.mlp(parts.mlp_norm(x))
+def run_mlp(parts: LayerParts, xn: torch.Tensor) -> torch.Tensor:
+    """The layer's MLP module on every row of its normalised input xn, its output norm included."""
+    h = parts.mlp(xn)
     return parts.mlp_out_norm(h) if parts.mlp_out_norm is not None else h
 
 
@@ -54,10 +55,10 @@ def sparse_mlp(parts: LayerParts, x: torch.Tensor, g: torch.Tensor) -> torch.Ten
     if count == 0:
         return x
     if count == execute.numel():
-        return x + run_mlp(parts, x)
+        return x + run_mlp(parts, parts.mlp_norm(x))
     flat = x.reshape(-1, x.shape[-1])
     rows = execute.reshape(-1).nonzero().squeeze(1)
-    h = run_mlp(parts, flat.index_select(0, rows))
+    h = run_mlp(parts, parts.mlp_norm(flat.index_select(0, rows)))
     return flat.index_add(0, rows, h.to(flat.dtype)).view_as(x)
 
 
@@ -84,9 +85,9 @@ def sparse_attention(parts: LayerParts, x: torch.Tensor, g: torch.Tensor, kwargs
     cache = kwargs.get("cache")
     mask = kwargs.get("attention_mask")
     if count == batch * seq:
-        return x + run_attention(parts, x, kwargs)
+        return x + run_attention(parts, parts.attn_norm(x), kwargs)
     if not supports_sparse_attention(parts, mask):
-        return x + run_attention(parts, x, kwargs) * g.unsqueeze(-1).to(x.dtype)
+        return x + run_attention(parts, parts.attn_norm(x), kwargs) * g.unsqueeze(-1).to(x.dtype)
     if count == 0 and cache is None:
         return x  # nobody queries this layer and nothing is cached: its keys are never read
 
