@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         routed = RoutedModel(model, name=args.model)
         target = 0.25 if target is None else target
-    result = measure_speed_batches(routed, tokenizer, args.seq_len, args.batch_size, args.decode_tokens,
-                                   args.repeats, sparsity=target)
+    result = measure_speed_batches(routed, tokenizer, batch_size=args.batch_size, seq_len=args.seq_len,
+                                   decode_tokens=args.decode_tokens, repeats=args.repeats, sparsity=target)
     result["model"] = args.model
     result["routers"] = args.routers
     write_results(args.output, result)

@@ -179,26 +179,16 @@ def measure_speed(
 BATCH_1_KEYS = ("prefill", "decode", "sparsity", "decode_sparsity", "peak_memory_mib", "shape")
 
 
-def measure_speed_batches(
-    routed,
-    tokenizer_or_vocab,
-    seq_len: int = 512,
-    batch_size: int = 4,
-    decode_tokens: int = 32,
-    repeats: int = 5,
-    sparsity: float | None = None,
-    seed: int = 0,
-) -> dict:
+def measure_speed_batches(routed, tokenizer_or_vocab, batch_size: int = 4, **options) -> dict:
     """measure_speed at `batch_size` (its keys at the top level) and at batch 1 (the same keys under "batch_1").
 
     Batch 1 is what one chat user sees: a module the token skips is not computed at all. At batch N a
     decode step skips a module's weight reads only when every row skips it, so the two can differ a lot.
     The batch-1 prompt is the first row of the batch-N one (same seed). batch_size 1 is measured once.
+    `options` are measure_speed's other keyword arguments (seq_len, decode_tokens, repeats, sparsity, seed).
     """
-    result = measure_speed(routed, tokenizer_or_vocab, seq_len, batch_size, decode_tokens, repeats, sparsity, seed)
-    one = result
-    if batch_size != 1:
-        one = measure_speed(routed, tokenizer_or_vocab, seq_len, 1, decode_tokens, repeats, sparsity, seed)
+    result = measure_speed(routed, tokenizer_or_vocab, batch_size=batch_size, **options)
+    one = result if batch_size == 1 else measure_speed(routed, tokenizer_or_vocab, batch_size=1, **options)
     result["batch_1"] = {key: one[key] for key in BATCH_1_KEYS}
     return result
 
