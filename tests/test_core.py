@@ -10,6 +10,7 @@ import torch
 from skipgpt import RoutedModel, SkipConfig
 from skipgpt.errors import ConfigError, UnsupportedModelError
 from skipgpt.routing import policies
+from skipgpt.routing.sparsity import SparsityMeter, report
 
 from conftest import ARCHS, make_tiny
 
@@ -292,3 +293,31 @@ def test_using_restores_every_setting_it_changed_even_on_error():
         with routed.using(mode="fast"):
             pass
     assert routed.mode == "masked"
+
+
+@pytest.mark.parametrize("max_pending", [2, 256])
+def test_meter_sums_queued_passes_like_each_pass_alone(max_pending, monkeypatch):
+    # Inference passes are queued and summed when read (grouped by batch size, flushed when the queue
+    # is long): the report must equal summing every pass's own totals, with prefill, decode-sized
+    # passes, another batch size and padding mixed.
+    monkeypatch.setattr(SparsityMeter, "MAX_PENDING", max_pending)
+    routed = RoutedModel(make_tiny("llama"))
+    g = torch.Generator().manual_seed(7)
+    shapes = [(2, 6), (2, 1), (2, 1), (1, 4), (2, 1), (1, 1)]
+    summed = None
+    routed.reset_sparsity()
+    with torch.no_grad():
+        for i, (b, t) in enumerate(shapes):
+            ids = torch.randint(0, 128, (b, t), generator=g)
+            mask = torch.ones(b, t, dtype=torch.long)
+            if i == 0:
+                mask[0, 0] = 0  # a pad
+            routed.force(torch.rand(3, 2, b, t, generator=g) > 0.4)(input_ids=ids, attention_mask=mask)
+            own = {k: v.double() for k, v in routed.state.totals(routed.costs).items()}
+            summed = own if summed is None else {k: summed[k] + own[k] for k in own}
+    got, want = routed.sparsity(), report(summed, routed.costs)
+    assert got.tokens == want.tokens == 2 * 6 - 1 + 2 + 2 + 4 + 2 + 1
+    for key in ("param", "module", "flop", "attention", "mlp"):
+        assert getattr(got, key) == pytest.approx(getattr(want, key), rel=1e-12)
+    assert got.per_layer_mlp == pytest.approx(want.per_layer_mlp, rel=1e-12)
+    assert 0.2 < got.param < 0.6

@@ -67,13 +67,19 @@ def test_everything_executing_generates_like_unmodified_model():
     assert torch.equal(masked, hf)
 
 
-def test_decode_computes_only_executing_sequences():
+def test_decode_skips_a_module_only_when_every_sequence_skips_it():
+    # Decode reads each weight once for all rows, so a module is skipped when all rows skip it, and
+    # runs for every row (gated, exact) when they disagree.
     routed = skipgpt.RoutedModel(make_tiny("llama"))
+    assert len(routed.layers) == 3
 
-    def first_row_only_in_decode(layer, kind, x):
+    def decode_rule(layer, kind, x):
         execute = torch.ones(x.shape[:-1], dtype=torch.bool)
         if x.shape[1] == 1:
-            execute[1:] = False
+            if layer == 0:
+                execute[:] = False  # every row skips
+            elif layer == 1:
+                execute[1:] = False  # the rows disagree
         return execute
 
     rows = {"q": 0, "k": 0, "mlp": 0}
@@ -96,16 +102,16 @@ def test_decode_computes_only_executing_sequences():
         calls["decode"] += calls["in_decode"]
 
     handles.append(routed.model.model.register_forward_pre_hook(decode_step, with_kwargs=True))
-    with routed.forced(first_row_only_in_decode):
+    with routed.forced(decode_rule):
         out = _generate(routed, "sparse", do_sample=False)
     for h in handles:
         h.remove()
     steps = calls["decode"]
     assert steps == NEW - 1
-    assert rows["q"] == steps * len(layers)  # one sequence of three queries
-    assert rows["k"] == steps * len(layers) * 3  # every sequence's keys go into the cache
-    assert rows["mlp"] == steps * len(layers)
-    with routed.forced(first_row_only_in_decode):
+    assert rows["q"] == steps * 2 * 3  # layers 1 and 2, every row; layer 0 not at all
+    assert rows["k"] == steps * 3 * 3  # every sequence's keys go into the cache
+    assert rows["mlp"] == steps * 2 * 3
+    with routed.forced(decode_rule):
         again = _generate(routed, "masked", do_sample=False)
     assert torch.equal(out, again)
 

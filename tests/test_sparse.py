@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import skipgpt
+from skipgpt.models import sparse
 
 from conftest import ARCHS, make_tiny, varied_routers
 
@@ -157,6 +158,43 @@ def test_sparse_kv_cache_after_prefill_equals_masked():
     for a, b in zip(caches["masked"].layers, caches["sparse"].layers, strict=True):
         torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_query_blocks_match_one_call_and_masked(arch, monkeypatch):
+    # Prefill attention runs gathered queries in blocks, each over the keys up to its last position;
+    # with 4-query blocks a 12-token batch takes several blocks, with padding, and a second chunk
+    # after a cache (keys offset by the cached length).
+    routed = skipgpt.RoutedModel(make_tiny(arch))
+    batch = _batch(seed=13)
+    masks = _random_masks(len(routed.layers), 0.3, seed=14)
+    calls = []
+    real_sdpa = sparse.F.scaled_dot_product_attention
+    monkeypatch.setattr(sparse.F, "scaled_dot_product_attention",
+                        lambda q, k, *a, **kw: calls.append(k.shape[2]) or real_sdpa(q, k, *a, **kw))
+    outs = {}
+    for block in (4, 10**6):
+        monkeypatch.setattr(sparse, "QUERY_BLOCK", block)
+        calls.clear()
+        masked, outs[block] = _both_modes(routed, batch, masks)
+        torch.testing.assert_close(outs[block], masked, rtol=1e-5, atol=1e-5)
+        if block == 4:
+            assert min(calls) < T  # some blocks read fewer keys than the sequence has
+    torch.testing.assert_close(outs[4], outs[10**6], rtol=1e-5, atol=1e-5)
+
+    monkeypatch.setattr(sparse, "QUERY_BLOCK", 4)
+    ids = batch["input_ids"][:, :4], batch["input_ids"][:, 4:]
+    later = _random_masks(len(routed.layers), 0.3, seed=15, seq=T - 4)
+    logits = {}
+    with torch.no_grad():
+        for mode in ("masked", "sparse"):
+            cache = DynamicCache(config=routed.model.config)
+            with routed.mode_as(mode):
+                with routed.forced("execute"):
+                    routed(input_ids=ids[0], cache=cache, use_cache=True)
+                with routed.forced(later):
+                    logits[mode] = routed(input_ids=ids[1], cache=cache, use_cache=True).logits
+    torch.testing.assert_close(logits["sparse"], logits["masked"], rtol=1e-5, atol=1e-5)
 
 
 def test_training_in_sparse_mode_runs_the_masked_path():

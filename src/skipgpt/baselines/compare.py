@@ -45,7 +45,8 @@ class CompareSettings:
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     steps: int = 100
     data: str = "self"
-    limit: int | None = None
+    limit: int | None = None  # first N items of each multiple-choice task
+    windows: int | None = None  # first N perplexity windows (None: limit)
     workdir: Path = Path("skipgpt-compare")
     seq_len: int = 256  # training sequence length
     batch_size: int = 2  # training micro-batch
@@ -194,9 +195,10 @@ def _read_build_log(path: Path) -> dict | None:
 
 
 def eval_key(s: CompareSettings) -> str:
-    spec = json.dumps([sorted((k, str(v)) for k, v in s.tasks.items()), s.limit, s.eval_batch_size,
-                       s.eval_seq_len, s.dtype])
-    return hashlib.sha256(spec.encode()).hexdigest()[:10]
+    spec = [sorted((k, str(v)) for k, v in s.tasks.items()), s.limit, s.eval_batch_size, s.eval_seq_len, s.dtype]
+    if s.windows is not None:  # keeps the keys of evaluations cached before --windows existed
+        spec.append(s.windows)
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:10]
 
 
 def evaluate_method(s: CompareSettings, model, tokenizer, cache: Path) -> tuple[dict, float]:
@@ -210,7 +212,7 @@ def evaluate_method(s: CompareSettings, model, tokenizer, cache: Path) -> tuple[
 
     tic = time.perf_counter()
     result = evaluate(model, tokenizer, dict(s.tasks), limit=s.limit, batch_size=s.eval_batch_size,
-                      seq_len=s.eval_seq_len, progress=False, model_name=s.model)
+                      seq_len=s.eval_seq_len, progress=False, model_name=s.model, windows=s.windows)
     seconds = time.perf_counter() - tic
     write_json_atomic(cache, {"result": result, "seconds": seconds})
     return result, seconds

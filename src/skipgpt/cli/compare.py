@@ -61,6 +61,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "folder, a hub dataset, or 'self' (sampled from the dense model) (default %(default)s)")
     p.add_argument("--limit", type=positive_int, default=None, help="first N items of each multiple-choice task, "
                    "first N windows of a perplexity task")
+    p.add_argument("--windows", type=positive_int, default=None,
+                   help="first N windows of a perplexity task, whatever --limit says (default: --limit)")
     p.add_argument("--seq-len", type=positive_int, default=256, help="training sequence length (default %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=2, help="training micro-batch (default %(default)s)")
     p.add_argument("--eval-batch-size", type=positive_int, default=8, help="evaluation batch (default %(default)s)")
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     check_output(workdir, folder=True, flag="--workdir")
     settings = CompareSettings(
         model=args.model, dtype=args.dtype, tasks=tasks, methods=methods, steps=args.steps, data=args.data,
-        limit=args.limit, workdir=workdir, seq_len=args.seq_len, batch_size=args.batch_size,
+        limit=args.limit, windows=args.windows, workdir=workdir, seq_len=args.seq_len, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, eval_seq_len=args.eval_seq_len,
         calibration_sequences=args.calibration_sequences, alpha=args.alpha, lr=args.lr, distill=args.distill,
     )

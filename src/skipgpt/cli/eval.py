@@ -49,6 +49,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="a task and where its data is; repeat for several tasks (see the list below)")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="quick run: first N items of each multiple-choice task, first N windows of a perplexity task")
+    p.add_argument("--windows", type=positive_int, default=None,
+                   help="first N windows of a perplexity task, whatever --limit says (default: --limit)")
     p.add_argument("--batch-size", type=positive_int, default=1,
                    help="items (or windows) per forward pass (default %(default)s)")
     p.add_argument("--seq-len", type=int_at_least(2), default=None,
@@ -92,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate(
         model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
         progress=not args.no_progress, model_name=args.model, routers=args.routers, lora=args.lora,
+        windows=args.windows,
     )
     print(markdown_table(results))
     for name, row in results["tasks"].items():

@@ -46,17 +46,20 @@ def evaluate(
     model_name: str | None = None,
     routers: str | None = None,
     lora: str | None = None,
+    windows: int | None = None,
 ) -> dict:
     """Evaluate `model` (a RoutedModel or a plain HF causal LM) on {task name: data path or None}.
 
     Multiple-choice tasks run through lm-evaluation-harness (stock prompts and metrics, first `limit`
-    items); perplexity tasks score the first `limit` windows of `seq_len` tokens. Returns the results
+    items); perplexity tasks score the first `windows` windows of `seq_len` tokens (default: `limit`, so
+    one quick-run flag shortens both). Returns the results
     dict written by `skipgpt eval --output` (see docs/RESULTS.md for its shape).
     """
     for name in tasks:
         task_data.check_name(name)
     routed = model if isinstance(model, RoutedModel) else None
     seq_len = default_seq_len(model.model if routed is not None else model, seq_len)
+    windows = limit if windows is None else windows
     lm = None
     out_tasks: dict[str, dict] = {}
     bar = tqdm(list(tasks.items()), desc="tasks", unit="task", disable=not progress)
@@ -68,9 +71,10 @@ def evaluate(
         if name in task_data.PPL_TASKS:
             text = task_data.load_perplexity_text(name, path) if path else _hub_text(name)
             ids = tokenize_text(tokenizer, text)
-            total = ids.numel() // seq_len if limit is None else min(ids.numel() // seq_len, limit)
-            with tqdm(total=total, desc=f"{name} windows", leave=False, disable=not progress) as windows:
-                result = perplexity(model, ids, seq_len, limit=limit, batch_size=batch_size, progress=windows.update)
+            total = ids.numel() // seq_len if windows is None else min(ids.numel() // seq_len, windows)
+            with tqdm(total=total, desc=f"{name} windows", leave=False, disable=not progress) as bar_windows:
+                result = perplexity(model, ids, seq_len, limit=windows, batch_size=batch_size,
+                                    progress=bar_windows.update)
             row = {**result, "source": path}
         else:
             data = task_data.load_task(name, path) if path else None
@@ -94,6 +98,7 @@ def evaluate(
         "lora": lora,
         "mode": routed.mode if routed is not None else "dense",
         "limit": limit,
+        "windows": windows,
         "batch_size": batch_size,
         "tasks": out_tasks,
         "average_acc": sum(mc) / len(mc) if mc else None,

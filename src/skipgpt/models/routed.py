@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import SkipConfig
 from ..errors import ConfigError
 from ..routing import policies
-from ..routing.policies import EXECUTE, KINDS, SKIP, Policy
+from ..routing.policies import EXECUTE, KIND_INDEX, SKIP, Policy
 from ..routing.sparsity import SparsityMeter, SparsityReport, ratios, skip_totals
 from .adapters import LayerParts, find_decoder, find_layers, fingerprint, module_costs, unwrap
 from .sparse import run_attention, run_mlp, sparse_attention, sparse_mlp
@@ -54,10 +54,28 @@ class Router(nn.Module):
             last.weight.zero_()
             last.bias.copy_(torch.tensor([execute_bias, 0.0]))
 
+        self._folded: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.net.weight if isinstance(self.net, nn.Linear) else self.net[0].weight
         # The model may sit on other devices (device_map) or in bf16; routers stay fp32.
         return self.net(x.to(weight.device, weight.dtype))
+
+    def margin(self, x: torch.Tensor) -> torch.Tensor:
+        """Skip logit minus execute logit (...,), without gradient: what an inference decision compares
+        with the threshold. The last layer's two rows are folded into one (re-folded whenever a weight
+        changes), so a decision costs one matrix-vector product instead of two logits and a subtraction."""
+        last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
+        w, b = last.weight, last.bias
+        key = (w.data_ptr(), w._version, b.data_ptr(), b._version)
+        if self._folded is None or self._folded[0] != key:
+            with torch.no_grad():
+                self._folded = (key, (w[SKIP] - w[EXECUTE]).unsqueeze(0), (b[SKIP] - b[EXECUTE]).unsqueeze(0))
+        _, fw, fb = self._folded
+        h = x.to(fw.device, fw.dtype)
+        if not isinstance(self.net, nn.Linear):
+            h = self.net[1](self.net[0](h))
+        return F.linear(h, fw, fb).squeeze(-1)
 
 
 class RouterBank(nn.Module):
@@ -129,15 +147,16 @@ def straight_through_gumbel(logits: torch.Tensor, temperature: float, noise: flo
     return hard - soft.detach() + soft
 
 
-def sample_gate(logits: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """Hard Gumbel sample without gradient (the published code's stochastic evaluation)."""
-    noisy = logits.float() + _gumbel(logits)
-    return (noisy[..., SKIP] - noisy[..., EXECUTE] <= threshold).float()
+def sample_gate(margin: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Hard Gumbel sample without gradient (the published code's stochastic evaluation), as a bool execute
+    gate, from the skip-minus-execute margin."""
+    noise = _gumbel(margin.unsqueeze(-1).expand(*margin.shape, 2))
+    return margin.float() + noise[..., SKIP] - noise[..., EXECUTE] <= threshold
 
 
-def argmax_gate(logits: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """Execute unless the skip logit beats the execute logit by more than `threshold` (inference)."""
-    return (logits[..., SKIP].float() - logits[..., EXECUTE].float() <= threshold).float()
+def argmax_gate(margin: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+    """Bool execute gate: execute unless the skip logit beats the execute logit by more than `threshold`."""
+    return margin <= threshold
 
 
 # -- the state of one forward pass -------------------------------------------------------------------------
@@ -151,7 +170,8 @@ class ForwardState:
 
     token_mask: torch.Tensor  # (B, T) bool, False for padding
     num_layers: int
-    gates: list[list[torch.Tensor | None]] = field(default_factory=list)  # [layer][kind] (B, T)
+    # [layer][kind] (B, T): float straight-through gates while routers train, bool decisions otherwise
+    gates: list[list[torch.Tensor | None]] = field(default_factory=list)
     context: torch.Tensor | None = None  # (B, T) keys visible to each token (position + 1)
 
     def __post_init__(self) -> None:
@@ -165,7 +185,8 @@ class ForwardState:
         """Gates (L, 2, B, T) (differentiable in training), real-token mask (B, T) and context lengths (B, T)."""
         if not self.complete:
             raise RuntimeError("the forward pass did not reach every decoder layer")
-        gates = torch.stack([torch.stack(pair) for pair in self.gates]).float()
+        flat = [g for pair in self.gates for g in pair]
+        gates = torch.stack(flat).float().view(self.num_layers, 2, *flat[0].shape)
         context = self.context if self.context is not None else torch.ones_like(gates[0, 0])
         return gates, self.token_mask, context.expand_as(gates[0, 0])
 
@@ -272,7 +293,7 @@ class RoutedModel(nn.Module):
 
     def _end_forward(self, module: nn.Module, args: tuple, output) -> None:
         if self.track and self.state is not None and self.state.complete:
-            self.meter.add(self.state.totals(self.costs))
+            self.meter.add(self.state)
 
     # -- decisions ---------------------------------------------------------------------------------------
 
@@ -282,21 +303,26 @@ class RoutedModel(nn.Module):
         return self.routers.training and torch.is_grad_enabled()
 
     def gate(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
-        """Execute gate (batch, seq) in {0, 1} for module `kind` of `layer`, given its router input x."""
+        """Execute gate (batch, seq) for module `kind` of `layer`, given its router input x: float in {0, 1}
+        with a straight-through gradient while routers train, a bool decision otherwise."""
         if self.policy is not None:
-            g = self.policy(layer, kind, x).to(torch.float32)
+            g = self.policy(layer, kind, x)
+            if self.training_routers:
+                g = g.to(torch.float32)
+            elif g.dtype != torch.bool:
+                g = g > 0.5
         else:
-            g = self.decide(self.routers.get(layer, kind)(x))
-        self.state.gates[layer][KINDS.index(kind)] = g
+            g = self.decide(self.routers.get(layer, kind), x)
+        self.state.gates[layer][KIND_INDEX[kind]] = g
         return g
 
-    def decide(self, logits: torch.Tensor) -> torch.Tensor:
-        """Execute gate from router logits: straight-through Gumbel in training, else argmax (or a sample)."""
+    def decide(self, router: Router, x: torch.Tensor) -> torch.Tensor:
+        """Gate from one router: straight-through Gumbel in training, else argmax of the margin (or a sample)."""
         if self.training_routers:
-            return straight_through_gumbel(logits, self.temperature, self.noise)
+            return straight_through_gumbel(router(x), self.temperature, self.noise)
         if self.sample:
-            return sample_gate(logits, self.config.threshold)
-        return argmax_gate(logits, self.config.threshold)
+            return sample_gate(router.margin(x), self.config.threshold)
+        return argmax_gate(router.margin(x), self.config.threshold)
 
     # -- user API ----------------------------------------------------------------------------------------
 
@@ -429,22 +455,24 @@ def _layer(routed: RoutedModel, index: int, parts: LayerParts, hidden: torch.Ten
         x = y if fc is None else _add_forecast(y, fc.attn[index], parts.attn_norm, x, g)
     else:
         xn = parts.attn_norm(x)
-        y = x + run_attention(parts, xn, kwargs) * g.unsqueeze(-1).to(x.dtype)
-        x = y if fc is None else y + fc.attn[index](xn) * (1.0 - g).unsqueeze(-1).to(x.dtype)
+        gf = g.unsqueeze(-1).to(x.dtype)
+        y = x + run_attention(parts, xn, kwargs) * gf
+        x = y if fc is None else y + fc.attn[index](xn) * (1.0 - gf)
     g = routed.gate(index, "mlp", x if routed.config.router_input == "module" else hidden)
     if is_sparse:
         y = sparse_mlp(parts, x, g)
         return y if fc is None else _add_forecast(y, fc.mlp[index], parts.mlp_norm, x, g)
     xn = parts.mlp_norm(x)
-    y = x + run_mlp(parts, xn) * g.unsqueeze(-1).to(x.dtype)
+    gf = g.unsqueeze(-1).to(x.dtype)
+    y = x + run_mlp(parts, xn) * gf
     # masked: every token's forecast, kept where the gate is 0 (differentiable in the gate)
-    return y if fc is None else y + fc.mlp[index](xn) * (1.0 - g).unsqueeze(-1).to(x.dtype)
+    return y if fc is None else y + fc.mlp[index](xn) * (1.0 - gf)
 
 
 def _add_forecast(y: torch.Tensor, forecaster: Forecaster, norm: nn.Module, x: torch.Tensor, g: torch.Tensor
                   ) -> torch.Tensor:
-    """Sparse mode: y plus the forecast of the module output for the rows that skipped it (input x, gate g)."""
-    rows = (g.reshape(-1) <= 0.5).nonzero().squeeze(1)
+    """Sparse mode: y plus the forecast of the module output for the rows that skipped it (input x, bool gate g)."""
+    rows = (~g.reshape(-1)).nonzero().squeeze(1)
     if rows.numel() == 0:
         return y
     flat = x.reshape(-1, x.shape[-1]).index_select(0, rows)

@@ -14,10 +14,11 @@ output by the gate), but skipped work is never done:
   position chunks to shorten key ranges did not pay for the extra calls.
 - Fast paths: when every token executes, the stock HF module runs on the full batch (no gather,
   no scatter, numerically the unmodified model); when none executes, nothing runs except the
-  key/value projection needed for the cache. In decode (one token per row) only the rows that
-  execute compute projections and MLP; the attention product runs over the cache of every row with
-  a zero query for idle rows, because gathering the executing rows' cache would copy it each step.
-  With batch 1 a skipped module costs nothing but its keys and values.
+  key/value projection needed for the cache. In decode (one token per row) a module saves work only
+  when every row skips it: the weights are read once whatever the number of rows, so when rows
+  disagree every row computes the module and the gate drops the idle rows' output (what masked
+  mode does), which measured faster than gathering the executing rows. With batch 1 a skipped
+  module costs nothing but its keys and values.
 
 Attention that this plain-SDPA path cannot reproduce exactly (logit soft-capping, sandwich-norm
 models such as Gemma 2, flash-attention's 2-D masks) runs dense and is gated, so results stay exact
@@ -48,14 +49,22 @@ def run_mlp(parts: LayerParts, xn: torch.Tensor) -> torch.Tensor:
 # -- MLP ---------------------------------------------------------------------------------------------------
 
 
-def sparse_mlp(parts: LayerParts, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """x plus the MLP output of the tokens whose gate g (B, T) is 1; the others pass through."""
-    execute = g > 0.5
-    count = int(execute.sum())
+def _count(execute: torch.Tensor) -> int:
+    """Number of executing tokens (one host read; a single token needs no reduction)."""
+    return int(execute.item()) if execute.numel() == 1 else int(execute.sum())
+
+
+def sparse_mlp(parts: LayerParts, x: torch.Tensor, execute: torch.Tensor) -> torch.Tensor:
+    """x plus the MLP output of the tokens whose bool gate execute (B, T) is True; the others pass through."""
+    count = _count(execute)
     if count == 0:
         return x
     if count == execute.numel():
         return x + run_mlp(parts, parts.mlp_norm(x))
+    if x.shape[1] == 1:
+        # Decode with rows that disagree: the weights are read once whatever the number of rows, so
+        # computing every row and gating is cheaper than gathering and scattering a few.
+        return x + run_mlp(parts, parts.mlp_norm(x)) * execute.unsqueeze(-1).to(x.dtype)
     flat = x.reshape(-1, x.shape[-1])
     rows = execute.reshape(-1).nonzero().squeeze(1)
     h = run_mlp(parts, parts.mlp_norm(flat.index_select(0, rows)))
@@ -76,18 +85,20 @@ def supports_sparse_attention(parts: LayerParts, attention_mask) -> bool:
     return attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4)
 
 
-def sparse_attention(parts: LayerParts, x: torch.Tensor, g: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """x plus the attention output of the tokens whose gate g (B, T) is 1; keys and values of all tokens."""
-    execute = g > 0.5
+def sparse_attention(parts: LayerParts, x: torch.Tensor, execute: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """x plus the attention output of the tokens whose bool gate execute (B, T) is True; keys and values of
+    all tokens."""
     batch, seq, _ = x.shape
-    per_row = execute.sum(dim=1)
-    count = int(per_row.sum())
+    count = _count(execute)
     cache = kwargs.get("cache")
     mask = kwargs.get("attention_mask")
     if count == batch * seq:
         return x + run_attention(parts, parts.attn_norm(x), kwargs)
-    if not supports_sparse_attention(parts, mask):
-        return x + run_attention(parts, parts.attn_norm(x), kwargs) * g.unsqueeze(-1).to(x.dtype)
+    if (seq == 1 and count > 0) or not supports_sparse_attention(parts, mask):
+        # Decode with rows that disagree: the projections read the weights once for all rows, and the
+        # attention product over the cache is per row anyway, so every row runs and the gate drops the
+        # idle ones' output (exact, and no gather of queries, cos/sin and mask rows).
+        return x + run_attention(parts, parts.attn_norm(x), kwargs) * execute.unsqueeze(-1).to(x.dtype)
     if count == 0 and cache is None:
         return x  # nobody queries this layer and nothing is cached: its keys are never read
 
@@ -104,6 +115,7 @@ def sparse_attention(parts: LayerParts, x: torch.Tensor, g: torch.Tensor, kwargs
 
     # Rows with at least one executing token; inside each, executing positions in order, padded
     # with non-executing positions (computed, then dropped) up to the longest row.
+    per_row = execute.sum(dim=1)
     rows = per_row.nonzero().squeeze(1)
     longest = int(per_row.max())
     order = torch.sort((~execute[rows]).to(torch.uint8), dim=1, stable=True).indices[:, :longest]
@@ -113,20 +125,9 @@ def sparse_attention(parts: LayerParts, x: torch.Tensor, g: torch.Tensor, kwargs
     xq = _gather_tokens(xn if all_rows else xn[rows], order)
     q = _heads(attn.q_proj(xq), attn.head_dim, getattr(attn, "q_norm", None))
     q = _rotate(q, _gather_tokens(_rows(cos, rows, batch), order), _gather_tokens(_rows(sin, rows, batch), order))
-    gqa = q.shape[1] != k.shape[1]
-    if not all_rows and seq == 1:
-        # Decode: copying the executing rows' cached keys would move more memory than letting the
-        # idle rows attend with a zero query (one token each); their results are dropped.
-        full = q.new_zeros(batch, *q.shape[1:]).index_copy_(0, rows, q)
-        out = F.scaled_dot_product_attention(full, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa)
-        out = out.index_select(0, rows)
-    else:
-        if not all_rows:
-            k, v = k[rows], v[rows]
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=_query_mask(mask, rows, batch, order, seq, k.shape[2]),
-            scale=attn.scaling, enable_gqa=gqa,
-        )
+    if not all_rows:
+        k, v = k[rows], v[rows]
+    out = _causal_blocks(q, k, v, _query_mask(mask, rows, batch, order, seq, k.shape[2]), order, seq, attn.scaling)
     h = attn.o_proj(out.transpose(1, 2).reshape(rows.numel(), longest, -1))
 
     flat_index = (rows[:, None] * seq + order)
@@ -135,6 +136,32 @@ def sparse_attention(parts: LayerParts, x: torch.Tensor, g: torch.Tensor, kwargs
     h = h.reshape(-1, h.shape[-1])
     flat = x.reshape(-1, x.shape[-1])
     return flat.index_add(0, flat_index.reshape(-1), h.to(flat.dtype)).view_as(x)
+
+
+QUERY_BLOCK = 128  # gathered queries per attention call in prefill
+
+
+def _causal_blocks(q, k, v, mask, order: torch.Tensor, seq: int, scale: float) -> torch.Tensor:
+    """Attention of gathered queries in blocks of QUERY_BLOCK columns, each over only the keys up to its
+    last position: the explicit mask keeps SDPA from skipping the causal upper triangle the way the dense
+    model's is_causal does, so one call would pay for the whole square. Keys past a query's position are
+    masked anyway (causal LM), so dropping them is exact."""
+    gqa = q.shape[1] != k.shape[1]
+    n = q.shape[2]
+    if n < 2 * QUERY_BLOCK:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    past = k.shape[2] - seq
+    # furthest position among the first j + 1 gathered columns of every row (padding columns included)
+    reach = order.max(dim=0).values.cummax(dim=0).values
+    starts = list(range(0, n, QUERY_BLOCK))
+    ends = [min(start + QUERY_BLOCK, n) for start in starts]
+    keys = (reach[torch.tensor(ends) - 1] + past + 1).tolist()
+    outs = []
+    for start, end, key in zip(starts, ends, keys):
+        block_mask = None if mask is None else mask[:, :, start:end, :key]
+        outs.append(F.scaled_dot_product_attention(q[:, :, start:end], k[:, :, :key], v[:, :, :key],
+                                                   attn_mask=block_mask, scale=scale, enable_gqa=gqa))
+    return torch.cat(outs, dim=2)
 
 
 def _heads(projected: torch.Tensor, head_dim: int, norm) -> torch.Tensor:
@@ -168,8 +195,6 @@ def _gather_tokens(t: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 def _query_mask(mask, rows, batch: int, order: torch.Tensor, seq: int, keys: int) -> torch.Tensor | None:
     """Rows of the attention mask for the gathered queries, shape (B', 1, n, keys)."""
     if mask is None:
-        if seq == 1:
-            return None  # one new token sees every cached key
         # HF passes no mask only for plain causal attention aligned at the first key (SDPA's is_causal).
         return torch.arange(keys, device=order.device)[None, None, None, :] <= order[:, None, :, None]
     mask = _rows(mask, rows, batch)

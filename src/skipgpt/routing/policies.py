@@ -143,7 +143,7 @@ class CoupledPolicy:
     def __call__(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
         if kind == "mlp" and layer in self.last:
             return self.last.pop(layer)
-        g = self.routed.decide(self.routed.routers.attn[layer](x))
+        g = self.routed.decide(self.routed.routers.attn[layer], x)
         self.last[layer] = g
         return g
 

@@ -110,21 +110,58 @@ class SparsityReport:
 
 
 class SparsityMeter:
-    """Accumulates skip totals over many forward passes (detached, float64)."""
+    """Accumulates skip totals over many forward passes (detached, float64).
+
+    Decisions made without gradient are only queued by add() and summed when `totals` is read (or the
+    queue is long), so a generation loop that never asks for statistics pays a list append per step.
+    """
+
+    MAX_PENDING = 256  # forward passes queued before they are summed
 
     def __init__(self, costs: ModuleCosts):
         self.costs = costs
         self.reset()
 
     def reset(self) -> None:
-        self.totals: dict[str, torch.Tensor] | None = None
+        self._totals: dict[str, torch.Tensor] | None = None
+        self._pending: list = []
 
-    def add(self, totals: dict[str, torch.Tensor]) -> None:
+    @property
+    def totals(self) -> dict[str, torch.Tensor] | None:
+        """Summed totals of every pass since reset(); a new dict after each change, never mutated."""
+        if self._pending:
+            self._flush()
+        return self._totals
+
+    def add(self, state) -> None:
+        """Count one forward pass: a ForwardState (gates, token mask, context) or a totals dict."""
+        if isinstance(state, dict):
+            self._accumulate(state)
+            return
+        if any(g.requires_grad for pair in state.gates for g in pair):
+            self._accumulate(state.totals(self.costs))  # training: do not keep the graph alive
+            return
+        self._pending.append(state)  # stacked when summed
+        if len(self._pending) >= self.MAX_PENDING:
+            self._flush()
+
+    def _flush(self) -> None:
+        # Passes with the same batch size are summed as one: the totals are sums over tokens.
+        pending, self._pending = [state.stacked() for state in self._pending], []
+        start = 0
+        for end in range(1, len(pending) + 1):
+            if end == len(pending) or pending[end][0].shape[2] != pending[start][0].shape[2]:
+                group = pending[start:end]
+                gates, mask, context = (torch.cat([p[i] for p in group], dim=-1) for i in range(3))
+                self._accumulate(skip_totals(gates.double(), mask, context, self.costs))
+                start = end
+
+    def _accumulate(self, totals: dict[str, torch.Tensor]) -> None:
         t = {k: v.detach().double().cpu() for k, v in totals.items()}
-        if self.totals is None:
-            self.totals = t
+        if self._totals is None:
+            self._totals = t
         else:
-            self.totals = {k: self.totals[k] + t[k] for k in t}
+            self._totals = {k: self._totals[k] + t[k] for k in t}
 
     def report(self) -> SparsityReport:
         return report(self.totals, self.costs)
