@@ -321,3 +321,31 @@ def test_meter_sums_queued_passes_like_each_pass_alone(max_pending, monkeypatch)
         assert getattr(got, key) == pytest.approx(getattr(want, key), rel=1e-12)
     assert got.per_layer_mlp == pytest.approx(want.per_layer_mlp, rel=1e-12)
     assert 0.2 < got.param < 0.6
+
+
+def test_folded_router_follows_every_weight_change():
+    # Inference decisions use a cached skip-minus-execute fold of the router's last layer; it must be
+    # rebuilt after an in-place update (optimizer step, load_state_dict) and after a reassignment.
+    torch.manual_seed(4)
+    router = RoutedModel(make_tiny("llama")).routers.attn[1]
+    x = torch.randn(2, 5, 32)
+
+    def by_hand(threshold=0.0):
+        logits = router(x)
+        return logits[..., 1] - logits[..., 0] <= threshold
+
+    for change in ("init", "in_place", "load", "reassign"):
+        with torch.no_grad():
+            if change == "init":
+                torch.nn.init.normal_(router.net.weight)
+            elif change == "in_place":
+                router.net.weight.mul_(-1.0)
+                router.net.bias.add_(torch.tensor([0.0, 0.3]))
+            elif change == "load":
+                router.load_state_dict({"net.weight": torch.randn(2, 32), "net.bias": torch.randn(2)})
+            else:
+                router.net.weight.data = torch.randn(2, 32)
+        assert torch.equal(router.executes(x, 0.2), by_hand(0.2)), change
+        assert 0 < by_hand(0.2).float().mean() < 1
+        logits = router(x)
+        torch.testing.assert_close(router.margin(x), logits[..., 1] - logits[..., 0])

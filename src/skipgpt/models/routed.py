@@ -54,28 +54,39 @@ class Router(nn.Module):
             last.weight.zero_()
             last.bias.copy_(torch.tensor([execute_bias, 0.0]))
 
-        self._folded: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._folded: tuple[tuple, torch.Tensor, float] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.net.weight if isinstance(self.net, nn.Linear) else self.net[0].weight
         # The model may sit on other devices (device_map) or in bf16; routers stay fp32.
         return self.net(x.to(weight.device, weight.dtype))
 
-    def margin(self, x: torch.Tensor) -> torch.Tensor:
-        """Skip logit minus execute logit (...,), without gradient: what an inference decision compares
-        with the threshold. The last layer's two rows are folded into one (re-folded whenever a weight
-        changes), so a decision costs one matrix-vector product instead of two logits and a subtraction."""
+    def _fold(self) -> tuple[torch.Tensor, float]:
+        """The last layer's two rows folded into one skip-minus-execute vector and bias, re-folded whenever
+        a weight changes (training steps, loading): an inference decision is one matrix-vector product
+        (measured 10 us against 17 for the two-logit linear on one token) and a comparison."""
         last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
         w, b = last.weight, last.bias
         key = (w.data_ptr(), w._version, b.data_ptr(), b._version)
         if self._folded is None or self._folded[0] != key:
             with torch.no_grad():
-                self._folded = (key, (w[SKIP] - w[EXECUTE]).unsqueeze(0), (b[SKIP] - b[EXECUTE]).unsqueeze(0))
-        _, fw, fb = self._folded
-        h = x.to(fw.device, fw.dtype)
-        if not isinstance(self.net, nn.Linear):
-            h = self.net[1](self.net[0](h))
-        return F.linear(h, fw, fb).squeeze(-1)
+                self._folded = (key, (w[SKIP] - w[EXECUTE]).contiguous(), float(b[SKIP] - b[EXECUTE]))
+        return self._folded[1], self._folded[2]
+
+    def _features(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = x.to(weight.device, weight.dtype)
+        return h if isinstance(self.net, nn.Linear) else self.net[1](self.net[0](h))
+
+    def margin(self, x: torch.Tensor) -> torch.Tensor:
+        """Skip logit minus execute logit (...,), without gradient."""
+        w, b = self._fold()
+        return torch.matmul(self._features(x, w), w) + b
+
+    def executes(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Bool execute decision (...,): execute unless the skip logit beats the execute logit by more than
+        `threshold` (the inference argmax, shifted by the calibrated threshold)."""
+        w, b = self._fold()
+        return torch.matmul(self._features(x, w), w) <= threshold - b
 
 
 class RouterBank(nn.Module):
@@ -153,10 +164,6 @@ def sample_gate(margin: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
     noise = _gumbel(margin.unsqueeze(-1).expand(*margin.shape, 2))
     return margin.float() + noise[..., SKIP] - noise[..., EXECUTE] <= threshold
 
-
-def argmax_gate(margin: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """Bool execute gate: execute unless the skip logit beats the execute logit by more than `threshold`."""
-    return margin <= threshold
 
 
 # -- the state of one forward pass -------------------------------------------------------------------------
@@ -322,7 +329,7 @@ class RoutedModel(nn.Module):
             return straight_through_gumbel(router(x), self.temperature, self.noise)
         if self.sample:
             return sample_gate(router.margin(x), self.config.threshold)
-        return argmax_gate(router.margin(x), self.config.threshold)
+        return router.executes(x, self.config.threshold)
 
     # -- user API ----------------------------------------------------------------------------------------
 
@@ -455,18 +462,29 @@ def _layer(routed: RoutedModel, index: int, parts: LayerParts, hidden: torch.Ten
         x = y if fc is None else _add_forecast(y, fc.attn[index], parts.attn_norm, x, g)
     else:
         xn = parts.attn_norm(x)
-        gf = g.unsqueeze(-1).to(x.dtype)
+        gf = _multiplier(g, x.dtype)
         y = x + run_attention(parts, xn, kwargs) * gf
-        x = y if fc is None else y + fc.attn[index](xn) * (1.0 - gf)
+        x = y if fc is None else y + fc.attn[index](xn) * _skipped(gf)
     g = routed.gate(index, "mlp", x if routed.config.router_input == "module" else hidden)
     if is_sparse:
         y = sparse_mlp(parts, x, g)
         return y if fc is None else _add_forecast(y, fc.mlp[index], parts.mlp_norm, x, g)
     xn = parts.mlp_norm(x)
-    gf = g.unsqueeze(-1).to(x.dtype)
+    gf = _multiplier(g, x.dtype)
     y = x + run_mlp(parts, xn) * gf
     # masked: every token's forecast, kept where the gate is 0 (differentiable in the gate)
-    return y if fc is None else y + fc.mlp[index](xn) * (1.0 - gf)
+    return y if fc is None else y + fc.mlp[index](xn) * _skipped(gf)
+
+
+def _multiplier(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The gate as a factor on a module's (B, T, hidden) output: a bool decision multiplies as it is (type
+    promotion keeps the output's dtype, and saves a conversion per module); a training gate is cast."""
+    return g.unsqueeze(-1) if g.dtype == torch.bool else g.unsqueeze(-1).to(dtype)
+
+
+def _skipped(gf: torch.Tensor) -> torch.Tensor:
+    """1 - the multiplier: where the forecast counts."""
+    return ~gf if gf.dtype == torch.bool else 1.0 - gf
 
 
 def _add_forecast(y: torch.Tensor, forecaster: Forecaster, norm: nn.Module, x: torch.Tensor, g: torch.Tensor
