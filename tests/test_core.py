@@ -327,7 +327,8 @@ def test_folded_router_follows_every_weight_change():
     # Inference decisions use a cached skip-minus-execute fold of the router's last layer; it must be
     # rebuilt after an in-place update (optimizer step, load_state_dict) and after a reassignment.
     torch.manual_seed(4)
-    router = RoutedModel(make_tiny("llama")).routers.attn[1]
+    bank = RoutedModel(make_tiny("llama")).routers
+    router = bank.attn[1]
     x = torch.randn(2, 5, 32)
 
     def by_hand(threshold=0.0):
@@ -345,7 +346,8 @@ def test_folded_router_follows_every_weight_change():
                 router.load_state_dict({"net.weight": torch.randn(2, 32), "net.bias": torch.randn(2)})
             else:
                 router.net.weight.data = torch.randn(2, 32)
-        assert torch.equal(router.executes(x, 0.2), by_hand(0.2)), change
+        bank.folds()[0][1]  # another router's fold read in between changes nothing
+        assert torch.equal(router.executes(x, 0.2, bank.folds()[1][0]), by_hand(0.2)), change
         assert 0 < by_hand(0.2).float().mean() < 1
         logits = router(x)
         torch.testing.assert_close(router.margin(x), logits[..., 1] - logits[..., 0])

@@ -139,8 +139,8 @@ def _training_gates(tmp_path, **kw) -> tuple[list, list[dict]]:
     routed = RoutedModel(make_tiny("llama"))
     original, seen = routed.decide, []
 
-    def spy(router, x):
-        gate = original(router, x)
+    def spy(router, x, fold=None):
+        gate = original(router, x, fold)
         if routed.routers.training:  # not the held-out evaluation after training
             logits = router(x).detach()
             seen.append((routed.noise, gate.detach(), (logits[..., 1] - logits[..., 0] <= 0).float()))

@@ -54,38 +54,33 @@ class Router(nn.Module):
             last.weight.zero_()
             last.bias.copy_(torch.tensor([execute_bias, 0.0]))
 
-        self._folded: tuple[tuple, torch.Tensor, float] | None = None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.net.weight if isinstance(self.net, nn.Linear) else self.net[0].weight
         # The model may sit on other devices (device_map) or in bf16; routers stay fp32.
         return self.net(x.to(weight.device, weight.dtype))
 
-    def _fold(self) -> tuple[torch.Tensor, float]:
-        """The last layer's two rows folded into one skip-minus-execute vector and bias, re-folded whenever
-        a weight changes (training steps, loading): an inference decision is one matrix-vector product
-        (measured 10 us against 17 for the two-logit linear on one token) and a comparison."""
+    def fold(self) -> tuple[torch.Tensor, float]:
+        """The last layer's two rows folded into one skip-minus-execute vector and bias: an inference
+        decision is then one matrix-vector product and a comparison (measured 10 us against 17 for the
+        two-logit linear on one token). RouterBank.folds() keeps them between weight changes."""
         last = self.net if isinstance(self.net, nn.Linear) else self.net[-1]
-        w, b = last.weight, last.bias
-        key = (w.data_ptr(), w._version, b.data_ptr(), b._version)
-        if self._folded is None or self._folded[0] != key:
-            with torch.no_grad():
-                self._folded = (key, (w[SKIP] - w[EXECUTE]).contiguous(), float(b[SKIP] - b[EXECUTE]))
-        return self._folded[1], self._folded[2]
+        with torch.no_grad():
+            return (last.weight[SKIP] - last.weight[EXECUTE]).contiguous(), float(last.bias[SKIP] - last.bias[EXECUTE])
 
     def _features(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         h = x.to(weight.device, weight.dtype)
         return h if isinstance(self.net, nn.Linear) else self.net[1](self.net[0](h))
 
-    def margin(self, x: torch.Tensor) -> torch.Tensor:
+    def margin(self, x: torch.Tensor, fold: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
         """Skip logit minus execute logit (...,), without gradient."""
-        w, b = self._fold()
+        w, b = fold or self.fold()
         return torch.matmul(self._features(x, w), w) + b
 
-    def executes(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
+    def executes(self, x: torch.Tensor, threshold: float, fold: tuple[torch.Tensor, float] | None = None
+                 ) -> torch.Tensor:
         """Bool execute decision (...,): execute unless the skip logit beats the execute logit by more than
         `threshold` (the inference argmax, shifted by the calibrated threshold)."""
-        w, b = self._fold()
+        w, b = fold or self.fold()
         return torch.matmul(self._features(x, w), w) <= threshold - b
 
 
@@ -99,6 +94,15 @@ class RouterBank(nn.Module):
 
     def get(self, layer: int, kind: str) -> Router:
         return (self.attn if kind == "attn" else self.mlp)[layer]
+
+    def folds(self) -> list[list[tuple[torch.Tensor, float]]]:
+        """Every router's fold, [layer][kind], rebuilt only when a weight changed (an optimizer step,
+        a load, a reassignment) since the last call; read once per inference forward pass."""
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if getattr(self, "_folds_key", None) != key:
+            self._folds = [[a.fold(), m.fold()] for a, m in zip(self.attn, self.mlp)]
+            self._folds_key = key
+        return self._folds
 
 
 # -- forecasters (informed skipping) -----------------------------------------------------------------------
@@ -247,6 +251,7 @@ class RoutedModel(nn.Module):
         self.noise = 1.0  # scale of the training Gumbel noise (1 = standard Gumbel-softmax)
         # the last forward pass
         self.state: ForwardState | None = None
+        self._folds: list | None = None  # the routers' folds for this pass (inference only)
         self._hooks: list = []
         self.patch()
 
@@ -297,6 +302,7 @@ class RoutedModel(nn.Module):
         else:
             real = torch.ones(batch, seq, dtype=torch.bool, device=x.device)
         self.state = ForwardState(real, len(self.layers))
+        self._folds = None if self.training_routers else self.routers.folds()
 
     def _end_forward(self, module: nn.Module, args: tuple, output) -> None:
         if self.track and self.state is not None and self.state.complete:
@@ -319,17 +325,20 @@ class RoutedModel(nn.Module):
             elif g.dtype != torch.bool:
                 g = g > 0.5
         else:
-            g = self.decide(self.routers.get(layer, kind), x)
+            k = KIND_INDEX[kind]
+            g = self.decide(self.routers.get(layer, kind), x, None if self._folds is None else self._folds[layer][k])
         self.state.gates[layer][KIND_INDEX[kind]] = g
         return g
 
-    def decide(self, router: Router, x: torch.Tensor) -> torch.Tensor:
-        """Gate from one router: straight-through Gumbel in training, else argmax of the margin (or a sample)."""
+    def decide(self, router: Router, x: torch.Tensor, fold: tuple[torch.Tensor, float] | None = None
+               ) -> torch.Tensor:
+        """Gate from one router: straight-through Gumbel in training, else argmax of the margin (or a sample).
+        `fold` is the router's folded last layer when the caller has it (see RouterBank.folds)."""
         if self.training_routers:
             return straight_through_gumbel(router(x), self.temperature, self.noise)
         if self.sample:
-            return sample_gate(router.margin(x), self.config.threshold)
-        return router.executes(x, self.config.threshold)
+            return sample_gate(router.margin(x, fold), self.config.threshold)
+        return router.executes(x, self.config.threshold, fold)
 
     # -- user API ----------------------------------------------------------------------------------------
 

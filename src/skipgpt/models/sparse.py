@@ -9,9 +9,9 @@ output by the gate), but skipped work is never done:
   product and the output projection run only for executing tokens. Each batch row keeps its
   executing tokens in order, padded to the longest row; every query keeps its true position for
   RoPE, and its row of the 4-D attention mask (causal, padding, sliding window) is gathered with it.
-  One scaled-dot-product-attention call with that explicit mask covers the batch: measured on CPU
-  it costs about the same as the causal kernel per query row, while splitting queries into
-  position chunks to shorten key ranges did not pay for the extra calls.
+  Scaled-dot-product-attention with that explicit mask covers the batch, in blocks of QUERY_BLOCK
+  gathered queries that each read only the keys up to their last position: one call with an explicit
+  mask computes the whole causal square, which the dense model's is_causal kernel does not.
 - Fast paths: when every token executes, the stock HF module runs on the full batch (no gather,
   no scatter, numerically the unmodified model); when none executes, nothing runs except the
   key/value projection needed for the cache. In decode (one token per row) a module saves work only
