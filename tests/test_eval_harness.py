@@ -219,6 +219,17 @@ def test_evaluate_shape_and_average(model, tokenizer):
     assert "| piqa | 2 |" in markdown_table(out)
 
 
+def test_windows_limit_perplexity_apart_from_items(model, tokenizer):
+    # --limit N caps items and windows alike; --windows M sets the perplexity windows on their own
+    # (the benchmark protocol: 500 items, 40 windows).
+    tasks = {"piqa": str(FIX / "piqa"), "wikitext2": str(FIX / "hf" / "wikitext2")}
+    both = evaluate(model, tokenizer, tasks, limit=2, batch_size=2, seq_len=4, progress=False)
+    apart = evaluate(model, tokenizer, tasks, limit=2, windows=3, batch_size=2, seq_len=4, progress=False)
+    assert both["tasks"]["wikitext2"]["windows"] == 2 and apart["tasks"]["wikitext2"]["windows"] == 3
+    assert both["tasks"]["piqa"]["n"] == apart["tasks"]["piqa"]["n"] == 2
+    assert apart["windows"] == 3 and both["windows"] == 2
+
+
 def test_cli_end_to_end_with_a_model_folder(tmp_path, model, tokenizer, capsys):
     from skipgpt.cli import eval as cli
 
