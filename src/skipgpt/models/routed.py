@@ -487,7 +487,7 @@ def _layer(routed: RoutedModel, index: int, parts: LayerParts, hidden: torch.Ten
 
 def _multiplier(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The gate as a factor on a module's (B, T, hidden) output: a bool decision multiplies as it is (type
-    promotion keeps the output's dtype, and saves a conversion per module); a training gate is cast."""
+    promotion keeps the output's dtype); a float training gate is cast to it."""
     return g.unsqueeze(-1) if g.dtype == torch.bool else g.unsqueeze(-1).to(dtype)
 
 
