@@ -91,6 +91,8 @@ class RouterBank(nn.Module):
         super().__init__()
         self.attn = nn.ModuleList(Router(hidden_size, config.router, config.execute_bias) for _ in range(num_layers))
         self.mlp = nn.ModuleList(Router(hidden_size, config.router, config.execute_bias) for _ in range(num_layers))
+        self._folds: list[list[tuple[torch.Tensor, float]]] = []
+        self._folds_key: tuple | None = None  # the weights' storage and version when the folds were built
 
     def get(self, layer: int, kind: str) -> Router:
         return (self.attn if kind == "attn" else self.mlp)[layer]
@@ -99,7 +101,7 @@ class RouterBank(nn.Module):
         """Every router's fold, [layer][kind], rebuilt only when a weight changed (an optimizer step,
         a load, a reassignment) since the last call; read once per inference forward pass."""
         key = tuple((p.data_ptr(), p._version) for p in self.parameters())
-        if getattr(self, "_folds_key", None) != key:
+        if self._folds_key != key:
             self._folds = [[a.fold(), m.fold()] for a, m in zip(self.attn, self.mlp)]
             self._folds_key = key
         return self._folds
@@ -318,6 +320,7 @@ class RoutedModel(nn.Module):
     def gate(self, layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
         """Execute gate (batch, seq) for module `kind` of `layer`, given its router input x: float in {0, 1}
         with a straight-through gradient while routers train, a bool decision otherwise."""
+        k = KIND_INDEX[kind]
         if self.policy is not None:
             g = self.policy(layer, kind, x)
             if self.training_routers:
@@ -325,9 +328,8 @@ class RoutedModel(nn.Module):
             elif g.dtype != torch.bool:
                 g = g > 0.5
         else:
-            k = KIND_INDEX[kind]
             g = self.decide(self.routers.get(layer, kind), x, None if self._folds is None else self._folds[layer][k])
-        self.state.gates[layer][KIND_INDEX[kind]] = g
+        self.state.gates[layer][k] = g
         return g
 
     def decide(self, router: Router, x: torch.Tensor, fold: tuple[torch.Tensor, float] | None = None
