@@ -134,10 +134,7 @@ class SparsityMeter:
         return self._totals
 
     def add(self, state) -> None:
-        """Count one forward pass: a ForwardState (gates, token mask, context) or a totals dict."""
-        if isinstance(state, dict):
-            self._accumulate(state)
-            return
+        """Count one forward pass from its ForwardState (gates, token mask, context)."""
         if any(g.requires_grad for pair in state.gates for g in pair):
             self._accumulate(state.totals(self.costs))  # training: do not keep the graph alive
             return
