@@ -325,7 +325,8 @@ def test_meter_sums_queued_passes_like_each_pass_alone(max_pending, monkeypatch)
 
 def test_folded_router_follows_every_weight_change():
     # Inference decisions use a cached skip-minus-execute fold of the router's last layer; it must be
-    # rebuilt after an in-place update (optimizer step, load_state_dict) and after a reassignment.
+    # rebuilt after an in-place update (optimizer step, load_state_dict), a reassignment of the data or
+    # of the Parameter itself, and a threshold change.
     torch.manual_seed(4)
     bank = RoutedModel(make_tiny("llama")).routers
     router = bank.attn[1]
@@ -335,7 +336,7 @@ def test_folded_router_follows_every_weight_change():
         logits = router(x)
         return logits[..., 1] - logits[..., 0] <= threshold
 
-    for change in ("init", "in_place", "load", "reassign"):
+    for change in ("init", "in_place", "load", "reassign", "new_parameter"):
         with torch.no_grad():
             if change == "init":
                 torch.nn.init.normal_(router.net.weight)
@@ -344,10 +345,17 @@ def test_folded_router_follows_every_weight_change():
                 router.net.bias.add_(torch.tensor([0.0, 0.3]))
             elif change == "load":
                 router.load_state_dict({"net.weight": torch.randn(2, 32), "net.bias": torch.randn(2)})
-            else:
+            elif change == "reassign":
                 router.net.weight.data = torch.randn(2, 32)
-        bank.folds()[0][1]  # another router's fold read in between changes nothing
-        assert torch.equal(router.executes(x, 0.2, bank.folds()[1][0]), by_hand(0.2)), change
+            else:
+                router.net.bias = torch.nn.Parameter(torch.randn(2))
+        bank.folds(0.2)[0][1]  # another router's fold read in between changes nothing
+        for threshold in (0.2, -0.1):
+            fold = bank.folds(threshold)[1][0]
+            assert fold.threshold == threshold
+            assert torch.equal(router.executes(x, threshold, fold), by_hand(threshold)), change
+        assert torch.equal(router.executes(x, 0.2, bank.folds(-0.1)[1][0]), by_hand(0.2))  # a stale fold is not used
+        bank.folds(0.2)  # the next change is made at an unchanged threshold
         assert 0 < by_hand(0.2).float().mean() < 1
         logits = router(x)
         torch.testing.assert_close(router.margin(x), logits[..., 1] - logits[..., 0])
