@@ -18,7 +18,8 @@ the routers skip anything).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -77,39 +78,15 @@ def fit_forecasters(routed: RoutedModel, batches: Iterable[dict[str, torch.Tenso
     L, hidden = len(routed.layers), routed.config.base.hidden_size
     moments = {(i, k): _Moments(hidden) for i in range(L) for k in KINDS}
     tokens = 0
-    inputs: dict[tuple[int, str], torch.Tensor] = {}
-    outputs: dict[tuple[int, str], torch.Tensor] = {}
-
-    def keep_input(key):
-        def hook(module, args):
-            inputs[key] = args[0].detach()
-        return hook
-
-    def keep_output(key):
-        def hook(module, args, output):
-            outputs[key] = (output[0] if isinstance(output, tuple) else output).detach()
-        return hook
-
-    hooks = []
-    for i, parts in enumerate(routed.layers):
-        # what the gate multiplies: the module's output, after its output norm on sandwich models
-        ends = {"attn": parts.attn_out_norm or parts.attn, "mlp": parts.mlp_out_norm or parts.mlp}
-        for kind, end in ends.items():
-            hooks.append(bank.get(i, kind).register_forward_pre_hook(keep_input((i, kind))))
-            hooks.append(end.register_forward_hook(keep_output((i, kind))))
-    try:
-        policy = routed.policy if on_policy else "execute"
-        with routed.using(mode="masked", sample=False, track=False, policy=policy):
-            for batch in batches:
-                routed(**batch, use_cache=False)
-                gates, real, _ = routed.state.stacked()
-                tokens += int(real.sum())
-                for (i, kind), m in moments.items():
-                    rows = real if not on_policy else real & (gates[i, KINDS.index(kind)] <= 0.5)
-                    m.add(inputs[(i, kind)][rows], outputs[(i, kind)][rows])
-    finally:
-        for h in hooks:
-            h.remove()
+    policy = routed.policy if on_policy else "execute"
+    with capture(routed) as (inputs, outputs), routed.using(mode="masked", sample=False, track=False, policy=policy):
+        for batch in batches:
+            routed(**batch, use_cache=False)
+            gates, real, _ = routed.state.stacked()
+            tokens += int(real.sum())
+            for (i, kind), m in moments.items():
+                rows = real if not on_policy else real & (gates[i, KINDS.index(kind)] <= 0.5)
+                m.add(inputs[(i, kind)][rows], outputs[(i, kind)][rows])
     fitted = 0
     for (i, kind), m in moments.items():
         if m.rows == 0:
@@ -120,6 +97,33 @@ def fit_forecasters(routed: RoutedModel, batches: Iterable[dict[str, torch.Tenso
     if tokens == 0:
         raise DataError("forecaster fitting got no real tokens to read")
     return {"modules": fitted, "rows": sum(m.rows for m in moments.values()), "tokens": tokens}
+
+
+@contextmanager
+def capture(routed: RoutedModel) -> Iterator[tuple[dict, dict]]:
+    """({(layer, kind): normalised input}, {(layer, kind): output}) of every module in the forward passes run
+    inside the block: the input is what the module (and its forecaster, when there is one) reads, the output
+    what the gate multiplies (after the output norm on sandwich models)."""
+    inputs: dict[tuple[int, str], torch.Tensor] = {}
+    outputs: dict[tuple[int, str], torch.Tensor] = {}
+
+    def keep(store, key, pre):
+        if pre:
+            return lambda module, args: store.__setitem__(key, args[0].detach())
+        return lambda module, args, out: store.__setitem__(key, (out[0] if isinstance(out, tuple) else out).detach())
+
+    hooks = []
+    for i, parts in enumerate(routed.layers):
+        starts = {"attn": parts.attn_norm, "mlp": parts.mlp_norm}
+        ends = {"attn": parts.attn_out_norm or parts.attn, "mlp": parts.mlp_out_norm or parts.mlp}
+        for kind in KINDS:
+            hooks.append(starts[kind].register_forward_hook(keep(inputs, (i, kind), pre=False)))
+            hooks.append(ends[kind].register_forward_hook(keep(outputs, (i, kind), pre=False)))
+    try:
+        yield inputs, outputs
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def _load(forecaster: Forecaster, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor) -> None:
