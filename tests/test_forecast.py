@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from torch import nn
@@ -12,9 +10,7 @@ from transformers import DynamicCache
 from skipgpt import RoutedModel, SkipConfig
 from skipgpt.errors import ConfigError
 from skipgpt.routing import policies
-from skipgpt.routing.policies import KINDS
 from skipgpt.training.forecast import fit_forecasters, solve
-from skipgpt.training.warm_start import dense_labels, skip_labels, warm_start
 
 from conftest import make_tiny, varied_routers
 
@@ -208,84 +204,3 @@ def test_bad_ranks_on_the_command_line_are_one_line_and_write_nothing(rank, tmp_
     assert code == 2 and last.startswith("skipgpt train: error:") and "forecaster_rank" in last
     assert "Traceback" not in err
     assert not out.exists()
-
-
-def test_skip_labels_are_the_smallest_errors_of_the_real_tokens_at_the_share():
-    error = torch.tensor([[5.0, 0.1, 3.0, 0.2], [0.0, 4.0, 1.0, 2.0]])
-    real = torch.tensor([[True, True, True, True], [False, True, True, True]])  # the 0.0 is padding
-    assert skip_labels(error, real, 3 / 7).tolist() == [[False, True, False, True], [False, False, True, False]]
-    assert not skip_labels(error, real, 0.0).any()
-    assert skip_labels(error, real, 1.0).equal(real)
-
-
-@pytest.mark.parametrize("rank", [0, 4])
-def test_warm_start_teaches_the_routers_the_dense_pass_labels(rank):
-    # Labels from an independent computation: the unrouted model's module outputs (forward hooks) and
-    # the forecasters applied by hand; the routers start at "execute everything" (agreement = 1 - share).
-    torch.manual_seed(0)
-    routed = RoutedModel(make_tiny("llama"), SkipConfig(forecaster_rank=rank))
-    if rank:
-        with_random_forecasters(routed)
-    base = {k: v.clone() for k, v in routed.model.state_dict().items()}
-    batches = [batch(seed=s, pad=s == 0) for s in range(4)]
-    share = 0.25
-
-    def labels(b):
-        outs, ins, hooks = {}, {}, []
-        for i, parts in enumerate(routed.layers):
-            for kind, norm, module in (("attn", parts.attn_norm, parts.attn), ("mlp", parts.mlp_norm, parts.mlp)):
-                hooks.append(norm.register_forward_hook(lambda m, a, o, k=(i, kind): ins.__setitem__(k, o)))
-                hooks.append(module.register_forward_hook(
-                    lambda m, a, o, k=(i, kind): outs.__setitem__(k, o[0] if isinstance(o, tuple) else o)))
-        with routed.unrouted() as hf, torch.no_grad():
-            hf(**b)
-        for h in hooks:
-            h.remove()
-        real = b["attention_mask"].bool()
-        result = {}
-        for k, y in outs.items():
-            miss = y if not rank else y - routed.forecasters.get(*k)(ins[k])
-            err = miss.pow(2).sum(-1).masked_fill(~real, float("inf")).flatten()
-            n = round(share * int(real.sum()))
-            skip = torch.zeros(real.numel(), dtype=torch.bool)
-            skip[err.argsort(stable=True)[:n]] = True
-            result[k] = (skip.view_as(real), real)
-        return result
-
-    def agreement():
-        hits = []
-        for b in batches:
-            with routed.forced(None), torch.no_grad():
-                routed(**b)
-            decided = routed.decisions()
-            for (i, kind), (skip, real) in labels(b).items():
-                hits.append(float((~decided[i, KINDS.index(kind)] == skip)[real].float().mean()))
-        return sum(hits) / len(hits)
-
-    for b in batches:
-        got, _, _ = dense_labels(routed, b, share)
-        want = labels(b)
-        assert all(torch.equal(got[k], want[k][0]) for k in want)
-    before = agreement()
-    assert before == pytest.approx(1 - share, abs=0.02)
-    out = warm_start(routed, batches, steps=60, target=share, lr=3e-2)
-    assert out["tokens"] == 60 // 4 * sum(int(b["attention_mask"].sum()) for b in batches)
-    after = agreement()
-    assert after > before + 0.03  # a linear router on a random tiny model learns part of the labels
-    assert all(torch.equal(v, routed.model.state_dict()[k]) for k, v in base.items())  # the base is untouched
-
-
-def test_warm_start_from_the_command_line_is_recorded_and_bad_counts_are_refused(tmp_path, tiny_dir, capsys):
-    from conftest import run_cli
-
-    common = ["train", "--model", str(tiny_dir / "model"), "--data", str(tiny_dir / "text.txt"), "--seq-len", "16",
-              "--steps", "2", "--no-progress", "--forecaster-rank", "2", "--val-sequences", "2"]
-    bad = tmp_path / "bad"
-    assert run_cli([*common, "--warm-start", "-1", "--output", str(bad)]) == 2
-    assert "warm_start" in capsys.readouterr().err.strip().splitlines()[-1] and not bad.exists()
-    out = tmp_path / "out"
-    assert run_cli([*common, "--warm-start", "3", "--output", str(out)]) == 0
-    assert "warm start: 3 steps" in capsys.readouterr().out
-    config = json.loads((out / "skip_config.json").read_text())
-    assert config["extra"]["warm_start_tokens"] == 3 * 2 * 16  # three batches of 2 x 16 real tokens
-    assert "warm_start: 3" in (out / "train_config.yaml").read_text()

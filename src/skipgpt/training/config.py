@@ -110,9 +110,6 @@ class TrainConfig:
     forecaster_rank: int = field(default=0, metadata={"help": (
         "new routers: 0 = the paper's plain skip; R > 0 = informed skipping, a rank-R forecaster per module "
         "stands in for it when skipped (fitted in closed form before and after router tuning)")})
-    warm_start: int = field(default=0, metadata={"help": (
-        "new routers: N > 0 = N steps of cross-entropy on dense-pass labels (per module, the target share of "
-        "tokens whose output the skip path gets most nearly right) before the Gumbel stage; 0 = none")})
     execute_bias: float = field(default=2.0, metadata={
         "help": "new routers: initial execute-logit margin, so training starts from the dense model"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
@@ -169,8 +166,6 @@ class TrainConfig:
         rank = self.forecaster_rank
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"forecaster_rank must be a whole number >= 0 (0 = plain skip), got {rank!r}")
-        if isinstance(self.warm_start, bool) or not isinstance(self.warm_start, int) or self.warm_start < 0:
-            raise ConfigError(f"warm_start must be a whole number of steps >= 0 (0 = none), got {self.warm_start!r}")
         for name in ("alpha", "lr", "lora_lr", "weight_decay", "threshold_gain"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value != value or value < 0:

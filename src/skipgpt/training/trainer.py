@@ -43,7 +43,6 @@ from .config import TrainConfig
 from .data import PackedData, data_files, load_data, micro_batches
 from .forecast import fit_forecasters
 from .lora import attach_lora, check_lora_targets, lora_parameters
-from .warm_start import warm_start
 
 LOG_NAME = "train_log.csv"
 FIT_SEQUENCES = 64  # training sequences a forecaster fit reads (forward passes only)
@@ -266,13 +265,6 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         # so a resumed run fits the same); the routers then train with them in the skip path.
         fit = fit_forecasters(routed, _fit_batches(data, cfg, accelerator.device), on_policy=False)
         routed.config.extra["forecaster_fit_tokens"] = fit["tokens"]
-    if cfg.trains_routers and cfg.warm_start and routed.policy is None and not (cfg.resume and ckpt.exists()):
-        warm = warm_start(routed, _fit_batches(data, cfg, accelerator.device), cfg.warm_start,
-                          cfg.target_sparsity, cfg.lr)
-        routed.config.extra["warm_start_tokens"] = warm["tokens"]
-        if main:
-            print(f"warm start: {cfg.warm_start} steps on {warm['tokens']:,} tokens of dense-pass labels, "
-                  f"router agreement {warm['agreement']:.1%}")
     groups = _setup_parameters(routed, cfg)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     wrapped, optimizer = accelerator.prepare(routed, optimizer)
