@@ -59,6 +59,12 @@ def test_compare_all_methods_end_to_end(tiny_folder, tmp_path):
             assert (artifact_dir(settings, name, 0.25) / "skip_config.json").exists(), name
     assert (artifact_dir(settings, "skipgpt-rt-lora", 0.25) / "adapter").exists() or any(
         p.name == "adapter_config.json" for p in artifact_dir(settings, "skipgpt-rt-lora", 0.25).rglob("*"))
+    # informed skipping: MLP routers with rank-min(32, hidden) forecasters; their fitting tokens on record
+    informed = json.loads((artifact_dir(settings, "skipgpt-informed", 0.25) / "skip_config.json").read_text())
+    assert informed["router"] == "mlp" and informed["forecaster_rank"] == min(32, informed["base"]["hidden_size"])
+    assert json.loads((artifact_dir(settings, "skipgpt-informed", 0.25) / "build.json").read_text())["fit_tokens"] > 0
+    for name in ("skipgpt-informed", "skipgpt-informed-lora"):
+        assert (artifact_dir(settings, name, 0.25) / "forecasters.safetensors").exists(), name
     table = markdown_table(rows)
     assert table.count("\n") == len(rows) + 2 and "retention" in table and "wikitext2 ppl" in table
     png = comparison_figure(rows, tmp_path / "compare.png", "tiny")

@@ -28,7 +28,7 @@ from ..routing.calibrate import calibrate_threshold
 from ..training import TrainConfig, train
 from ..training.data import load_data
 from .dynamic import coupled, mod_d
-from .registry import INFORMED_RANK, METHODS
+from .registry import INFORMED_RANK, INFORMED_ROUTER, METHODS
 from .static import random_routing, shortgpt, static_modules
 
 # Written last: marks a finished build, keeps its wall time for reruns, and the settings it was built with.
@@ -131,8 +131,10 @@ class Builder:
             save_routers(routed, out)
         elif method in ("skipgpt-rt", "skipgpt-joint", "skipgpt-informed"):
             stage = "joint" if method == "skipgpt-joint" else "router"
-            rank = min(INFORMED_RANK, model.config.hidden_size) if method == "skipgpt-informed" else 0
-            routed = RoutedModel(model, SkipConfig(forecaster_rank=rank), name=self.s.model)
+            informed = method == "skipgpt-informed"
+            config = SkipConfig(forecaster_rank=min(INFORMED_RANK, model.config.hidden_size),
+                                router=INFORMED_ROUTER) if informed else SkipConfig()
+            routed = RoutedModel(model, config, name=self.s.model)
             data = self.data(routed, tok)
             routed = train(_train_config(self.s, stage, sparsity, out), routed=routed, tokenizer=tok, data=data).routed
         elif method in ("skipgpt-rt-lora", "skipgpt-informed-lora"):

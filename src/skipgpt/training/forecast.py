@@ -28,7 +28,7 @@ from ..models.routed import Forecaster, RoutedModel
 from ..routing.policies import KINDS
 
 
-class _Moments:
+class Moments:
     """Running [x 1]^T [x 1] and [x 1]^T y of one module, in float64."""
 
     def __init__(self, hidden: int):
@@ -76,7 +76,7 @@ def fit_forecasters(routed: RoutedModel, batches: Iterable[dict[str, torch.Tenso
     if bank is None:
         raise ValueError("the routed model has no forecasters (forecaster_rank 0)")
     L, hidden = len(routed.layers), routed.config.base.hidden_size
-    moments = {(i, k): _Moments(hidden) for i in range(L) for k in KINDS}
+    moments = {(i, k): Moments(hidden) for i in range(L) for k in KINDS}
     tokens = 0
     policy = routed.policy if on_policy else "execute"
     with capture(routed) as (inputs, outputs), routed.using(mode="masked", sample=False, track=False, policy=policy):
