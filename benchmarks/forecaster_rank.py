@@ -33,7 +33,7 @@ from skipgpt.evaluation.perplexity import perplexity, tokenize_text
 from skipgpt.routing.policies import KINDS
 from skipgpt.training.config import TrainConfig
 from skipgpt.training.data import load_data
-from skipgpt.training.forecast import Moments, fit_forecasters, solve
+from skipgpt.training.forecast import Moments, capture, fit_forecasters, solve
 from skipgpt.training.trainer import FIT_SEQUENCES, held_out_nll
 
 
@@ -72,27 +72,14 @@ def rank_row(args, rank: int, data, test_ids: torch.Tensor) -> dict:
 def skipped_rows(routed: RoutedModel, seqs: torch.Tensor, modules: list[tuple[int, str]]):
     """{(layer, kind): (normalised inputs, outputs)} of the tokens the routers skip, in float32."""
     rows = {m: ([], []) for m in modules}
-    inputs, outputs, hooks = {}, {}, []
-    for i, kind in modules:
-        parts = routed.layers[i]
-        end = (parts.attn_out_norm or parts.attn) if kind == "attn" else (parts.mlp_out_norm or parts.mlp)
-        hooks.append(routed.forecasters.get(i, kind).register_forward_pre_hook(
-            lambda mod, a, key=(i, kind): inputs.__setitem__(key, a[0].detach())))
-        hooks.append(end.register_forward_hook(
-            lambda mod, a, out, key=(i, kind): outputs.__setitem__(key, (out[0] if isinstance(out, tuple) else out)
-                                                                   .detach())))
-    try:
-        with torch.no_grad(), routed.using(mode="masked", sample=False, track=False):
-            for batch in batches(seqs):
-                routed(**batch, use_cache=False)
-                gates, real, _ = routed.state.stacked()
-                for i, kind in modules:
-                    skip = real & (gates[i, KINDS.index(kind)] <= 0.5)
-                    rows[(i, kind)][0].append(inputs[(i, kind)][skip].float())
-                    rows[(i, kind)][1].append(outputs[(i, kind)][skip].float())
-    finally:
-        for h in hooks:
-            h.remove()
+    with torch.no_grad(), capture(routed) as (inputs, outputs), routed.using(mode="masked", sample=False, track=False):
+        for batch in batches(seqs):
+            routed(**batch, use_cache=False)
+            gates, real, _ = routed.state.stacked()
+            for i, kind in modules:
+                skip = real & (gates[i, KINDS.index(kind)] <= 0.5)
+                rows[(i, kind)][0].append(inputs[(i, kind)][skip].float())
+                rows[(i, kind)][1].append(outputs[(i, kind)][skip].float())
     return {m: (torch.cat(x), torch.cat(y)) for m, (x, y) in rows.items()}
 
 
@@ -117,7 +104,7 @@ def nonlinearity(args, data) -> None:
     routed, _ = routed_with_rank(args, args.rank)
     routed.forecasters.load_state_dict(load_file(str(Path(args.routers) / FORECASTERS_NAME)))
     every = [(i, k) for i in range(len(routed.layers)) for k in KINDS]
-    fit = skipped_rows(routed, data.train[:FIT_SEQUENCES], every)
+    fit = skipped_rows(routed, data.train[: args.fit_sequences], every)
     # the modules skipped most, per kind: where a better forecaster would matter most
     modules = [m for k in KINDS for m in sorted((m for m in every if m[1] == k), key=lambda m: -len(fit[m][0]))
                [: args.modules]]

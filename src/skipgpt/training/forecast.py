@@ -107,9 +107,7 @@ def capture(routed: RoutedModel) -> Iterator[tuple[dict, dict]]:
     inputs: dict[tuple[int, str], torch.Tensor] = {}
     outputs: dict[tuple[int, str], torch.Tensor] = {}
 
-    def keep(store, key, pre):
-        if pre:
-            return lambda module, args: store.__setitem__(key, args[0].detach())
+    def keep(store, key):
         return lambda module, args, out: store.__setitem__(key, (out[0] if isinstance(out, tuple) else out).detach())
 
     hooks = []
@@ -117,8 +115,8 @@ def capture(routed: RoutedModel) -> Iterator[tuple[dict, dict]]:
         starts = {"attn": parts.attn_norm, "mlp": parts.mlp_norm}
         ends = {"attn": parts.attn_out_norm or parts.attn, "mlp": parts.mlp_out_norm or parts.mlp}
         for kind in KINDS:
-            hooks.append(starts[kind].register_forward_hook(keep(inputs, (i, kind), pre=False)))
-            hooks.append(ends[kind].register_forward_hook(keep(outputs, (i, kind), pre=False)))
+            hooks.append(starts[kind].register_forward_hook(keep(inputs, (i, kind))))
+            hooks.append(ends[kind].register_forward_hook(keep(outputs, (i, kind))))
     try:
         yield inputs, outputs
     finally:
