@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from skipgpt.baselines import compare
 from skipgpt.baselines.compare import CompareSettings, artifact_dir, run_comparison
 from skipgpt.baselines.figure import comparison_figure
 from skipgpt.baselines.registry import METHODS
@@ -29,7 +30,7 @@ def tiny_folder(tmp_path_factory):
 
 
 @needs_data
-def test_compare_all_methods_end_to_end(tiny_folder, tmp_path):
+def test_compare_all_methods_end_to_end(tiny_folder, tmp_path, monkeypatch):
     settings = CompareSettings(
         model=str(tiny_folder),
         tasks={"piqa": str(DATA / "piqa"), "wikitext2": str(DATA / "wikitext2" / "wiki.test.raw")},
@@ -74,6 +75,14 @@ def test_compare_all_methods_end_to_end(tiny_folder, tmp_path):
     again = run_comparison(settings, [0.25], log=logs.append)
     assert json.dumps(again, sort_keys=True) == json.dumps(rows, sort_keys=True)
     assert sum("reusing" in m for m in logs) == len(METHODS) - 1
+    # the informed recipe is part of an informed build's settings: under another one it is rebuilt
+    monkeypatch.setattr(compare, "INFORMED_ROUTER", "linear")
+    settings.methods = ["skipgpt-informed"]
+    logs.clear()
+    run_comparison(settings, [0.25], log=logs.append)
+    assert any("rebuilding" in m for m in logs)
+    assert json.loads((artifact_dir(settings, "skipgpt-informed", 0.25) / "skip_config.json").read_text())[
+        "router"] == "linear"
     # other build settings: that method is rebuilt and re-evaluated, not silently reused
     settings.calibration_sequences, settings.methods = 2, ["shortgpt"]
     logs.clear()

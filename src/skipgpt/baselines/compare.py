@@ -27,6 +27,7 @@ from ..models.routed import RoutedModel
 from ..routing.calibrate import calibrate_threshold
 from ..training import TrainConfig, train
 from ..training.data import load_data
+from ..training.trainer import FIT_SEQUENCES
 from .dynamic import coupled, mod_d
 from .registry import INFORMED_RANK, INFORMED_ROUTER, METHODS
 from .static import random_routing, shortgpt, static_modules
@@ -87,8 +88,13 @@ class Builder:
         self.log = log
         self._data = None
 
-    def settings(self) -> dict:
-        return {k: str(getattr(self.s, k)) for k in BUILD_SETTINGS}
+    def settings(self, method: str) -> dict:
+        """What a build of `method` depends on; informed methods add their fixed recipe, so a build made
+        under another one is rebuilt rather than reused."""
+        settings = {k: str(getattr(self.s, k)) for k in BUILD_SETTINGS}
+        if method.startswith("skipgpt-informed"):
+            settings["informed"] = f"rank {INFORMED_RANK}, {INFORMED_ROUTER} routers, {FIT_SEQUENCES} fit sequences"
+        return settings
 
     def fresh(self):
         return load_model(self.s.model, dtype=self.s.dtype)
@@ -113,7 +119,7 @@ class Builder:
             return model, tok, 0.0
         log = _read_build_log(out / BUILD_LOG)
         if log is not None and (out / CONFIG_NAME).exists():
-            if dict(log.get("settings") or {}) == self.settings():
+            if dict(log.get("settings") or {}) == self.settings(method):
                 self.log(f"  reusing {out}")
                 return load_routers(model, out), tok, float(log.get("seconds", 0.0))
             self.log(f"  {out} was built with other settings ({log.get('settings')}); rebuilding")
@@ -154,7 +160,7 @@ class Builder:
         # forward-only forecaster fitting counts as training text too: its token count goes on record
         fit_tokens = int(routed.config.extra.get("forecaster_fit_tokens", 0)) if isinstance(routed, RoutedModel) else 0
         write_json_atomic(out / BUILD_LOG, {"method": method, "sparsity": sparsity, "seconds": seconds,
-                                            "settings": self.settings(), "fit_tokens": fit_tokens})
+                                            "settings": self.settings(method), "fit_tokens": fit_tokens})
         return routed, tok, seconds
 
     def _train_policy(self, method: str, model, tok, sparsity: float, out: Path):
