@@ -14,6 +14,11 @@ Nonlinearity: on the tokens the routers skip, the rows (normalised input, module
 modules (those skipped most) are collected from the fitting text and the held-out sequences; a rank-R linear map
 and a rank-R bottleneck with a SiLU between its halves (the same parameters plus R) are trained by
 Adam on the fitting rows, and their held-out R^2 is printed beside the closed-form linear fit.
+
+Context (--context): attention is the module a forecaster of the token alone predicts worst. For the attention
+modules skipped most, the closed-form rank-R fit is repeated with inputs a forecaster could read from the KV
+cache added to the normalised input: the previous token's value vectors, and the causal mean of the value
+vectors up to the token; held-out R^2 of each, and their row-weighted mean.
 """
 
 from __future__ import annotations
@@ -130,6 +135,62 @@ def nonlinearity(args, data) -> None:
         print(f"| {m[0]} {m[1]} | {len(x)} | {len(hx)} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
 
 
+def context_rows(routed: RoutedModel, seqs: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """{layer: rows [normalised input, previous token's values, causal mean of values, attention output]} of
+    the tokens that skip the layer's attention, in float64."""
+    values: dict[int, torch.Tensor] = {}
+    hooks = [routed.layers[i].attn.v_proj.register_forward_hook(
+        lambda module, args, out, i=i: values.__setitem__(i, out.detach())) for i in layers]
+    rows: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    try:
+        with torch.no_grad(), capture(routed) as (inputs, outputs), routed.using(mode="masked", sample=False,
+                                                                                 track=False):
+            for batch in batches(seqs):
+                routed(**batch, use_cache=False)
+                gates, real, _ = routed.state.stacked()
+                for i in layers:
+                    v = values[i].double()
+                    prev = torch.cat([torch.zeros_like(v[:, :1]), v[:, :-1]], dim=1)
+                    mean = v.cumsum(1) / torch.arange(1, v.shape[1] + 1, dtype=v.dtype).view(1, -1, 1)
+                    skip = real & (gates[i, KINDS.index("attn")] <= 0.5)
+                    whole = [inputs[(i, "attn")].double(), prev, mean, outputs[(i, "attn")].double()]
+                    rows[i].append(torch.cat(whole, dim=-1)[skip])
+    finally:
+        for h in hooks:
+            h.remove()
+    return {i: torch.cat(r) for i, r in rows.items()}
+
+
+def context(args, data) -> None:
+    routed, _ = routed_with_rank(args, args.rank)
+    routed.forecasters.load_state_dict(load_file(str(Path(args.routers) / FORECASTERS_NAME)))
+    hidden, kv = routed.config.base.hidden_size, routed.layers[0].attn.v_proj.out_features
+    every = list(range(len(routed.layers)))
+    counts = {i: len(r) for i, r in context_rows(routed, data.train[:8], every).items()}
+    layers = sorted(every, key=lambda i: -counts[i])[: args.modules]
+    fit, held = context_rows(routed, data.train[: args.fit_sequences], layers), context_rows(routed, data.val, layers)
+    x, prev, mean = slice(0, hidden), slice(hidden, hidden + kv), slice(hidden + kv, hidden + 2 * kv)
+    sets = {"x": [x], "+ previous token's values": [x, prev], "+ causal mean of values": [x, mean],
+            "+ both": [x, prev, mean]}
+    print(f"\nheld-out R^2 of attention forecasts on skipped tokens, closed-form rank {args.rank}")
+    print("| layer | fit rows | held-out rows | " + " | ".join(sets) + " |")
+    print("|---|---|---|" + "---|" * len(sets))
+    total = {name: 0.0 for name in sets}
+    for i in layers:
+        f, h = fit[i], held[i]
+        cells = []
+        for name, parts in sets.items():
+            fx, hx = torch.cat([f[:, p] for p in parts], 1), torch.cat([h[:, p] for p in parts], 1)
+            mom = Moments(fx.shape[1], hidden)
+            mom.add(fx, f[:, -hidden:])
+            down, up, bias = solve(mom.xx, mom.xy, args.rank, 1e-2)
+            cells.append(r2(hx @ down.T @ up.T + bias, h[:, -hidden:]))
+            total[name] += cells[-1] * len(h)
+        print(f"| {i} | {len(f)} | {len(h)} | " + " | ".join(f"{c:.3f}" for c in cells) + " |", flush=True)
+    rows = sum(len(held[i]) for i in layers)
+    print(f"| row-weighted | | {rows} | " + " | ".join(f"{t / rows:.3f}" for t in total.values()) + " |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -147,6 +208,7 @@ def main() -> None:
     p.add_argument("--fit-sequences", type=int, default=FIT_SEQUENCES, help="training sequences of each rank's fits")
     p.add_argument("--skip-ranks", action="store_true", help="only the nonlinearity comparison")
     p.add_argument("--skip-nonlinearity", action="store_true", help="only the rank table")
+    p.add_argument("--context", action="store_true", help="also the attention context-feature comparison")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -164,6 +226,8 @@ def main() -> None:
                   f"{row['test_ppl']:.2f} |", flush=True)
     if not args.skip_nonlinearity:
         nonlinearity(args, data)
+    if args.context:
+        context(args, data)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,12 @@ def test_fit_recovers_a_known_linear_map_and_matches_least_squares():
     down, up, bias = solve(x1.T @ x1, x1.T @ y, hidden, ridge=0.0)
     torch.testing.assert_close(down.T @ up.T, want[:hidden], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(bias, want[hidden], rtol=1e-5, atol=1e-6)
+    # More input features than outputs (extra inputs, as benchmarks/forecaster_rank.py --context adds):
+    # the same independent solve, on the first 8 output features (compared on its predictions).
+    x2 = torch.cat([x1[:, :hidden], x1[:, :8] ** 2, x1[:, hidden:]], 1)
+    want = torch.linalg.lstsq(x2, y[:, :8]).solution
+    down, up, bias = solve(x2.T @ x2, x2.T @ y[:, :8], 8, ridge=0.0)
+    torch.testing.assert_close(x2[:, :-1] @ down.T @ up.T + bias, x2 @ want, rtol=1e-5, atol=1e-6)
 
 
 def test_on_policy_fit_uses_only_the_skipped_tokens():

@@ -50,8 +50,9 @@ def run_mlp(parts: LayerParts, xn: torch.Tensor) -> torch.Tensor:
 
 
 def _count(execute: torch.Tensor) -> int:
-    """Number of executing tokens (one host read; a single token needs no reduction)."""
-    return int(execute.item()) if execute.numel() == 1 else int(execute.sum())
+    """Number of executing tokens (one host read; a single token needs no reduction). count_nonzero is 4
+    operators where a sum of bools, which converts them to integers first, is 9."""
+    return int(execute.item()) if execute.numel() == 1 else int(execute.count_nonzero())
 
 
 def sparse_mlp(parts: LayerParts, x: torch.Tensor, execute: torch.Tensor) -> torch.Tensor:
@@ -64,7 +65,7 @@ def sparse_mlp(parts: LayerParts, x: torch.Tensor, execute: torch.Tensor) -> tor
     if x.shape[1] == 1:
         # Decode with rows that disagree: the weights are read once whatever the number of rows, so
         # computing every row and gating is cheaper than gathering and scattering a few.
-        return x + run_mlp(parts, parts.mlp_norm(x)) * execute.unsqueeze(-1).to(x.dtype)
+        return torch.where(execute.unsqueeze(-1), x + run_mlp(parts, parts.mlp_norm(x)), x)
     flat = x.reshape(-1, x.shape[-1])
     rows = execute.reshape(-1).nonzero().squeeze(1)
     h = run_mlp(parts, parts.mlp_norm(flat.index_select(0, rows)))
@@ -98,7 +99,7 @@ def sparse_attention(parts: LayerParts, x: torch.Tensor, execute: torch.Tensor, 
         # Decode with rows that disagree: the projections read the weights once for all rows, and the
         # attention product over the cache is per row anyway, so every row runs and the gate drops the
         # idle ones' output (exact, and no gather of queries, cos/sin and mask rows).
-        return x + run_attention(parts, parts.attn_norm(x), kwargs) * execute.unsqueeze(-1).to(x.dtype)
+        return torch.where(execute.unsqueeze(-1), x + run_attention(parts, parts.attn_norm(x), kwargs), x)
     if count == 0 and cache is None:
         return x  # nobody queries this layer and nothing is cached: its keys are never read
 

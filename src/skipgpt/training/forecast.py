@@ -29,11 +29,12 @@ from ..routing.policies import KINDS
 
 
 class Moments:
-    """Running [x 1]^T [x 1] and [x 1]^T y of one module, in float64."""
+    """Running [x 1]^T [x 1] and [x 1]^T y of one module, in float64 (inputs x: `hidden` features, outputs y:
+    `outputs` features, `hidden` unless given)."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, outputs: int | None = None):
         self.xx = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)
-        self.xy = torch.zeros(hidden + 1, hidden, dtype=torch.float64)
+        self.xy = torch.zeros(hidden + 1, outputs or hidden, dtype=torch.float64)
         self.rows = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -45,21 +46,21 @@ class Moments:
 
 def solve(xx: torch.Tensor, xy: torch.Tensor, rank: int, ridge: float) -> tuple[torch.Tensor, torch.Tensor,
                                                                                   torch.Tensor]:
-    """(down (R, d), up (d, R), bias (d,)) of the rank-R ridge fit from the moments of [x 1] and y.
+    """(down (R, d_in), up (d_out, R), bias (d_out,)) of the rank-R ridge fit from the moments of [x 1] and y.
 
     Reduced-rank regression with an intercept: the ridge map W of the centred data, projected onto the
     top-R principal directions V of its centred predictions; the bias (never penalised, never
     projected) puts the mean prediction on the mean output. ridge is relative to the mean input
     variance, so it means the same at any activation scale.
     """
-    d = xy.shape[1]
+    d = xx.shape[0] - 1  # input features; the last row and column are the constant 1
     n = xx[d, d]
     mx, my = xx[d, :d] / n, xy[d] / n
     cxx = xx[:d, :d] - n * torch.outer(mx, mx)
     cxy = xy[:d] - n * torch.outer(mx, my)
     penalty = ridge * float(cxx.diagonal().mean().clamp_min(1e-12))
-    w = torch.linalg.solve(cxx + penalty * torch.eye(d, dtype=cxx.dtype), cxy)  # (d, d)
-    v = torch.linalg.eigh(w.T @ cxx @ w).eigenvectors[:, -rank:]  # (d, R)
+    w = torch.linalg.solve(cxx + penalty * torch.eye(d, dtype=cxx.dtype), cxy)  # (d_in, d_out)
+    v = torch.linalg.eigh(w.T @ cxx @ w).eigenvectors[:, -rank:]  # (d_out, R)
     down = (w @ v).T
     return down, v, my - mx @ w @ v @ v.T
 
