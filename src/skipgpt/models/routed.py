@@ -29,7 +29,7 @@ from ..routing import policies
 from ..routing.policies import EXECUTE, KIND_INDEX, SKIP, Policy
 from ..routing.sparsity import SparsityMeter, SparsityReport, ratios, skip_totals
 from .adapters import LayerParts, find_decoder, find_layers, fingerprint, module_costs, unwrap
-from .sparse import run_attention, run_mlp, sparse_attention, sparse_mlp
+from .sparse import gated, run_attention, run_mlp, sparse_attention, sparse_mlp
 
 MODES = ("masked", "sparse")
 
@@ -498,26 +498,14 @@ def _layer(routed: RoutedModel, index: int, parts: LayerParts, hidden: torch.Ten
         x = y if fc is None else _add_forecast(y, fc.attn[index], parts.attn_norm, x, g)
     else:
         xn = parts.attn_norm(x)
-        x = _gated(x, run_attention(parts, xn, kwargs), g, None if fc is None else fc.attn[index](xn))
+        x = gated(x, run_attention(parts, xn, kwargs), g, None if fc is None else fc.attn[index](xn))
     g = routed.gate(index, "mlp", x if routed.config.router_input == "module" else hidden)
     if is_sparse:
         y = sparse_mlp(parts, x, g)
         return y if fc is None else _add_forecast(y, fc.mlp[index], parts.mlp_norm, x, g)
     xn = parts.mlp_norm(x)
     # masked: every token's forecast, kept where the module is skipped
-    return _gated(x, run_mlp(parts, xn), g, None if fc is None else fc.mlp[index](xn))
-
-
-def _gated(x: torch.Tensor, out: torch.Tensor, g: torch.Tensor, forecast: torch.Tensor | None) -> torch.Tensor:
-    """The masked update of the residual x by a module output `out` under gate g (B, T): x + out where the
-    module executes, x (+ the forecast, informed skipping) where it is skipped. A bool decision selects
-    (exact, and no bool-to-float conversion: 3 operators against 8 per module in a decode step); a float
-    training gate mixes, so the straight-through gradient reaches the router."""
-    if g.dtype == torch.bool:
-        return torch.where(g.unsqueeze(-1), x + out, x if forecast is None else x + forecast)
-    gf = g.unsqueeze(-1).to(x.dtype)
-    y = x + out * gf
-    return y if forecast is None else y + forecast * (1.0 - gf)
+    return gated(x, run_mlp(parts, xn), g, None if fc is None else fc.mlp[index](xn))
 
 
 def _add_forecast(y: torch.Tensor, forecaster: Forecaster, norm: nn.Module, x: torch.Tensor, g: torch.Tensor

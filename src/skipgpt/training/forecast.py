@@ -29,12 +29,12 @@ from ..routing.policies import KINDS
 
 
 class Moments:
-    """Running [x 1]^T [x 1] and [x 1]^T y of one module, in float64 (inputs x: `hidden` features, outputs y:
-    `outputs` features, `hidden` unless given)."""
+    """Running [x 1]^T [x 1] and [x 1]^T y of one module, in float64 (x: `inputs` features, y: `outputs`
+    features, as many as the inputs unless given)."""
 
-    def __init__(self, hidden: int, outputs: int | None = None):
-        self.xx = torch.zeros(hidden + 1, hidden + 1, dtype=torch.float64)
-        self.xy = torch.zeros(hidden + 1, outputs or hidden, dtype=torch.float64)
+    def __init__(self, inputs: int, outputs: int | None = None):
+        self.xx = torch.zeros(inputs + 1, inputs + 1, dtype=torch.float64)
+        self.xy = torch.zeros(inputs + 1, outputs or inputs, dtype=torch.float64)
         self.rows = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
