@@ -63,7 +63,8 @@ def test_compare_all_methods_end_to_end(tiny_folder, tmp_path, monkeypatch):
     # informed skipping: MLP routers with rank-min(32, hidden) forecasters; their fitting tokens on record
     informed = json.loads((artifact_dir(settings, "skipgpt-informed", 0.25) / "skip_config.json").read_text())
     assert informed["router"] == "mlp" and informed["forecaster_rank"] == min(32, informed["base"]["hidden_size"])
-    assert json.loads((artifact_dir(settings, "skipgpt-informed", 0.25) / "build.json").read_text())["fit_tokens"] > 0
+    build = json.loads((artifact_dir(settings, "skipgpt-informed", 0.25) / "build.json").read_text())
+    assert build["fit_tokens"] > 0 and build["tune_tokens"] == 100 * 2 * 32  # default forecaster steps x batch
     for name in ("skipgpt-informed", "skipgpt-informed-lora"):
         assert (artifact_dir(settings, name, 0.25) / "forecasters.safetensors").exists(), name
     table = markdown_table(rows)

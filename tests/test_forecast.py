@@ -210,3 +210,32 @@ def test_bad_ranks_on_the_command_line_are_one_line_and_write_nothing(rank, tmp_
     assert code == 2 and last.startswith("skipgpt train: error:") and "forecaster_rank" in last
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_tuning_trains_only_the_forecasters_of_skipped_modules_and_lowers_the_loss():
+    from accelerate import Accelerator
+
+    from skipgpt.training.config import TrainConfig
+    from skipgpt.training.data import PackedData
+    from skipgpt.training.trainer import held_out_nll, tune_forecasters
+
+    routed = RoutedModel(make_tiny("llama"), SkipConfig(forecaster_rank=2))
+    routed.force(policies.static(torch.tensor([[True, True], [True, False], [False, True]])))  # 2 modules skip
+    ids = torch.randint(0, 128, (8, 12), generator=torch.Generator().manual_seed(0))
+    data = PackedData(train=ids, val=ids, source="tiny")
+    fit_forecasters(routed, [{"input_ids": ids}], on_policy=True)
+    base = {k: v.clone() for k, v in routed.model.state_dict().items()}
+    routers = {k: v.clone() for k, v in routed.routers.state_dict().items()}
+    before = {k: v.clone() for k, v in routed.forecasters.state_dict().items()}
+    nll = held_out_nll(routed, ids, 4)
+    cfg = TrainConfig(model="tiny", data="tiny", seq_len=12, batch_size=2, steps=3, forecaster_steps=20,
+                      forecaster_lr=1e-2)
+    assert tune_forecasters(routed, data, cfg, Accelerator(cpu=True)) == 20 * 2 * 12
+    after = routed.forecasters.state_dict()
+    changed = {k.split(".weight")[0].split(".bias")[0].rsplit(".", 1)[0] for k in after
+               if not torch.equal(after[k], before[k])}
+    assert changed == {"attn.2", "mlp.1"}  # a module nobody skips gets no gradient
+    assert held_out_nll(routed, ids, 4) < nll - 0.01  # the closed-form fit is not the best on the loss
+    assert all(torch.equal(v, base[k]) for k, v in routed.model.state_dict().items())
+    assert all(torch.equal(v, routers[k]) for k, v in routed.routers.state_dict().items())
+    assert not any(p.requires_grad for p in routed.forecasters.parameters())

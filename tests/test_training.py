@@ -320,6 +320,15 @@ def test_impossible_targets_are_refused(target, tmp_path, capsys):
     assert err.startswith("skipgpt train: error:") and "target sparsity" in err and "\n" not in err
 
 
+@pytest.mark.parametrize("flags, message", [(["--forecaster-steps", "-1"], "forecaster_steps"),
+                                             (["--forecaster-lr=-1e-3"], "forecaster_lr")])
+def test_bad_forecaster_tuning_settings_are_refused(flags, message, tmp_path, capsys):
+    assert run_cli(["train", *flags, "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("skipgpt train: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_data_is_reported_in_one_line(tmp_path, tiny_dir, capsys):
     (tmp_path / "empty.txt").write_text("")
     common = ["train", "--model", str(tiny_dir / "model"), "--output", str(tmp_path / "o"), "--no-progress"]

@@ -93,7 +93,9 @@ class Builder:
         under another one is rebuilt rather than reused."""
         settings = {k: str(getattr(self.s, k)) for k in BUILD_SETTINGS}
         if method.startswith("skipgpt-informed"):
-            settings["informed"] = f"rank {INFORMED_RANK}, {INFORMED_ROUTER} routers, {FIT_SEQUENCES} fit sequences"
+            cfg = _train_config(self.s, "router", 0.25, Path(self.s.workdir))
+            settings["informed"] = (f"rank {INFORMED_RANK}, {INFORMED_ROUTER} routers, {FIT_SEQUENCES} fit sequences, "
+                                    f"{cfg.forecaster_steps} forecaster steps at lr {cfg.forecaster_lr:g}")
         return settings
 
     def fresh(self):
@@ -146,8 +148,7 @@ class Builder:
         elif method in ("skipgpt-rt-lora", "skipgpt-informed-lora"):
             first = method.removesuffix("-lora")
             rt = artifact_dir(self.s, first, sparsity)
-            if not (rt / CONFIG_NAME).exists():
-                self.build(first, sparsity)
+            self.build(first, sparsity)  # reused when current; a stage 1 of other settings is rebuilt first
             routed = load_routers(model, rt)
             data = self.data(routed, tok)
             cfg = _train_config(self.s, "lora", sparsity, out, routers=rt)
@@ -157,10 +158,12 @@ class Builder:
         else:  # pragma: no cover - check_methods guards this
             raise ConfigError(f"unknown method {method}")
         seconds = time.perf_counter() - tic
-        # forward-only forecaster fitting counts as training text too: its token count goes on record
-        fit_tokens = int(routed.config.extra.get("forecaster_fit_tokens", 0)) if isinstance(routed, RoutedModel) else 0
+        # forward-only forecaster fitting and forecaster tuning read training text too: their tokens go on record
+        extra = routed.config.extra if isinstance(routed, RoutedModel) else {}
         write_json_atomic(out / BUILD_LOG, {"method": method, "sparsity": sparsity, "seconds": seconds,
-                                            "settings": self.settings(method), "fit_tokens": fit_tokens})
+                                            "settings": self.settings(method),
+                                            "fit_tokens": int(extra.get("forecaster_fit_tokens", 0)),
+                                            "tune_tokens": int(extra.get("forecaster_tune_tokens", 0))})
         return routed, tok, seconds
 
     def _train_policy(self, method: str, model, tok, sparsity: float, out: Path):

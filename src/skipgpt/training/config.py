@@ -110,6 +110,10 @@ class TrainConfig:
     forecaster_rank: int = field(default=0, metadata={"help": (
         "new routers: 0 = the paper's plain skip; R > 0 = informed skipping, a rank-R forecaster per module "
         "stands in for it when skipped (fitted in closed form before and after router tuning)")})
+    forecaster_steps: int = field(default=100, metadata={"help": (
+        "informed skipping: after router tuning, train the forecasters for N steps on the training loss, "
+        "routers frozen at their calibrated decisions and the base frozen; 0 = keep the closed-form fit")})
+    forecaster_lr: float = field(default=5e-4, metadata={"help": "peak learning rate of those forecaster steps"})
     execute_bias: float = field(default=2.0, metadata={
         "help": "new routers: initial execute-logit margin, so training starts from the dense model"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
@@ -166,7 +170,9 @@ class TrainConfig:
         rank = self.forecaster_rank
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"forecaster_rank must be a whole number >= 0 (0 = plain skip), got {rank!r}")
-        for name in ("alpha", "lr", "lora_lr", "weight_decay", "threshold_gain"):
+        if self.forecaster_steps < 0:  # (a whole number: checked with the types above)
+            raise ConfigError(f"forecaster_steps must be >= 0 (0 = closed-form fit only), got {self.forecaster_steps}")
+        for name in ("alpha", "lr", "lora_lr", "forecaster_lr", "weight_decay", "threshold_gain"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value != value or value < 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
