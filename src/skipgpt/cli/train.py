@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from accelerate import PartialState
+
 from ..artifact import read_config
 from ..io import check_output
 from ..training import TrainConfig, train
@@ -52,5 +54,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"held-out: {cfg.accounting} sparsity {hs[cfg.accounting]:.1%} (attention {hs['attention']:.1%}, "
           f"mlp {hs['mlp']:.1%}) at threshold {s['threshold']:+.3f}; perplexity {s['held_out_ppl']:.2f} "
           f"vs dense {s['held_out_dense_ppl']:.2f}; {s['tokens_per_s']:.0f} tokens/s")
-    write_results(str(result.output_dir / "train_summary.json"), s)
+    # Under torchrun every process gets here; one writer, or a rank could lose its temporary file to the
+    # clean-up of another's save in the same folder.
+    if PartialState().is_main_process:
+        write_results(str(result.output_dir / "train_summary.json"), s)
     return 0
