@@ -16,14 +16,22 @@ from conftest import make_tiny
 
 def test_measure_speed_shape_and_dense_ideal():
     routed = skipgpt.RoutedModel(make_tiny("llama"))
-    r = measure_speed(routed, 128, seq_len=8, batch_size=2, decode_tokens=3, repeats=1, sparsity=0.0)
+    r = measure_speed(routed, 128, seq_len=8, batch_size=2, decode_tokens=3, repeats=3, sparsity=0.0)
     json.dumps(r)  # JSON-able
     for key in ("dense_tok_s", "masked_tok_s", "sparse_tok_s", "speedup", "ideal_speedup"):
         assert r["prefill"][key] > 0
     for key in ("dense_tok_s", "sparse_tok_s", "speedup", "ideal_speedup"):
         assert r["decode"][key] > 0
     assert r["prefill"]["ideal_speedup"] == 1.0 and r["sparsity"]["param"] == 0.0
-    assert r["prefill"]["speedup"] == pytest.approx(r["prefill"]["sparse_tok_s"] / r["prefill"]["dense_tok_s"])
+    # speedups are medians of the per-round ratios; tokens/s medians of the rounds' times
+    for phase, n in (("prefill", 2 * 8), ("decode", 2 * 3)):
+        rounds = r[phase]["rounds_s"]
+        assert [len(rounds[v]) for v in ("dense", "masked", "sparse")] == [3, 3, 3]
+        ratios = sorted(d / s for d, s in zip(rounds["dense"], rounds["sparse"]))
+        assert r[phase]["speedup"] == pytest.approx(ratios[1])
+        masked = sorted(d / m for d, m in zip(rounds["dense"], rounds["masked"]))
+        assert r[phase]["masked_speedup"] == pytest.approx(masked[1])
+        assert r[phase]["dense_tok_s"] == pytest.approx(n / sorted(rounds["dense"])[1])
     assert isinstance(r["device"], str) and r["device"].startswith("cpu")
     assert set(r["sparsity"]) >= {"param", "attention", "mlp"}
     assert routed.mode == "masked" and routed.policy is None  # state restored

@@ -1,7 +1,9 @@
 """Speed measurement shared by `skipgpt bench`, benchmarks/speed.py and the demo.
 
-Three variants of the same weights are timed interleaved (so a noisy machine slows all alike),
-each after a warm-up, and medians over repeats are reported:
+Three variants of the same weights are timed interleaved, each after a warm-up round, with the order
+rotated every round. Speedups are medians of the per-round ratios (sparse against the dense run of the
+same round), so a machine whose speed drifts between rounds slows both sides of each ratio alike;
+tokens/s are medians over rounds:
 - dense:  the unmodified HF model (the routed layer forwards are detached for the run);
 - masked: routing with every module computed and multiplied by its gate (training semantics);
 - sparse: routing that computes only executing tokens (skipgpt.models.sparse).
@@ -117,7 +119,8 @@ def measure_speed(
     memory = {}
     totals = {}
     for rep in range(repeats + 1):  # the first round is warm-up
-        for variant in VARIANTS:
+        # rotate the order so no variant always runs first (after the previous round's clean-up)
+        for variant in VARIANTS[rep % 3:] + VARIANTS[:rep % 3]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             with _variant(routed, variant, factory):
@@ -146,6 +149,10 @@ def measure_speed(
         n = batch_size * (seq_len if phase == "prefill" else decode_tokens)
         return n / statistics.median(times[variant][phase])
 
+    def paired(variant: str, phase: str) -> float:
+        """Median over rounds of dense time / variant time, both from the same round."""
+        return statistics.median(d / t for d, t in zip(times["dense"][phase], times[variant][phase]))
+
     result = {"device": _device_name(device), "dtype": str(next(hf.parameters()).dtype).replace("torch.", "")}
     for phase in ("prefill", "decode"):
         flop_sparsity, ideal = _ideal(totals[phase], head_flops)
@@ -154,12 +161,13 @@ def measure_speed(
             "dense_tok_s": dense,
             "masked_tok_s": masked,
             "sparse_tok_s": sparse,
-            "speedup": sparse / dense,
-            "masked_speedup": masked / dense,
+            "speedup": paired("sparse", phase),
+            "masked_speedup": paired("masked", phase),
             "ideal_speedup": ideal,
             "flop_sparsity": flop_sparsity,
             "dense_s": statistics.median(times["dense"][phase]),
             "sparse_s": statistics.median(times["sparse"][phase]),
+            "rounds_s": {v: times[v][phase] for v in VARIANTS},
         }
     # parameter/attention/MLP sparsity of the prefill (the decode steps are reported in decode_sparsity)
     prefill_report = _report(routed, totals["prefill"])
