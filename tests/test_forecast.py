@@ -239,3 +239,45 @@ def test_tuning_trains_only_the_forecasters_of_skipped_modules_and_lowers_the_lo
     assert all(torch.equal(v, base[k]) for k, v in routed.model.state_dict().items())
     assert all(torch.equal(v, routers[k]) for k, v in routed.routers.state_dict().items())
     assert not any(p.requires_grad for p in routed.forecasters.parameters())
+
+
+@pytest.mark.parametrize("spoil", [False, True])
+def test_tuning_is_kept_only_when_held_out_text_agrees(spoil, tmp_path, monkeypatch):
+    from skipgpt.training import trainer
+    from skipgpt.training.config import TrainConfig
+    from skipgpt.training.data import PackedData
+
+    real, seen = trainer.tune_forecasters, {}
+
+    def tune(routed, data, cfg, accelerator):
+        seen["fitted"] = {k: v.clone() for k, v in routed.forecasters.state_dict().items()}
+        tokens = real(routed, data, cfg, accelerator)
+        if spoil:  # tuning that ruins the forecasts (sign-gradient ascent on held-out text): the guard must undo it
+            bank = routed.forecasters.requires_grad_(True)
+            for _ in range(5):
+                logits = routed(input_ids=data.val).logits[:, :-1]
+                nn.functional.cross_entropy(logits.flatten(0, 1), data.val[:, 1:].flatten()).backward()
+                with torch.no_grad():
+                    for p in bank.parameters():
+                        p.add_(0.3 * p.grad.sign())
+                        p.grad = None
+            bank.requires_grad_(False)
+        seen["tuned"] = {k: v.clone() for k, v in routed.forecasters.state_dict().items()}
+        return tokens
+
+    monkeypatch.setattr(trainer, "tune_forecasters", tune)
+    ids = torch.randint(0, 128, (12, 16), generator=torch.Generator().manual_seed(0))
+    data = PackedData(ids, ids[:4], "t")  # held-out = training text: honest tuning lowers its loss
+    cfg = TrainConfig(output=str(tmp_path / "out"), steps=4, seq_len=16, batch_size=2, checkpoint_every=0,
+                      progress=False, val_sequences=4, target_sparsity=0.5, forecaster_rank=2, forecaster_steps=10,
+                      forecaster_lr=1e-2)
+    routed = RoutedModel(make_tiny("llama"), SkipConfig(forecaster_rank=2, target_sparsity=0.5))
+    result = trainer.train(cfg, routed=routed, data=data)
+    record = result.routed.config.extra["forecaster_tuning"]
+    assert record["kept"] is not spoil
+    want = seen["fitted" if spoil else "tuned"]
+    assert all(torch.equal(v, want[k]) for k, v in result.routed.forecasters.state_dict().items())
+    assert (record["held_out_ppl_tuned"] > record["held_out_ppl_fitted"]) is spoil
+    # the final model is the one whose held-out perplexity was measured: forecasters and threshold restored
+    chosen = record["held_out_ppl_fitted" if spoil else "held_out_ppl_tuned"]
+    assert result.summary["held_out_ppl"] == pytest.approx(chosen, rel=1e-6)
