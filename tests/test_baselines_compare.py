@@ -14,6 +14,7 @@ from skipgpt.baselines.registry import METHODS
 from skipgpt.baselines.table import markdown_table
 from skipgpt.cli.compare import parse_sparsities
 from skipgpt.errors import ConfigError
+from skipgpt.training.config import TrainConfig
 
 from conftest import save_tiny_llama
 
@@ -64,7 +65,7 @@ def test_compare_all_methods_end_to_end(tiny_folder, tmp_path, monkeypatch):
     informed = json.loads((artifact_dir(settings, "skipgpt-informed", 0.25) / "skip_config.json").read_text())
     assert informed["router"] == "mlp" and informed["forecaster_rank"] == min(32, informed["base"]["hidden_size"])
     build = json.loads((artifact_dir(settings, "skipgpt-informed", 0.25) / "build.json").read_text())
-    assert build["fit_tokens"] > 0 and build["tune_tokens"] == 100 * 2 * 32  # default forecaster steps x batch
+    assert build["fit_tokens"] > 0 and build["tune_tokens"] == TrainConfig().forecaster_steps * 2 * 32  # steps x batch
     for name in ("skipgpt-informed", "skipgpt-informed-lora"):
         assert (artifact_dir(settings, name, 0.25) / "forecasters.safetensors").exists(), name
     table = markdown_table(rows)

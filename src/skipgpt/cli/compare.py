@@ -26,7 +26,7 @@ methods (--methods, comma-separated; default: all):
   skipgpt-rt       SkipGPT router tuning, base frozen (trained, --steps)
   skipgpt-rt-lora  skipgpt-rt, then LoRA with routers frozen (trained, --steps more; builds skipgpt-rt)
   skipgpt-informed router tuning with a rank-32 forecaster standing in for every skipped module
-                   (forward-only fits before and after the same --steps, then 100 steps tuning the
+                   (forward-only fits before and after the same --steps, then 200 steps tuning the
                    forecasters alone; fit_tokens and tune_tokens in build.json)
   skipgpt-informed-lora  skipgpt-informed, then LoRA with routers and forecasters frozen
   shortgpt         whole layers with the lowest Block Influence removed (static)

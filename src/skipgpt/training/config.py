@@ -110,7 +110,7 @@ class TrainConfig:
     forecaster_rank: int = field(default=0, metadata={"help": (
         "new routers: 0 = the paper's plain skip; R > 0 = informed skipping, a rank-R forecaster per module "
         "stands in for it when skipped (fitted in closed form before and after router tuning)")})
-    forecaster_steps: int = field(default=100, metadata={"help": (
+    forecaster_steps: int = field(default=200, metadata={"help": (
         "informed skipping: after router tuning, train the forecasters for N steps on the training loss, "
         "routers frozen at their calibrated decisions and the base frozen; 0 = keep the closed-form fit")})
     forecaster_lr: float = field(default=5e-4, metadata={"help": "peak learning rate of those forecaster steps"})
