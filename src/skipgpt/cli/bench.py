@@ -1,10 +1,11 @@
 """`skipgpt bench`: prefill/decode tokens per second: unmodified HF vs masked vs sparse routing
 
-Time the same weights three ways, interleaved, medians over --repeats after one warm-up round: the
+Time the same weights three ways, interleaved (order rotated), medians over --repeats after one warm-up round: the
 unmodified HF model (dense), routing with every module computed and gated (masked), and routing that
 computes only the tokens that execute (sparse). Prefill is one forward over BATCH x SEQ_LEN random tokens
-with logits for every position; decode is DECODE_TOKENS greedy steps from its KV cache. 'speedup' is
-sparse/dense tokens per second; 'ideal_speedup' is the FLOP ratio of the whole forward (LM head included)
+with logits for every position; decode is DECODE_TOKENS greedy steps from its KV cache. 'speedup' is the
+median over rounds of dense time / sparse time within a round (so it need not equal the ratio of the median
+tokens/s printed beside it); 'ideal_speedup' is the FLOP ratio of the whole forward (LM head included)
 given the modules actually skipped. Every run measures --batch-size sequences and also one sequence (what
 a single chat user sees): the JSON keeps the batch-N results at its top level and puts batch 1's under
 "batch_1".

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     speed = measure_speed_batches(routed, tokenizer, seq_len=256, batch_size=4, decode_tokens=16, repeats=3)
     pre, dec, one = speed["prefill"], speed["decode"], speed["batch_1"]["decode"]
     print(f"      prefill, batch 4: dense {pre['dense_tok_s']:.0f} tok/s, sparse {pre['sparse_tok_s']:.0f} tok/s -> "
-          f"{pre['speedup']:.2f}x (ideal {pre['ideal_speedup']:.2f}x from FLOPs skipped)")
+          f"{pre['speedup']:.2f}x (median of paired rounds; ideal {pre['ideal_speedup']:.2f}x from FLOPs skipped)")
     print(f"      decode,  batch 4: dense {dec['dense_tok_s']:.1f} tok/s, sparse {dec['sparse_tok_s']:.1f} tok/s -> "
           f"{dec['speedup']:.2f}x (ideal {dec['ideal_speedup']:.2f}x)")
     # One sequence is what a chat user sees: a module its token skips is not computed at all.

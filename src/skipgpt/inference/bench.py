@@ -102,7 +102,7 @@ def measure_speed(
                         random token ids, so routing sees the same tokens in every variant.
     sparsity:           None = use the routers; a fraction = every module skips that fraction of
                         tokens at random (the stand-in for untrained routers; 0 = routers, all execute).
-    Returns the JSON-able dict of `skipgpt bench` (speedup = sparse / dense tokens per second).
+    Returns the JSON-able dict of `skipgpt bench` (speedup = median over rounds of dense time / sparse time).
     """
     vocab = tokenizer_or_vocab if isinstance(tokenizer_or_vocab, int) else len(tokenizer_or_vocab)
     hf = unwrap(routed.model)
