@@ -129,10 +129,13 @@ def test_compare_command_writes_json_markdown_and_figure(tiny_folder, tmp_path):
     code = main(["compare", "--model", str(tiny_folder), "--methods", "dense,shortgpt", "--sparsity", "0.25",
                  "--task", f"wikitext2={DATA / 'wikitext2' / 'wiki.test.raw'}", "--limit", "2",
                  "--eval-seq-len", "32", "--data", str(DATA / "text" / "tinyshakespeare.txt"), "--seq-len", "32",
-                 "--calibration-sequences", "2", "--output", str(out)])
+                 "--calibration-sequences", "2", "--seed", "3", "--output", str(out)])
     assert code == 0
     rows = json.loads(out.read_text())
     assert [r["method"] for r in rows] == ["dense", "shortgpt"]
+    # --seed reaches the build (a run-to-run spread comes from tables that differ only in it)
+    build = json.loads((tmp_path / "cmp_artifacts" / "shortgpt-25" / "build.json").read_text())
+    assert build["settings"]["seed"] == "3"
     for row in rows:  # the row shape scripts outside the repository read
         assert set(row) >= {"method", "sparsity", "tasks", "average_acc", "retention"}
         assert set(row["sparsity"]) == {"param", "attention", "mlp"}

@@ -102,8 +102,8 @@ def test_command_specific_defaults_are_unchanged():
     assert args.sparsity == [0.25] and parse("compare", "--sparsity", "0.25,0.4").sparsity == [0.25, 0.4]
     assert (args.steps, args.seq_len, args.batch_size, args.eval_batch_size, args.calibration_sequences) == (
         100, 256, 2, 8, 8)
-    assert (args.data, args.alpha, args.lr, args.distill, args.limit, args.eval_seq_len) == (
-        "self", 8.0, 2e-3, 0.0, None, None)
+    assert (args.data, args.alpha, args.lr, args.distill, args.limit, args.eval_seq_len, args.seed) == (
+        "self", 8.0, 2e-3, 0.0, None, None, 0)
     args = parse("demo")
     assert (args.sparsity, args.steps, args.seq_len, args.sequences, args.distill) == (0.25, 120, 128, 48, 1.0)
     args = parse("analyze")

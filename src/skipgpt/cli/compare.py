@@ -17,7 +17,17 @@ from ..baselines.compare import CompareSettings, check_methods, run_comparison
 from ..baselines.registry import DEFAULT_METHODS
 from ..baselines.table import markdown_table
 from ..io import check_output, write_text_atomic
-from .common import add_command, add_model_flags, add_output, checked, parse_sparsity, positive_int, write_results
+from ..training import TrainConfig
+from .common import (
+    add_command,
+    add_field_flag,
+    add_model_flags,
+    add_output,
+    checked,
+    parse_sparsity,
+    positive_int,
+    write_results,
+)
 from .eval import TASK_HELP, parse_tasks
 
 METHOD_HELP = """\
@@ -75,6 +85,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-3, help="router learning rate (default %(default)s)")
     p.add_argument("--distill", type=float, default=0.0, help="0 = LM loss, 1 = KL to the dense model "
                    "(default %(default)s)")
+    add_field_flag(p, TrainConfig, "seed", note="a build made with another seed is rebuilt; run-to-run spread "
+                   "comes from tables that differ only in it")
     p.add_argument("--workdir", default=None, help="where artifacts and cached evaluations go "
                    "(default: next to --output, named after it with _artifacts)")
     add_output(p, "results JSON (a list of rows); the table also goes to .md and a bar chart of retention and "
@@ -99,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
         limit=args.limit, windows=args.windows, workdir=workdir, seq_len=args.seq_len, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, eval_seq_len=args.eval_seq_len,
         calibration_sequences=args.calibration_sequences, alpha=args.alpha, lr=args.lr, distill=args.distill,
+        seed=args.seed,
     )
     rows = run_comparison(settings, args.sparsity, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     table = markdown_table(rows)
