@@ -97,9 +97,8 @@ class Fold(NamedTuple):
     hidden: nn.Module | None  # the layers before the last (MLP routers); None for a linear router
 
     def dot(self, x: torch.Tensor) -> torch.Tensor:
-        """weight . features(x), (..., hidden) -> (...). One matmul: it runs a matrix-vector product inside
-        with more aten operators than an explicit reshape, mv and view, but one Python call instead of three
-        measured 8 us against 13 on one token."""
+        """weight . features(x), (..., hidden) -> (...). One matmul: it runs more aten operators than an
+        explicit reshape, mv and view, but it is one Python call instead of three: 8 us against 13 on one token."""
         w = self.weight
         # the checks cost less than a no-op .to() on every decision (routers stay fp32 beside a bf16 model)
         h = x if x.dtype is w.dtype and x.device == w.device else x.to(w.device, w.dtype)
