@@ -1,16 +1,20 @@
 """Speed measurement shared by `skipgpt bench`, benchmarks/speed.py and the demo.
 
-Three variants of the same weights are timed interleaved, each after a warm-up round, with the order
-rotated every round. Speedups are medians of the per-round ratios (sparse against the dense run of the
-same round), so a machine whose speed drifts between rounds slows both sides of each ratio alike;
-tokens/s are medians over rounds:
+Three variants of the same weights are timed side by side:
 - dense:  the unmodified HF model (the routed layer forwards are detached for the run);
 - masked: routing with every module computed and multiplied by its gate (training semantics);
 - sparse: routing that computes only executing tokens (skipgpt.models.sparse).
 Prefill is one forward over (batch, seq_len) tokens with logits for every position and a KV
 cache being filled; decode is `decode_tokens` greedy steps of one token per sequence from that cache.
-The ideal speedup is the FLOP ratio of the whole forward, LM head included, under this project's
-semantics (a skipped attention still computes its keys and values): total / (total - skipped).
+
+A warm-up round runs the variants one after another; it also gives each variant's peak memory and the
+sparse run's statistics. Each timed round then prefills the three in turn (order rotated every round)
+and decodes their three caches in turns of DECODE_TURN steps, so a drift of the machine's speed within
+a round slows all three alike (on a 2-core VM, with each variant decoding its whole run at once, the
+per-round masked/dense decode ratios spanned 0.78-1.02 between quartiles). Speedups are medians of the
+per-round ratios (a variant against the dense run of the same round); tokens/s are medians over rounds.
+The ideal speedup is the FLOP ratio of the whole forward, LM head included, under this
+project's semantics (a skipped attention still computes its keys and values): total / (total - skipped).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..routing import policies
 from ..routing.sparsity import report
 
 VARIANTS = ("dense", "masked", "sparse")
+DECODE_TURN = 8  # decode steps a variant runs before the next one takes its turn
 
 
 def skip_fraction_policy(num_layers: int, fraction: float, seed: int = 0) -> policies.Policy | None:
@@ -41,13 +46,13 @@ def skip_fraction_policy(num_layers: int, fraction: float, seed: int = 0) -> pol
     return policies.random(torch.full((num_layers, 2), float(fraction)), seed=seed)
 
 
-def _variant(routed, variant: str, policy_factory):
-    """Run the wrapped model as `variant`; routing decisions restart from the same seed each time."""
+def _variant(routed, variant: str, policy: policies.Policy | None):
+    """Run the wrapped model as `variant` under `policy` (None: the routers, or the caller's forced policy)."""
     if variant == "dense":
         return routed.unrouted()
-    if policy_factory is None:
+    if policy is None:
         return routed.using(mode=variant)
-    return routed.using(mode=variant, policy=policy_factory())
+    return routed.using(mode=variant, policy=policy)
 
 
 def _sync(device: torch.device) -> None:
@@ -110,40 +115,55 @@ def measure_speed(
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device)
     layers = len(routed.layers)
-    factory = None
-    if sparsity is not None:
-        factory = lambda: skip_fraction_policy(layers, sparsity, seed)  # noqa: E731
     head_flops = 2.0 * hf.config.hidden_size * hf.get_output_embeddings().weight.shape[0]
 
-    times = {v: {"prefill": [], "decode": []} for v in VARIANTS}
-    memory = {}
-    totals = {}
-    for rep in range(repeats + 1):  # the first round is warm-up
-        # rotate the order so no variant always runs first (after the previous round's clean-up)
-        for variant in VARIANTS[rep % 3:] + VARIANTS[:rep % 3]:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            with _variant(routed, variant, factory):
-                routed.reset_sparsity()
-                _sync(device)
-                t0 = time.perf_counter()
-                token, cache = _prefill(routed.model, ids)
-                _sync(device)
-                t1 = time.perf_counter()
-                prefill_totals = routed.meter.totals
-                routed.reset_sparsity()
-                _decode(routed.model, token, cache, decode_tokens)
-                _sync(device)
-                t2 = time.perf_counter()
-                decode_totals = routed.meter.totals
-                del cache
-            if rep > 0:
-                times[variant]["prefill"].append(t1 - t0)
-                times[variant]["decode"].append(t2 - t1)
-            memory[variant] = max(memory.get(variant, 0.0), _peak_memory(device))
-            if variant == "sparse":
-                totals = {"prefill": prefill_totals, "decode": decode_totals}
+    # Random routing restarts from the same seed for every variant, so masked and sparse decide alike.
+    fresh = (lambda: None) if sparsity is None else (lambda: skip_fraction_policy(layers, sparsity, seed))
+    memory, totals = {}, {}
+    for variant in VARIANTS:  # warm-up, one variant at a time
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with _variant(routed, variant, fresh()):
+            routed.reset_sparsity()
+            token, cache = _prefill(routed.model, ids)
+            prefill_totals = routed.meter.totals
+            routed.reset_sparsity()
+            _decode(routed.model, token, cache, decode_tokens)
+            _sync(device)
+            del cache
+        memory[variant] = _peak_memory(device)
+        if variant == "sparse":
+            totals = {"prefill": prefill_totals, "decode": routed.meter.totals}
     routed.reset_sparsity()
+
+    turns = [DECODE_TURN] * (decode_tokens // DECODE_TURN)
+    if decode_tokens % DECODE_TURN:
+        turns.append(decode_tokens % DECODE_TURN)
+    times = {v: {"prefill": [], "decode": []} for v in VARIANTS}
+    for rep in range(repeats):
+        order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]
+        policy = {v: fresh() for v in order}
+        state, decode_s = {}, dict.fromkeys(order, 0.0)
+        for variant in order:
+            with _variant(routed, variant, policy[variant]):
+                _sync(device)
+                tic = time.perf_counter()
+                state[variant] = _prefill(routed.model, ids)
+                _sync(device)
+                times[variant]["prefill"].append(time.perf_counter() - tic)
+        for steps in turns:
+            for variant in order:
+                token, cache = state[variant]
+                with _variant(routed, variant, policy[variant]):
+                    tic = time.perf_counter()
+                    token = _decode(routed.model, token, cache, steps)
+                    _sync(device)
+                    decode_s[variant] += time.perf_counter() - tic
+                state[variant] = (token, cache)
+        for variant in order:
+            times[variant]["decode"].append(decode_s[variant])
+        del state
+    routed.reset_sparsity()  # the timed rounds counted masked and sparse passes alike
 
     def tok_s(variant: str, phase: str) -> float:
         n = batch_size * (seq_len if phase == "prefill" else decode_tokens)
@@ -175,7 +195,8 @@ def measure_speed(
     result["decode_sparsity"] = _report(routed, totals["decode"])
     result["peak_memory_mib"] = memory
     result["peak_memory_note"] = (
-        "CUDA allocator peak per variant" if device.type == "cuda" else "process peak RSS (all variants so far)"
+        "CUDA allocator peak per variant (warm-up round)" if device.type == "cuda"
+        else "process peak RSS (all variants so far)"
     )
     result["shape"] = {"seq_len": seq_len, "batch_size": batch_size, "decode_tokens": decode_tokens,
                        "repeats": repeats, "threads": torch.get_num_threads()}
