@@ -13,8 +13,8 @@ and decodes their three caches in turns of DECODE_TURN steps, so a drift of the 
 a round slows all three alike (on a 2-core VM, with each variant decoding its whole run at once, the
 per-round masked/dense decode ratios spanned 0.78-1.02 between quartiles). Speedups are medians of the
 per-round ratios (a variant against the dense run of the same round); tokens/s are medians over rounds.
-The ideal speedup is the FLOP ratio of the whole forward, LM head included, under this
-project's semantics (a skipped attention still computes its keys and values): total / (total - skipped).
+The ideal speedup is the FLOP ratio of the whole forward, LM head included, under this project's
+semantics (a skipped attention still computes its keys and values): total / (total - skipped).
 """
 
 from __future__ import annotations
