@@ -128,6 +128,26 @@ def test_sparse_without_mask_and_batch_rows_that_skip_entirely():
     torch.testing.assert_close(sparse, masked, rtol=1e-5, atol=1e-5)
 
 
+def test_sparse_one_row_prefill_and_chunk_after_a_cache():
+    # One sequence takes the path without per-row bookkeeping, also for a second chunk whose queries
+    # sit after the cached keys.
+    routed = skipgpt.RoutedModel(make_tiny("llama"))
+    ids = _batch(seed=16)["input_ids"][:1]
+    first, later = (_random_masks(len(routed.layers), 0.4, seed=s, batch=1, seq=n) for s, n in ((17, 5), (18, T - 5)))
+    masked, sparse_logits = _both_modes(routed, {"input_ids": ids}, _random_masks(len(routed.layers), 0.4, 19, 1))
+    torch.testing.assert_close(sparse_logits, masked, rtol=1e-5, atol=1e-5)
+    logits = {}
+    with torch.no_grad():
+        for mode in ("masked", "sparse"):
+            cache = DynamicCache(config=routed.model.config)
+            with routed.mode_as(mode):
+                with routed.forced(first):
+                    routed(input_ids=ids[:, :5], cache=cache, use_cache=True)
+                with routed.forced(later):
+                    logits[mode] = routed(input_ids=ids[:, 5:], cache=cache, use_cache=True).logits
+    torch.testing.assert_close(logits["sparse"], logits["masked"], rtol=1e-5, atol=1e-5)
+
+
 def test_sparse_sparsity_accounting_matches_masked():
     routed = skipgpt.RoutedModel(make_tiny("llama"))
     batch = _batch(seed=8)
