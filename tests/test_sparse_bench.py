@@ -41,15 +41,14 @@ def test_measure_speed_shape_and_dense_ideal():
 
 def test_measure_speed_decodes_every_token_in_turns():
     # 11 decode tokens run as turns of 8 and 3, each variant on its own cache: every round of every variant
-    # (the warm-up and 2 timed) decodes 11 one-token steps; the warm-up prefills once, a timed round twice
-    # (mirrored order)
+    # (the warm-up and 2 timed) is one prefill and 11 one-token steps
     model = make_tiny("llama")
     routed = skipgpt.RoutedModel(model)
     lengths = []
     model.register_forward_pre_hook(lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
                                     with_kwargs=True)
     measure_speed(routed, 128, seq_len=5, batch_size=1, decode_tokens=11, repeats=2, sparsity=0.5)
-    assert sorted(lengths) == [1] * (3 * 3 * 11) + [5] * (3 * (1 + 2 * 2))
+    assert sorted(lengths) == [1] * (3 * 3 * 11) + [5] * (3 * 3)
 
 
 def test_measure_speed_ideal_speedup_by_hand():

@@ -8,10 +8,9 @@ Prefill is one forward over (batch, seq_len) tokens with logits for every positi
 cache being filled; decode is `decode_tokens` greedy steps of one token per sequence from that cache.
 
 A warm-up round runs the variants one after another; it also gives each variant's peak memory and the
-sparse run's statistics. Each timed round then prefills the three twice, in mirrored order (A B C C B A,
-order rotated every round; a variant's prefill time is the mean of its two passes, its second pass's cache
-is kept), and decodes their three caches in turns of DECODE_TURN steps, so a drift of the machine's speed
-within a round slows all three alike (on a 2-core VM, with each variant decoding its whole run at once, the
+sparse run's statistics. Each timed round then prefills the three in turn (order rotated every round)
+and decodes their three caches in turns of DECODE_TURN steps, so a drift of the machine's speed within
+a round slows all three alike (on a 2-core VM, with each variant decoding its whole run at once, the
 per-round masked/dense decode ratios spanned 0.78-1.02 between quartiles). Speedups are medians of the
 per-round ratios (a variant against the dense run of the same round); tokens/s are medians over rounds.
 The ideal speedup is the FLOP ratio of the whole forward, LM head included, under this project's
@@ -144,14 +143,14 @@ def measure_speed(
     for rep in range(repeats):
         order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]
         policy = {v: fresh() for v in order}
-        state, prefill_s, decode_s = {}, dict.fromkeys(order, 0.0), dict.fromkeys(order, 0.0)
-        for variant in order + order[::-1]:  # mirrored: a linear drift within the round cancels
+        state, decode_s = {}, dict.fromkeys(order, 0.0)
+        for variant in order:
             with _variant(routed, variant, policy[variant]):
                 _sync(device)
                 tic = time.perf_counter()
                 state[variant] = _prefill(routed.model, ids)
                 _sync(device)
-                prefill_s[variant] += (time.perf_counter() - tic) / 2
+                times[variant]["prefill"].append(time.perf_counter() - tic)
         for steps in turns:
             for variant in order:
                 token, cache = state[variant]
@@ -162,7 +161,6 @@ def measure_speed(
                     decode_s[variant] += time.perf_counter() - tic
                 state[variant] = (token, cache)
         for variant in order:
-            times[variant]["prefill"].append(prefill_s[variant])
             times[variant]["decode"].append(decode_s[variant])
         del state
     routed.reset_sparsity()  # the timed rounds counted masked and sparse passes alike
