@@ -31,6 +31,9 @@ def test_measure_speed_shape_and_dense_ideal():
         assert r[phase]["speedup"] == pytest.approx(ratios[1])
         masked = sorted(d / m for d, m in zip(rounds["dense"], rounds["masked"]))
         assert r[phase]["masked_speedup"] == pytest.approx(masked[1])
+        # quartiles of 3 values (exclusive method): the first and the last
+        assert r[phase]["speedup_quartiles"] == pytest.approx([ratios[0], ratios[2]])
+        assert r[phase]["masked_speedup_quartiles"] == pytest.approx([masked[0], masked[2]])
         assert r[phase]["dense_tok_s"] == pytest.approx(n / sorted(rounds["dense"])[1])
     assert isinstance(r["device"], str) and r["device"].startswith("cpu")
     assert set(r["sparsity"]) >= {"param", "attention", "mlp"}
@@ -47,8 +50,12 @@ def test_measure_speed_decodes_every_token_in_turns():
     lengths = []
     model.register_forward_pre_hook(lambda m, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]),
                                     with_kwargs=True)
-    measure_speed(routed, 128, seq_len=5, batch_size=1, decode_tokens=11, repeats=2, sparsity=0.5)
+    r = measure_speed(routed, 128, seq_len=5, batch_size=1, decode_tokens=11, repeats=2, sparsity=0.5)
     assert sorted(lengths) == [1] * (3 * 3 * 11) + [5] * (3 * 3)
+    # two rounds have no quartiles: their range stands in (never beyond the rounds, as extrapolation would be)
+    rounds = r["decode"]["rounds_s"]
+    ratios = [d / s for d, s in zip(rounds["dense"], rounds["sparse"])]
+    assert r["decode"]["speedup_quartiles"] == pytest.approx([min(ratios), max(ratios)])
 
 
 def test_measure_speed_ideal_speedup_by_hand():

@@ -5,10 +5,10 @@ unmodified HF model (dense), routing with every module computed and gated (maske
 computes only the tokens that execute (sparse). Prefill is one forward over BATCH x SEQ_LEN random tokens
 with logits for every position; decode is DECODE_TOKENS greedy steps from its KV cache. 'speedup' is the
 median over rounds of dense time / sparse time within a round (so it need not equal the ratio of the median
-tokens/s printed beside it); 'ideal_speedup' is the FLOP ratio of the whole forward (LM head included)
-given the modules actually skipped. Every run measures --batch-size sequences and also one sequence (what
-a single chat user sees): the JSON keeps the batch-N results at its top level and puts batch 1's under
-"batch_1".
+tokens/s printed beside it), printed with the quartiles of those ratios ('speedup_quartiles'); 'ideal_speedup'
+is the FLOP ratio of the whole forward (LM head included) given the modules actually skipped. Every run
+measures --batch-size sequences and also one sequence (what a single chat user sees): the JSON keeps the
+batch-N results at its top level and puts batch 1's under "batch_1".
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
         for phase in ("prefill", "decode"):
             p = r[phase]
             print(f"  {phase:8s} tok/s  dense {p['dense_tok_s']:9.1f}  masked {p['masked_tok_s']:9.1f}  "
-                  f"sparse {p['sparse_tok_s']:9.1f}  speedup {p['speedup']:.3f}x  ideal {p['ideal_speedup']:.3f}x")
+                  f"sparse {p['sparse_tok_s']:9.1f}  speedup {p['speedup']:.3f}x  ideal {p['ideal_speedup']:.3f}x  "
+                  f"quartiles {p['speedup_quartiles'][0]:.3f}-{p['speedup_quartiles'][1]:.3f}")
     print(f"wrote {args.output}")
     return 0

@@ -96,13 +96,18 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     speed = measure_speed_batches(routed, tokenizer, seq_len=256, batch_size=4, decode_tokens=16, repeats=3)
     pre, dec, one = speed["prefill"], speed["decode"], speed["batch_1"]["decode"]
+
+    def spread(p: dict) -> str:  # with 3 rounds the quartiles are the slowest and the fastest round
+        return f"rounds {p['speedup_quartiles'][0]:.2f}-{p['speedup_quartiles'][1]:.2f}"
+
     print(f"      prefill, batch 4: dense {pre['dense_tok_s']:.0f} tok/s, sparse {pre['sparse_tok_s']:.0f} tok/s -> "
-          f"{pre['speedup']:.2f}x (median of paired rounds; ideal {pre['ideal_speedup']:.2f}x from FLOPs skipped)")
+          f"{pre['speedup']:.2f}x (median of paired rounds, {spread(pre)}; ideal {pre['ideal_speedup']:.2f}x "
+          "from FLOPs skipped)")
     print(f"      decode,  batch 4: dense {dec['dense_tok_s']:.1f} tok/s, sparse {dec['sparse_tok_s']:.1f} tok/s -> "
-          f"{dec['speedup']:.2f}x (ideal {dec['ideal_speedup']:.2f}x)")
+          f"{dec['speedup']:.2f}x ({spread(dec)}; ideal {dec['ideal_speedup']:.2f}x)")
     # One sequence is what a chat user sees: a module its token skips is not computed at all.
     print(f"      decode,  batch 1: dense {one['dense_tok_s']:.1f} tok/s, sparse {one['sparse_tok_s']:.1f} tok/s -> "
-          f"{one['speedup']:.2f}x (ideal {one['ideal_speedup']:.2f}x)")
+          f"{one['speedup']:.2f}x ({spread(one)}; ideal {one['ideal_speedup']:.2f}x)")
 
     print("[5/5] analysis figures of the trained routers")
     text = tokenizer.decode(data.val.reshape(-1).tolist())

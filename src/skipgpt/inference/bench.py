@@ -12,7 +12,8 @@ sparse run's statistics. Each timed round then prefills the three in turn (order
 and decodes their three caches in turns of DECODE_TURN steps, so a drift of the machine's speed within
 a round slows all three alike (on a 2-core VM, with each variant decoding its whole run at once, the
 per-round masked/dense decode ratios spanned 0.78-1.02 between quartiles). Speedups are medians of the
-per-round ratios (a variant against the dense run of the same round); tokens/s are medians over rounds.
+per-round ratios (a variant against the dense run of the same round), with their first and third quartiles;
+tokens/s are medians over rounds.
 The ideal speedup is the FLOP ratio of the whole forward, LM head included, under this project's
 semantics (a skipped attention still computes its keys and values): total / (total - skipped).
 """
@@ -169,9 +170,17 @@ def measure_speed(
         n = batch_size * (seq_len if phase == "prefill" else decode_tokens)
         return n / statistics.median(times[variant][phase])
 
-    def paired(variant: str, phase: str) -> float:
-        """Median over rounds of dense time / variant time, both from the same round."""
-        return statistics.median(d / t for d, t in zip(times["dense"][phase], times[variant][phase]))
+    def ratios(variant: str, phase: str) -> list[float]:
+        """Per round, dense time / variant time, both from the same round."""
+        return [d / t for d, t in zip(times["dense"][phase], times[variant][phase])]
+
+    def quartiles(values: list[float]) -> list[float]:
+        """First and third quartile (on a shared CPU the rounds spread by 10-20%, so a median needs its spread);
+        with 3 rounds the slowest and the fastest, with fewer the range (the quartiles would extrapolate)."""
+        if len(values) < 3:
+            return [min(values), max(values)]
+        first, _, third = statistics.quantiles(values)
+        return [first, third]
 
     result = {"device": _device_name(device), "dtype": str(next(hf.parameters()).dtype).replace("torch.", "")}
     for phase in ("prefill", "decode"):
@@ -181,8 +190,10 @@ def measure_speed(
             "dense_tok_s": dense,
             "masked_tok_s": masked,
             "sparse_tok_s": sparse,
-            "speedup": paired("sparse", phase),
-            "masked_speedup": paired("masked", phase),
+            "speedup": statistics.median(ratios("sparse", phase)),
+            "speedup_quartiles": quartiles(ratios("sparse", phase)),
+            "masked_speedup": statistics.median(ratios("masked", phase)),
+            "masked_speedup_quartiles": quartiles(ratios("masked", phase)),
             "ideal_speedup": ideal,
             "flop_sparsity": flop_sparsity,
             "dense_s": statistics.median(times["dense"][phase]),
