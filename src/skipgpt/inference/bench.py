@@ -186,14 +186,15 @@ def measure_speed(
     for phase in ("prefill", "decode"):
         flop_sparsity, ideal = _ideal(totals[phase], head_flops)
         dense, masked, sparse = (tok_s(v, phase) for v in VARIANTS)
+        sparse_ratios, masked_ratios = ratios("sparse", phase), ratios("masked", phase)
         result[phase] = {
             "dense_tok_s": dense,
             "masked_tok_s": masked,
             "sparse_tok_s": sparse,
-            "speedup": statistics.median(ratios("sparse", phase)),
-            "speedup_quartiles": quartiles(ratios("sparse", phase)),
-            "masked_speedup": statistics.median(ratios("masked", phase)),
-            "masked_speedup_quartiles": quartiles(ratios("masked", phase)),
+            "speedup": statistics.median(sparse_ratios),
+            "speedup_quartiles": quartiles(sparse_ratios),
+            "masked_speedup": statistics.median(masked_ratios),
+            "masked_speedup_quartiles": quartiles(masked_ratios),
             "ideal_speedup": ideal,
             "flop_sparsity": flop_sparsity,
             "dense_s": statistics.median(times["dense"][phase]),
