@@ -246,3 +246,34 @@ def test_sparse_smollm2_matches_masked(smollm2):
         torch.testing.assert_close(sparse[real], masked[real], rtol=1e-4, atol=1e-4)
     finally:
         routed.unpatch()
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_sparse_gives_masked_states_layer_by_layer_and_leaves_its_inputs_alone(rank):
+    # Every layer's output (not only the logits) matches the masked path, and no sparse update writes into a
+    # tensor the layer did not make: the embeddings a caller passes and the recorded states stay as they were.
+    routed = skipgpt.RoutedModel(make_tiny("llama"), skipgpt.SkipConfig(forecaster_rank=rank))
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in [] if routed.forecasters is None else routed.forecasters.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    layers = len(routed.layers)
+    masks = _random_masks(layers, 0.4, seed=4)
+    masks[0, 0] = False  # layer 0's attention skipped by every token: its MLP reads the layer's own input
+    masks[1, 1] = True  # every token runs layer 1's MLP (the whole-batch path)
+    batch = _batch(seed=5)
+    with torch.no_grad():
+        embeds = routed.model.get_input_embeddings()(batch["input_ids"])
+        kept = embeds.clone()
+        states = {}
+        with routed.forced(masks):
+            for mode in ("masked", "sparse"):
+                with routed.mode_as(mode):
+                    states[mode] = routed(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
+                                          output_hidden_states=True).hidden_states
+    assert torch.equal(embeds, kept)
+    real = batch["attention_mask"].bool()
+    assert len(states["sparse"]) == layers + 1
+    for want, got in zip(states["masked"], states["sparse"]):
+        torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(states["sparse"][1][real], states["sparse"][2][real])
