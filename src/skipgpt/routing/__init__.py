@@ -1,1 +1,1 @@
-"""Routing core: routers, Gumbel decisions, forced policies, sparsity accounting."""
+"""What decides and what it costs, apart from the model wiring: policies, sparsity accounting, threshold calibration."""
