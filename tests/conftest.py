@@ -121,6 +121,15 @@ def varied_routers(seed: int = 1, model: torch.nn.Module | None = None) -> Route
     return routed
 
 
+def with_random_forecasters(routed: RoutedModel, seed: int = 0) -> RoutedModel:
+    """Forecasters with random weights, so a forecast changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in routed.forecasters.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return routed
+
+
 # -- what a user sees --------------------------------------------------------------------------------------
 
 PROGRESS_BAR = re.compile(r"\d+%\|")  # a tqdm bar (transformers' weight loading): progress, not a message

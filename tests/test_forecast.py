@@ -12,7 +12,7 @@ from skipgpt.errors import ConfigError
 from skipgpt.routing import policies
 from skipgpt.training.forecast import fit_forecasters, solve
 
-from conftest import make_tiny, varied_routers
+from conftest import make_tiny, varied_routers, with_random_forecasters
 
 
 def batch(seed: int = 0, rows: int = 3, seq: int = 12, vocab: int = 128, pad: bool = True):
@@ -23,14 +23,6 @@ def batch(seed: int = 0, rows: int = 3, seq: int = 12, vocab: int = 128, pad: bo
         mask[1, :4] = 0  # left padding
         mask[2, -3:] = 0  # right padding
     return {"input_ids": ids, "attention_mask": mask}
-
-
-def with_random_forecasters(routed: RoutedModel, seed: int = 0) -> RoutedModel:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in routed.forecasters.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return routed
 
 
 def test_unfitted_forecasters_are_the_plain_skip_and_rank_0_has_none():

@@ -9,7 +9,7 @@ from transformers import DynamicCache
 import skipgpt
 from skipgpt.models import sparse
 
-from conftest import ARCHS, make_tiny, varied_routers
+from conftest import ARCHS, make_tiny, varied_routers, with_random_forecasters
 
 B, T = 3, 12
 
@@ -253,10 +253,8 @@ def test_sparse_gives_masked_states_layer_by_layer_and_leaves_its_inputs_alone(r
     # Every layer's output (not only the logits) matches the masked path, and no sparse update writes into a
     # tensor the layer did not make: the embeddings a caller passes and the recorded states stay as they were.
     routed = skipgpt.RoutedModel(make_tiny("llama"), skipgpt.SkipConfig(forecaster_rank=rank))
-    g = torch.Generator().manual_seed(4)
-    with torch.no_grad():
-        for p in [] if routed.forecasters is None else routed.forecasters.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    if rank:
+        with_random_forecasters(routed, seed=4)
     layers = len(routed.layers)
     masks = _random_masks(layers, 0.4, seed=4)
     masks[0, 0] = False  # layer 0's attention skipped by every token: its MLP reads the layer's own input
