@@ -74,16 +74,18 @@ def test_sparse_computes_only_executing_tokens(arch):
     masks = _random_masks(len(routed.layers), 0.5, seed=3)
     mlp = _RowCounter([p.mlp for p in routed.layers])
     query = _RowCounter([p.attn.q_proj for p in routed.layers])
+    output = _RowCounter([p.attn.o_proj for p in routed.layers])
     keys = _RowCounter([p.attn.k_proj for p in routed.layers])
     with torch.no_grad(), routed.forced(masks), routed.mode_as("sparse"):
         routed(**batch)
-    for c in (mlp, query, keys):
+    for c in (mlp, query, output, keys):
         c.remove()
     assert mlp.rows == int(masks[:, 1].sum())
-    # queries are padded to the longest row of each layer; keys are computed for every token
+    # the attention grid pads rows to the longest one, but only executing queries are projected;
+    # keys are computed for every token
     longest = masks[:, 0].sum(dim=2).max(dim=1).values
-    assert query.rows == int(longest.sum()) * B
-    assert query.rows < masks[:, 0].numel()
+    assert int(longest.sum()) * B > int(masks[:, 0].sum())  # rows differ, so the grid has padding
+    assert query.rows == output.rows == int(masks[:, 0].sum())
     assert keys.rows == len(routed.layers) * B * T
 
 

@@ -6,9 +6,10 @@ output by the gate), but skipped work is never done:
   sent through the MLP and scatter-added onto the residual stream; the others pass through.
 - Attention: keys and values are projected for every token (a token that skips attention stays
   visible to later tokens, as in training, and goes into the KV cache); queries, the attention
-  product and the output projection run only for executing tokens. Each batch row keeps its
-  executing tokens in order, padded to the longest row; every query keeps its true position for
-  RoPE, and its row of the 4-D attention mask (causal, padding, sliding window) is gathered with it.
+  product and the output projection run only for executing tokens. For the attention product each
+  batch row keeps its executing tokens in order, padded to the longest row with zero queries whose
+  output is dropped (the projections see executing tokens only); every query keeps its true position
+  for RoPE, and its row of the 4-D attention mask (causal, padding, sliding window) is gathered with it.
   Scaled-dot-product-attention with that explicit mask covers the batch, in blocks of QUERY_BLOCK
   gathered queries that each read only the keys up to their last position: one call with an explicit
   mask computes the whole causal square, which the dense model's is_causal kernel does not.
@@ -136,17 +137,22 @@ def sparse_attention(parts: LayerParts, x: torch.Tensor, execute: torch.Tensor, 
     # every gathered query's index in the flattened (batch * seq) grid: where its inputs come from and
     # where its output goes
     flat_index = order + (torch.arange(batch, device=x.device) if rows is None else rows)[:, None] * seq
-    xq = _gather_tokens(xn, order, flat_index)
-    q = _heads(attn.q_proj(xq), attn.head_dim, getattr(attn, "q_norm", None))
+    # Padding slots of the (B', n) query grid need no projections: only executing tokens go through q_proj
+    # and o_proj, and a padding slot's query is zero (its attention output is computed and dropped).
+    slots = None if valid is None else valid.reshape(-1).nonzero().squeeze(1)
+    targets = flat_index.reshape(-1) if slots is None else flat_index.reshape(-1).index_select(0, slots)
+    q = attn.q_proj(xn.reshape(-1, xn.shape[-1]).index_select(0, targets))
+    if slots is not None:
+        q = q.new_zeros(order.numel(), q.shape[-1]).index_copy_(0, slots, q)
+    q = _heads(q.view(*order.shape, -1), attn.head_dim, getattr(attn, "q_norm", None))
     q = _rotate(q, _gather_tokens(cos, order, flat_index), _gather_tokens(sin, order, flat_index))
     if rows is not None:
         k, v = k[rows], v[rows]
     out = _causal_blocks(q, k, v, _query_mask(mask, order, flat_index, k.shape[2]), order, seq, attn.scaling)
-    h = attn.o_proj(out.transpose(1, 2).reshape(*order.shape, -1))
-    if valid is not None:
-        h, flat_index = h[valid], flat_index[valid]
+    out = out.transpose(1, 2).reshape(order.numel(), -1)
+    h = attn.o_proj(out if slots is None else out.index_select(0, slots))
     flat = x.reshape(-1, x.shape[-1])
-    return flat.index_add(0, flat_index.reshape(-1), h.reshape(-1, h.shape[-1]).to(flat.dtype)).view_as(x)
+    return flat.index_add(0, targets, h.to(flat.dtype)).view_as(x)
 
 
 def _executing_positions(execute: torch.Tensor):
