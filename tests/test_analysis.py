@@ -89,10 +89,32 @@ def test_write_analysis_on_learned_style_routers(tmp_path):
     assert routed.policy is None and routed.routers.training, "the caller's train/eval state is restored"
 
 
-def test_write_analysis_rejects_empty_text(tmp_path):
+def test_write_analysis_rejects_empty_text_and_creates_nothing(tmp_path):
     routed = skipgpt.RoutedModel(make_tiny("llama"))
     with pytest.raises(DataError, match="empty"):
-        write_analysis(routed, CharTokenizer(), "", tmp_path)
+        write_analysis(routed, CharTokenizer(), "a", tmp_path / "figs")
+    assert not (tmp_path / "figs").exists()
+
+
+class WordTokenizer(CharTokenizer):
+    """One token per 20-character word: the heatmap's labels must come from the routed tokens, not from a
+    guess at how much text they span."""
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        ids = [sum(map(ord, text[i:i + 20])) % 100 + 28 for i in range(0, len(text), 20)]
+        return {"input_ids": torch.tensor([ids]) if return_tensors == "pt" else ids}
+
+    def decode(self, ids):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def test_heatmap_labels_are_the_routed_tokens(tmp_path):
+    routed = skipgpt.RoutedModel(make_tiny("llama"))
+    text = "".join(chr(65 + i % 26) * 20 for i in range(60))  # 60 tokens of 20 characters
+    write_analysis(routed, WordTokenizer(), text, tmp_path, seq_len=30, heatmap_tokens=30)
+    ids = WordTokenizer()(text)["input_ids"][:30]
+    labels = [r["token"] for r in read(tmp_path / "decision_heatmap.csv") if r["layer"] == "0"]
+    assert labels == [repr(f"<{i}>") for i in ids]
 
 
 def test_analyze_command_on_saved_baseline(tmp_path):

@@ -212,7 +212,7 @@ def test_train_flags_come_from_the_field_types():
         assert acts[f.name].default is None
         assert acts[f.name].choices == f.metadata.get("choices")
     assert {f.name for f in fields if "choices" in f.metadata} == {
-        "stage", "accounting", "schedule", "router", "router_input", "report_to", "mixed_precision"}
+        "stage", "accounting", "schedule", "router", "router_input", "report_to", "mixed_precision", "dtype"}
     flags = [s for a in subcommand("train")._actions for s in a.option_strings]
     assert len(flags) == len(set(flags))  # model, dtype, output: once, from TrainConfig
     args = parse("train", "--lora-targets", "q_proj, o_proj", "--max-tokens", "100", "--warmup-ratio", "0.1",

@@ -245,6 +245,20 @@ def test_self_data_is_sampled_once_and_cached(tmp_path, tiny_dir, monkeypatch):
     assert torch.equal(load_self(routed, tok, count=3, seq_len=10, seed=0, cache_dir=tmp_path), ids)
 
 
+def test_self_sequences_shorter_than_a_seed_prompt(tiny_dir):
+    """A sequence shorter than its seed prompt ("Once upon a time", the fourth) keeps the prompt's first tokens
+    and still samples one."""
+    from skipgpt import load_model
+    from skipgpt.training.data import SEED_PROMPTS, sample_self
+
+    model, tok = load_model(str(tiny_dir / "model"))
+    prompt = tok(SEED_PROMPTS[3], add_special_tokens=False)["input_ids"]
+    assert len(prompt) >= 3
+    ids = sample_self(RoutedModel(model), tok, count=4, seq_len=3, seed=0, batch_size=1)
+    assert ids.shape == (4, 3)
+    assert ids[3, :2].tolist() == prompt[:2]
+
+
 # -- resume ---------------------------------------------------------------------------------------------
 
 RUNNER = """

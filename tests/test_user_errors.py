@@ -316,3 +316,81 @@ def test_10_the_summary_of_a_resumed_run_covers_the_whole_run(tmp_path, tiny_dir
     tokens = 2 * 2 * 16  # steps x batch x seq_len, all trained before the resume
     assert summary["train_seconds"] >= meta["train_seconds"] > 0
     assert summary["tokens_per_s"] * summary["train_seconds"] == pytest.approx(tokens)
+
+
+# -- 11. found in review: refused before any work, nothing written ---------------------------------------------
+
+
+@pytest.mark.parametrize("text,why", [("123: 4\n", "must be text"), ("on: 3\n", "must be text"),
+                                      ("seq_len: 1\n", "seq_len"), ("dtype: float64\n", "dtype")])
+def test_11_config_files_with_odd_keys_or_values_are_one_line(text, why, tmp_path, tiny_dir, capfd):
+    (tmp_path / "c.yaml").write_text(text)
+    line = fails(capfd, ["train", "--config", str(tmp_path / "c.yaml"), "--model", str(tiny_dir / "model"),
+                         "--output", str(tmp_path / "o")])
+    assert why in line and not (tmp_path / "o").exists()
+
+
+def test_11_a_config_file_takes_numbers_in_exponent_notation():
+    from skipgpt.training import TrainConfig
+
+    cfg = TrainConfig.from_dict({"lr": "5e-4", "lora_lr": "1E-3", "alpha": 2})  # YAML 1.1 reads 5e-4 as text
+    assert (cfg.lr, cfg.lora_lr, cfg.alpha) == (5e-4, 1e-3, 2)
+    with pytest.raises(Exception, match="lr must be a finite number"):
+        TrainConfig.from_dict({"lr": "fast"})
+
+
+@pytest.mark.parametrize("extra,why", [
+    (["--methods", ""], "names no method"), (["--methods", " , "], "names no method"),
+    (["--eval-seq-len", "1"], "at least 2"), (["--alpha", "-1"], "alpha"), (["--distill", "7"], "distill"),
+    (["--seq-len", "1"], "seq_len"), (["--task", "ptb=missing.txt"], "no such file"),
+    (["--task", "piqa=notes.txt"], "unsupported file type"), (["--output", "cmp.md"], "give the JSON's name"),
+])
+def test_11_compare_refuses_bad_settings_before_evaluating_the_dense_model(extra, why, tmp_path, tiny_dir, capfd,
+                                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not piqa")
+    argv = ["compare", "--model", str(tiny_dir / "model"), "--task", "wikitext2=" + str(tiny_dir / "text.txt"),
+            "--data", str(tiny_dir / "text.txt"), "--output", "cmp.json", *extra]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    line = fails(capfd, argv)
+    assert why in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no results, no artifacts folder
+
+
+def test_11_compare_builds_each_target_in_its_own_folder(tmp_path):
+    from skipgpt.baselines.compare import CompareSettings, artifact_dir
+
+    s = CompareSettings(workdir=tmp_path)
+    names = [artifact_dir(s, "skipgpt-rt", x).name for x in (0.25, 0.254, 0.4, 0.07)]
+    assert names == ["skipgpt-rt-25", "skipgpt-rt-25.4", "skipgpt-rt-40", "skipgpt-rt-7"]
+
+
+def test_11_a_tilde_in_an_output_is_the_home_folder(tmp_path, tiny_dir, monkeypatch, capfd):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", "--model", str(tiny_dir / "model"), "--task", "wikitext2=" + str(tiny_dir / "text.txt"),
+            "--limit", "1", "--seq-len", "16", "--no-progress", "--output", "~/r.json"]
+    assert run_cli(argv) == 0
+    assert (tmp_path / "home" / "r.json").is_file() and not (tmp_path / "~").exists()
+
+
+def test_11_a_stage_that_would_save_over_the_routers_it_starts_from_is_refused(tmp_path, tiny_dir, routers, capfd):
+    folder = tmp_path / "r"
+    shutil.copytree(routers, folder)
+    before = snapshot(folder)
+    line = fails(capfd, ["train", "--stage", "lora", "--model", str(tiny_dir / "model"), "--routers", str(folder),
+                         "--data", str(tiny_dir / "text.txt"), "--output", str(folder), "--steps", "1", *TRAIN])
+    assert "routers folder" in line and snapshot(folder) == before
+
+
+def test_11_a_policy_table_of_the_wrong_shape_is_an_artifact_error(tmp_path, tiny_dir):
+    from skipgpt import load_routers
+    from skipgpt.errors import ArtifactError
+
+    model, _ = load_model(str(tiny_dir / "model"))
+    routed = RoutedModel(model)
+    routed.config.extra.update(routing="shortgpt", keep=[[True, True]])  # one layer of three
+    save_routers(routed, tmp_path / "r")
+    with pytest.raises(ArtifactError, match=r"keep has shape \(1, 2\), the model needs \(3, 2\)"):
+        load_routers(load_model(str(tiny_dir / "model"))[0], tmp_path / "r")

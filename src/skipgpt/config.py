@@ -16,6 +16,7 @@ FORMAT_VERSION = 1
 ROUTER_KINDS = ("linear", "mlp")
 ROUTER_INPUTS = ("module", "layer")
 ACCOUNTINGS = ("param", "module", "flop")
+DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")  # names load_model takes for the base model
 FORECASTERS = ("linear",)
 # skip_config.json also lists the files of its run directory (written and checked by skipgpt.artifact).
 FILES_KEY = "files"

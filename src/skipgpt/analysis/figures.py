@@ -23,14 +23,18 @@ from ..io import write_text_atomic  # noqa: E402
 ATTN_COLOR, MLP_COLOR = "#d62728", "#1f77b4"
 
 
-def collect_decisions(routed, tokenizer, text: str, seq_len: int = 256, max_windows: int = 16) -> torch.Tensor:
-    """Execute decisions (windows, L, 2, seq_len) over consecutive windows of `text`."""
+def text_windows(tokenizer, text: str, seq_len: int = 256, max_windows: int = 16) -> torch.Tensor:
+    """Token ids (windows, T) of consecutive windows of `text`, T = seq_len or the whole text if shorter."""
     text = text[: seq_len * max_windows * 16]  # tokens average well under 16 characters: enough text
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     if ids.numel() < 2:
         raise DataError("the analysis text is empty or shorter than two tokens")
     seq_len = min(seq_len, ids.numel())
-    windows = ids[: (ids.numel() // seq_len) * seq_len].reshape(-1, seq_len)[:max_windows]
+    return ids[: (ids.numel() // seq_len) * seq_len].reshape(-1, seq_len)[:max_windows]
+
+
+def collect_decisions(routed, windows: torch.Tensor) -> torch.Tensor:
+    """Execute decisions (windows, L, 2, T) of `routed` over token windows (windows, T)."""
     device = next(routed.model.parameters()).device
     was_training = routed.routers.training
     routed.routers.eval()
@@ -144,16 +148,16 @@ def module_sparsity_figure(report, out: Path, title: str) -> list[Path]:
 def write_analysis(routed, tokenizer, text: str, output_dir: str | Path, seq_len: int = 256,
                    max_windows: int = 16, heatmap_tokens: int = 48, title: str | None = None) -> list[Path]:
     """Run `routed` over `text` and write the four analysis figures and their CSVs; returns the paths."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     title = title or _describe(routed)
+    windows = text_windows(tokenizer, text, seq_len, max_windows)
     routed.reset_sparsity()
-    decisions = collect_decisions(routed, tokenizer, text, seq_len, max_windows)  # (W, L, 2, T)
+    decisions = collect_decisions(routed, windows)  # (W, L, 2, T)
     report = routed.sparsity()
     skip = 1.0 - decisions.float().mean(dim=(0, 3))  # (L, 2)
     T = min(heatmap_tokens, decisions.shape[-1])
-    ids = tokenizer(text[: T * 16], add_special_tokens=False)["input_ids"][:T]
-    tokens = [tokenizer.decode([i]) for i in ids]
+    tokens = [tokenizer.decode([i]) for i in windows[0, :T].tolist()]  # the heatmap's window, as routed
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
     paths = per_layer_figure(skip, out, title)
     paths += position_figure(decisions, out, title, window=max(1, decisions.shape[-1] // 16))
     paths += heatmap_figure(decisions[0, :, :, :T], tokens, out, title)

@@ -70,7 +70,9 @@ def check_methods(methods: list[str]) -> list[str]:
 
 
 def artifact_dir(s: CompareSettings, method: str, sparsity: float) -> Path:
-    return Path(s.workdir) / ("dense" if method == "dense" else f"{method}-{round(sparsity * 100)}")
+    """workdir/<method>-<percent>: "skipgpt-rt-25" for 0.25, "skipgpt-rt-25.4" for 0.254 (never rounded onto
+    another target's build)."""
+    return Path(s.workdir) / ("dense" if method == "dense" else f"{method}-{sparsity * 100:g}")
 
 
 def _train_config(s: CompareSettings, stage: str, sparsity: float, output: Path, routers: Path | None = None):
@@ -251,6 +253,7 @@ def make_row(method: str, sparsity: float, result: dict, dense_average: float | 
 def run_comparison(s: CompareSettings, sparsities: list[float], log: Callable[[str], None] = print) -> list[dict]:
     """Build and evaluate every method at every sparsity; returns the table rows (dense first per sparsity)."""
     methods = check_methods(s.methods)
+    _train_config(s, "router", 0.25, Path(s.workdir))  # bad training settings fail before the dense evaluation
     builder = Builder(s, log)
     key = eval_key(s)
     rows: list[dict] = []

@@ -43,7 +43,8 @@ def run(args: argparse.Namespace) -> int:
     read_config(args.routers)
     path = Path(args.text)
     if not path.is_file():
-        raise DataError(f"text file {path} does not exist")
+        why = "is a folder; give one text file" if path.is_dir() else "does not exist"
+        raise DataError(f"text file {path} {why}")
     text = read_text(path)
     from ..analysis.figures import write_analysis  # matplotlib: imported when a command draws, not at start-up
 

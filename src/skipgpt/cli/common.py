@@ -8,7 +8,7 @@
 - --output (`add_output`; each command checks it with skipgpt.io.check_output before any work), and
   results written so that a late failure does not lose them (`write_results`).
 - argparse types that refuse a bad value at parse time (`positive_int`, `int_at_least`, `sparsity`,
-  `checked`), and `Parser`, whose errors are one line on stderr with exit status 2.
+  `checked`) or expand one (`user_path`), and `Parser`, whose errors are one line on stderr with exit status 2.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import types
 import typing
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -175,13 +176,19 @@ def add_model_flags(parser: argparse.ArgumentParser, *, note: str | None = None,
                             help="CPU threads for torch (default: torch's choice)")
 
 
+def user_path(text: str) -> str:
+    """argparse type of a path the command writes: "~" expanded here, so that the checks before the work and
+    the writes after it see the same place (a quoted "~/x" would otherwise become a folder named "~")."""
+    return str(Path(text).expanduser())
+
+
 def add_output(parser: argparse.ArgumentParser, help: str, required: bool = False,
                default: str | None = None) -> argparse.Action:
     """--output: a required one, or one with a default (None = not written)."""
     if required:
-        return parser.add_argument("--output", required=True, help=help)
+        return parser.add_argument("--output", type=user_path, required=True, help=help)
     shown = f" (default: {default})" if default is not None else ""
-    return parser.add_argument("--output", default=default, help=help + shown)
+    return parser.add_argument("--output", type=user_path, default=default, help=help + shown)
 
 
 # -- what the shared flags do -----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..baselines.compare import CompareSettings, check_methods, run_comparison
 from ..baselines.registry import DEFAULT_METHODS
 from ..baselines.table import markdown_table
+from ..errors import ConfigError
 from ..io import check_output, write_text_atomic
 from ..training import TrainConfig
 from .common import (
@@ -24,8 +25,10 @@ from .common import (
     add_model_flags,
     add_output,
     checked,
+    int_at_least,
     parse_sparsity,
     positive_int,
+    user_path,
     write_results,
 )
 from .eval import TASK_HELP, parse_tasks
@@ -77,7 +80,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=positive_int, default=256, help="training sequence length (default %(default)s)")
     p.add_argument("--batch-size", type=positive_int, default=2, help="training micro-batch (default %(default)s)")
     p.add_argument("--eval-batch-size", type=positive_int, default=8, help="evaluation batch (default %(default)s)")
-    p.add_argument("--eval-seq-len", type=positive_int, default=None, help="perplexity window in tokens "
+    p.add_argument("--eval-seq-len", type=int_at_least(2), default=None, help="perplexity window in tokens "
                    "(default: the evaluator's, 2048 or the model's maximum)")
     p.add_argument("--calibration-sequences", type=positive_int, default=8,
                    help="training sequences used for Block Influence and random-routing rates (default %(default)s)")
@@ -87,7 +90,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "(default %(default)s)")
     add_field_flag(p, TrainConfig, "seed", note="a build made with another seed is rebuilt; run-to-run spread "
                    "comes from tables that differ only in it")
-    p.add_argument("--workdir", default=None, help="where artifacts and cached evaluations go "
+    p.add_argument("--workdir", type=user_path, default=None, help="where artifacts and cached evaluations go "
                    "(default: next to --output, named after it with _artifacts)")
     add_output(p, "results JSON (a list of rows); the table also goes to .md and a bar chart of retention and "
                "perplexity to .png", required=True)
@@ -101,8 +104,12 @@ def parse_sparsities(text: str) -> list[float]:
 
 def run(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.task)
-    methods = check_methods([m.strip() for m in args.methods.split(",")] if args.methods else DEFAULT_METHODS)
+    names = DEFAULT_METHODS if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = check_methods(names)
     output = Path(args.output)
+    if output.suffix in (".md", ".png"):  # the table and the chart are written beside the JSON under these
+        raise ConfigError(f"--output {output}: give the JSON's name (e.g. {output.with_suffix('.json')}); the "
+                          "table and the chart are written beside it as .md and .png")
     workdir = Path(args.workdir) if args.workdir else output.with_name(output.stem + "_artifacts")
     check_output(output)
     check_output(workdir, folder=True, flag="--workdir")

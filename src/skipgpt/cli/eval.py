@@ -61,6 +61,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def parse_tasks(specs: list[str]) -> dict[str, str | None]:
+    """--task NAME[=PATH] specs -> {name: path or None}; an unknown task or a path that holds no data for it
+    fails here, before a model loads."""
     tasks: dict[str, str | None] = {}
     for spec in specs:
         name, _, path = spec.partition("=")
@@ -69,6 +71,8 @@ def parse_tasks(specs: list[str]) -> dict[str, str | None]:
             raise ConfigError(f"--task {spec}: unknown task {name!r}; known tasks: {' '.join(TASKS)}")
         if name in tasks:
             raise ConfigError(f"--task {name} given twice")
+        if path:
+            find_file(name, path)
         tasks[name] = path or None
     return tasks
 
@@ -77,9 +81,6 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         check_output(args.output)
     tasks = parse_tasks(args.task)
-    for name, path in tasks.items():  # fail on a wrong path before the model loads
-        if path:
-            find_file(name, path)
     if args.routers:
         read_config(args.routers)
     if args.lora:

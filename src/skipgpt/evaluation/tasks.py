@@ -68,12 +68,16 @@ def _hf_file(name: str, folder: Path) -> Path | None:
 
 
 def find_file(name: str, path: str | Path) -> Path:
-    """The file holding task `name` under `path` (a file, or a folder in release or HF layout)."""
+    """The file holding task `name` under `path` (a file, or a folder in release or HF layout). A file of a
+    type the task cannot be read from fails here, before anything loads."""
     check_name(name)
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError(f"{path}: no such file or folder (data for task {name})")
     if path.is_file():
+        text_ok = name in PPL_TASKS or (name == "hellaswag" and path.suffix == ".txt")
+        if not text_ok and path.suffix not in HF_EXTENSIONS:
+            raise DataError(f"{path}: unsupported file type for {name} (use .jsonl, .json or .parquet)")
         return path
     for candidate in RELEASE_FILES[name]:
         if (path / candidate).is_file():
@@ -266,8 +270,6 @@ def load_task(name: str, path: str | Path) -> TaskData:
     file = find_file(name, path)
     if name == "hellaswag" and file.suffix == ".txt":
         return TaskData(name, str(file), "llamacpp", _hellaswag_text(file))
-    if file.suffix not in HF_EXTENSIONS:
-        raise DataError(f"{file}: unsupported file type for {name} (use .jsonl, .json or .parquet)")
     rows = read_records(file)
     if not rows:
         raise DataError(f"{file}: file has no items")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import DTYPES
 from ..errors import SkipGPTError
 from ..io import settle
 
@@ -36,8 +37,7 @@ def cache_dir() -> Path:
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
+    table = dict(zip(DTYPES, (torch.float32, torch.bfloat16, torch.float16) * 2))  # long names, then short ones
     if dtype not in table:
         raise SkipGPTError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
     return table[dtype]

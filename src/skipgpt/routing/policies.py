@@ -152,15 +152,22 @@ def from_extra(routed, source: str = "routers") -> Policy | None:
     """The policy a saved artifact's config.extra["routing"] names (None for plain SkipGPT routers)."""
     extra = routed.config.extra
     kind = extra.get("routing", "skipgpt")
+
+    def per_module(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """extra[name] as the (layers, 2) table of one value per attention and MLP module."""
+        table = torch.tensor(extra[name], dtype=dtype)
+        if table.shape != (len(routed.layers), 2):
+            raise ValueError(f"{name} has shape {tuple(table.shape)}, the model needs ({len(routed.layers)}, 2)")
+        return table
+
     try:
         if kind in ("shortgpt", "static-modules"):
-            return static(torch.tensor(extra["keep"], dtype=torch.bool))
+            return static(per_module("keep", torch.bool))
         if kind == "random":
-            return random(torch.tensor(extra["skip_rates"]), int(extra.get("seed", 0)))
+            return random(per_module("skip_rates"), int(extra.get("seed", 0)))
         if kind == "mod-d":
-            thresholds = extra.get("thresholds")
-            thresholds = None if thresholds is None else torch.tensor(thresholds, dtype=torch.float64)
-            return ModPolicy(routed, torch.tensor(extra["capacity"]), thresholds)
+            thresholds = None if extra.get("thresholds") is None else per_module("thresholds", torch.float64)
+            return ModPolicy(routed, per_module("capacity"), thresholds)
         if kind == "coupled":
             return CoupledPolicy(routed)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:

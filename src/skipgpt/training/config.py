@@ -5,6 +5,7 @@ builds one flag per field from them (skipgpt.cli.common.add_field_flag)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ACCOUNTINGS, ROUTER_INPUTS, ROUTER_KINDS, check_sparsity
+from ..config import ACCOUNTINGS, DTYPES, ROUTER_INPUTS, ROUTER_KINDS, check_sparsity
 from ..errors import ConfigError
 
 STAGES = ("router", "lora", "joint")
@@ -140,8 +141,8 @@ class TrainConfig:
         "also log to tensorboard or wandb (the CSV log is always written)")})
     mixed_precision: str = field(default="no", metadata={"choices": PRECISIONS, "help": (
         "accelerate mixed precision (no, bf16, fp16)")})
-    dtype: str = field(default="float32", metadata={
-        "help": "dtype the base model is loaded in (float32, bfloat16, float16)"})
+    dtype: str = field(default="float32", metadata={"choices": DTYPES, "help": (
+        "dtype the base model is loaded in")})
     progress: bool = field(default=True, metadata={"help": "show the progress bar"})
 
     def __post_init__(self) -> None:
@@ -167,6 +168,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.seq_len < 2:
             raise ConfigError("seq_len must be at least 2 (one token predicts the next)")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise ConfigError(f"max_tokens must be a positive integer (or unset: all the data), got {self.max_tokens}")
         rank = self.forecaster_rank
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"forecaster_rank must be a whole number >= 0 (0 = plain skip), got {rank!r}")
@@ -229,11 +232,18 @@ class TrainConfig:
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a mapping of option names to values")
-        known = {f.name for f in dataclasses.fields(cls)}
+        odd = [k for k in data if not isinstance(k, str)]
+        if odd:  # YAML reads an unquoted on/off/yes/no as true/false
+            raise ConfigError(f"{source}: option names must be text, got {odd[0]!r} (quote it)")
+        fields = {f.name: str(f.type).removesuffix(" | None") for f in dataclasses.fields(cls)}
         data = {k.replace("-", "_"): v for k, v in data.items()}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - set(fields))
         if unknown:
             raise ConfigError(f"{source}: unknown options {unknown}")
+        for name, value in data.items():  # YAML 1.1 reads 5e-4 (no dot) as text: a number field takes it
+            if fields[name] == "float" and isinstance(value, str):
+                with contextlib.suppress(ValueError):
+                    data[name] = float(value)
         try:
             return cls(**data)
         except ConfigError as e:

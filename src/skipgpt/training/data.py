@@ -188,7 +188,8 @@ def sample_self(routed, tokenizer, count: int, seq_len: int, seed: int, batch_si
                 n = min(batch_size, count - start)
                 # One seed prompt per batch keeps prompts unpadded; BOS first so the model starts a document.
                 prompt = SEED_PROMPTS[(start // batch_size) % len(SEED_PROMPTS)]
-                ids = [bos] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                # at most seq_len - 1 prompt tokens, so that even a short sequence samples at least one
+                ids = ([bos] + tokenizer(prompt, add_special_tokens=False)["input_ids"])[:seq_len]
                 input_ids = torch.tensor([ids] * n, device=next(routed.model.parameters()).device)
                 new = seq_len - input_ids.shape[1] + 1
                 out = routed.generate(

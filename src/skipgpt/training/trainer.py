@@ -264,9 +264,12 @@ def _write_log(path: Path, history: list[dict[str, float]]) -> None:
 def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None = None) -> TrainResult:
     """Run one stage as `cfg` says. Pass `routed` to train routers (or LoRA) of a model you built,
     e.g. under a custom gating policy; `data` skips loading text (then no tokenizer is needed)."""
-    output = Path(cfg.output)
+    output = Path(cfg.output).expanduser()
     ckpt = output / CHECKPOINT_NAME
     # Bad input fails here, before minutes of model loading and before anything is written to `output`.
+    if cfg.routers and output.exists() and output.resolve() == Path(cfg.routers).expanduser().resolve():
+        raise ConfigError(f"output {cfg.output} is the routers folder this stage starts from; saving there would "
+                          "replace them: give another output folder")
     if cfg.resume and ckpt.exists():
         check_resume_config(ckpt, cfg.to_dict())
     if data is None and cfg.data != "self":
