@@ -125,3 +125,34 @@ def test_loaded_routers_route_deterministically_even_with_gradients_on(saved):
     routed(input_ids=ids)
     assert torch.equal(first, routed.decisions())
     assert torch.equal(first, decisions)
+
+
+def test_a_model_whose_weights_changed_is_not_saved_as_the_routers_base(saved, tmp_path):
+    """A LoRA adapter merged into the base (or weights edited) would be saved with the old base's identity: the
+    routers would then load onto the plain base without a word and give other outputs."""
+    from skipgpt.training import attach_lora, merge_lora
+
+    routed = load_routers(make_tiny("llama"), saved[0])
+    attach_lora(routed, r=2, targets=["q_proj"])
+    with torch.no_grad():
+        for name, p in routed.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    save_routers(routed, tmp_path / "attached")  # the adapter is saved beside the routers
+    merge_lora(routed)
+    with pytest.raises(ArtifactError, match="no longer the base"):
+        save_routers(routed, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    # routers paired with other weights on purpose (check=False) record those weights
+    other = load_routers(make_tiny("llama", seed=1), saved[0], check=False)
+    save_routers(other, tmp_path / "other")
+    load_routers(make_tiny("llama", seed=1), tmp_path / "other").unpatch()
+
+
+def test_float16_weights_load_routers_with_a_warning(saved):
+    model = make_tiny("llama").half()
+    with pytest.warns(UserWarning, match="float16"):
+        routed = load_routers(model, saved[0])
+    assert routed.threshold == 0.3
+    with pytest.raises(ArtifactError, match="different weights"):  # other weights are still refused in float32
+        load_routers(make_tiny("llama", seed=1), saved[0])

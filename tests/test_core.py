@@ -199,6 +199,21 @@ def test_unsupported_model_names_what_is_supported():
         RoutedModel(model)
 
 
+@pytest.mark.parametrize("name,options", [("Granite", {"residual_multiplier": 0.5}), ("Olmo", {"clip_qkv": 1.0}),
+                                          ("Helium", {}), ("StableLm", {}), ("SmolLM3", {"pad_token_id": 0})])
+def test_llama_shaped_relatives_that_routing_would_get_wrong_are_refused(name, options):
+    """These have the LLaMA layer's parts but scale the residual, clip q/k/v, rotate other pairs or parts of a
+    head, or leave RoPE out of some layers: routed they gave wrong logits (or crashed) instead of an error."""
+    import transformers as tf
+
+    from conftest import TINY
+
+    config = getattr(tf, f"{name}Config")(**TINY, **options)
+    model = getattr(tf, f"{name}ForCausalLM")(config)
+    with pytest.raises(UnsupportedModelError, match=f"{config.model_type!r} is not supported"):
+        RoutedModel(model)
+
+
 def test_bad_config_values():
     with pytest.raises(ConfigError, match="target sparsity"):
         SkipConfig(target_sparsity=1.5)
@@ -359,3 +374,89 @@ def test_folded_router_follows_every_weight_change():
         assert 0 < by_hand(0.2).float().mean() < 1
         logits = router(x)
         torch.testing.assert_close(router.margin(x), logits[..., 1] - logits[..., 0])
+
+
+# -- state that must not leak or go stale ------------------------------------------------------------------
+
+
+def _varied(routed: RoutedModel, seed: int = 0) -> RoutedModel:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in routed.routers.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return routed
+
+
+def test_nested_unrouted_blocks_leave_the_outer_one_unrouted():
+    routed = _varied(RoutedModel(make_tiny("llama")))
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = make_tiny("llama")(input_ids=ids).logits
+        with routed.unrouted() as hf:
+            with routed.unrouted():
+                pass
+            torch.testing.assert_close(hf(input_ids=ids).logits, dense, rtol=0, atol=0)
+        assert not torch.equal(routed(input_ids=ids).logits, dense)  # routed again after the outer block
+        routed.unpatch()
+        with routed.unrouted():
+            pass
+        torch.testing.assert_close(routed.model(input_ids=ids).logits, dense, rtol=0, atol=0)
+
+
+def test_a_nan_threshold_is_refused_and_the_old_one_kept():
+    routed = RoutedModel(make_tiny("llama"))
+    routed.threshold = 0.5
+    with pytest.raises(ConfigError, match="threshold"):
+        routed.threshold = float("nan")
+    assert routed.threshold == 0.5
+
+
+def test_decisions_follow_a_replaced_router():
+    from skipgpt.models.routed import Router
+
+    routed = _varied(RoutedModel(make_tiny("llama")))
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        routed(input_ids=ids)
+        assert not routed.decisions()[1, 0].all()
+        fresh = Router(32, "linear")  # zero weights, execute bias: executes every token
+        routed.routers.attn[1] = fresh
+        routed(input_ids=ids)
+        assert routed.decisions()[1, 0].all()
+        fresh.net.bias.copy_(torch.tensor([-5.0, 5.0]))  # an in-place edit of the new router
+        routed(input_ids=ids)
+        assert not routed.decisions()[1, 0].any()
+
+
+def test_sparse_mode_returns_the_attention_weights_asked_for():
+    model = make_tiny("llama")
+    model.config._attn_implementation = "eager"
+    routed = _varied(RoutedModel(model))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        masked = routed(input_ids=ids, output_attentions=True)
+        with routed.mode_as("sparse"):
+            sparse = routed(input_ids=ids, output_attentions=True)
+    assert len(sparse.attentions) == len(masked.attentions) == 3
+    for a, b in zip(sparse.attentions, masked.attentions):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(sparse.logits, masked.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_an_interrupted_calibration_keeps_the_callers_threshold(monkeypatch):
+    from skipgpt.routing import calibrate
+
+    routed = _varied(RoutedModel(make_tiny("llama")))
+    routed.threshold = 0.7
+    calls = []
+
+    def measure(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return 0.9
+
+    monkeypatch.setattr(calibrate, "measure", measure)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate.calibrate_threshold(routed, [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}], 0.25)
+    assert routed.threshold == 0.7

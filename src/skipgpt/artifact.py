@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,6 +49,13 @@ Writer = Callable[[Path], None]  # writes one part (a file or a folder) at the p
 def save_routers(routed: RoutedModel, directory: str | Path) -> Path:
     """Write the routers, their config and (when the model has them) the forecasters and the LoRA adapter
     to `directory`, all or nothing (write_parts)."""
+    got = _other_weights(routed.model, routed.config.base.fingerprint)
+    if got is not None:
+        raise ArtifactError(
+            f"the model's weights are no longer the base these routers were trained on (fingerprint {got}, the "
+            f"config's {routed.config.base.fingerprint}), e.g. a LoRA adapter merged into them: saved, they would "
+            f"load onto the plain base and give other outputs. Save before merging (load_routers(..., lora='attach') "
+            f"keeps an adapter separate, and saves it)")
     # One entry per part of the directory: its name and what writes it.
     parts: dict[str, Writer] = {WEIGHTS_NAME: tensors_writer(routed.routers.state_dict(), "skipgpt-routers")}
     if routed.forecasters is not None:
@@ -120,7 +128,7 @@ def load_routers(model: nn.Module, directory: str | Path, check: bool = True, lo
 
     lora: "merge" folds the adapter into the base weights (fastest inference), "attach" keeps it as a
     PEFT adapter (routed.model becomes a PeftModel), "none" ignores it. check: refuse routers trained
-    on another base model.
+    on another base model (check=False pairs them with `model`: its fingerprint is what a later save records).
     """
     if lora not in LORA_ACTIONS:
         raise ConfigError(f"lora must be one of {LORA_ACTIONS}, got {lora!r}")
@@ -131,6 +139,8 @@ def load_routers(model: nn.Module, directory: str | Path, check: bool = True, lo
         raise ArtifactError(f"{directory} has {CONFIG_NAME} but no {WEIGHTS_NAME}")
     if check:
         check_base(config, model, str(directory))
+    elif config.base.fingerprint:
+        config.base.fingerprint = fingerprint(model)
     state = _read_safetensors(weights)
     routed = RoutedModel(model, config)
     try:
@@ -268,13 +278,25 @@ def check_base(config: SkipConfig, model: nn.Module, source: str) -> None:
                 f"{source}: routers were trained for {want.name or want.architecture} ({what} {trained}), "
                 f"but the model has {what} {given}"
             )
-    if want.fingerprint:
-        got = fingerprint(model)
-        if got != want.fingerprint:
-            raise ArtifactError(
-                f"{source}: routers were trained on different weights ({want.name}, fingerprint "
-                f"{want.fingerprint}) than the given model (fingerprint {got})"
-            )
+    got = _other_weights(model, want.fingerprint)
+    if got is not None:
+        raise ArtifactError(
+            f"{source}: routers were trained on different weights ({want.name}, fingerprint "
+            f"{want.fingerprint}) than the given model (fingerprint {got})"
+        )
+    if want.fingerprint and next(unwrap(model).parameters()).dtype == torch.float16:
+        warnings.warn(f"{source}: the weights were not compared with those the routers were trained on (float16 "
+                      f"rounding moves them across the bfloat16 values the fingerprint samples); only the "
+                      f"architecture, hidden size and layer count were checked", stacklevel=3)
+
+
+def _other_weights(model: nn.Module, expected: str) -> str | None:
+    """The fingerprint of `model`'s base weights when it is not `expected` (None: the same, or not comparable:
+    no fingerprint recorded, or float16 weights, whose rounding changes the sampled bfloat16 values)."""
+    if not expected or next(unwrap(model).parameters()).dtype == torch.float16:
+        return None
+    got = fingerprint(model)
+    return None if got == expected else got
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -1,9 +1,12 @@
 """Architecture adapters: find the decoder layers, attention, MLP and norms of a HF causal LM.
 
-Support is decided by structure, not by class name: a pre-norm decoder layer with `self_attn`
-(separate q/k/v/o projections), `mlp`, `input_layernorm` and `post_attention_layernorm` is the
-LLaMA shape (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2); one that also has
-`pre_feedforward_layernorm`/`post_feedforward_layernorm` is the Gemma-2/3 "sandwich" shape.
+A model is supported when its config's model_type is one whose layers skipgpt reproduces (SUPPORTED_TYPES)
+and its layers have the expected parts: a pre-norm decoder layer with `self_attn` (separate q/k/v/o
+projections), `mlp`, `input_layernorm` and `post_attention_layernorm` is the LLaMA shape (Llama 2/3,
+Mistral, Qwen2, Qwen3, SmolLM2); one that also has `pre_feedforward_layernorm`/`post_feedforward_layernorm`
+is the Gemma-2/3 "sandwich" shape. Structure alone is not enough: LLaMA-shaped relatives scale the
+residual (Granite), clip q/k/v (OLMo), rotate interleaved pairs or part of each head (Helium, StableLM,
+GLM) or leave RoPE out of some layers (SmolLM3), which the routed layer would silently get wrong.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from ..errors import UnsupportedModelError
 from ..routing.sparsity import ModuleCosts
 
 SUPPORTED = "Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2 (LLaMA-shaped) and Gemma 2/3 (sandwich norms)"
+SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3_text")  # config.model_type
 
 
 @dataclass
@@ -77,6 +81,9 @@ def layer_parts(layer: nn.Module, index: int) -> LayerParts:
 
 
 def find_layers(model: nn.Module) -> list[LayerParts]:
+    kind = getattr(unwrap(model).config, "model_type", None)
+    if kind not in SUPPORTED_TYPES:
+        raise UnsupportedModelError(f"model type {kind!r} is not supported; skipgpt supports {SUPPORTED}")
     decoder = find_decoder(model)
     if len(decoder.layers) == 0:
         raise UnsupportedModelError("the model has no decoder layers")

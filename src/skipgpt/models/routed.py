@@ -125,14 +125,20 @@ class RouterBank(nn.Module):
         # Every submodule's parameter dict (updated in place by a reassignment): walking the module tree
         # on every forward pass measured 0.6 ms per decode step.
         self._parameter_dicts = [m._parameters for m in self.modules() if m._parameters]
+        self._routers = (*self.attn, *self.mlp)
 
     def get(self, layer: int, kind: str) -> Router:
         return (self.attn if kind == "attn" else self.mlp)[layer]
 
     def folds(self, threshold: float = 0.0) -> list[list[Fold]]:
         """Every router's fold for `threshold`, [layer][kind], rebuilt only when a weight changed (an
-        optimizer step, a load, a reassignment) or the threshold did since the last call; read once per
-        inference forward pass."""
+        optimizer step, a load, an in-place edit, a reassignment of a weight or of a whole router) or the
+        threshold did since the last call; read once per inference forward pass. An edit through `.data`
+        bypasses the version counter this keys on: edit router weights under torch.no_grad() instead."""
+        routers = (*self.attn, *self.mlp)
+        if routers != self._routers:  # a router module replaced: its parameters are other objects
+            self._routers = routers
+            self._parameter_dicts = [m._parameters for m in self.modules() if m._parameters]
         key = (threshold, *((p.data_ptr(), p._version) for d in self._parameter_dicts for p in d.values()))
         if self._folds_key != key:
             self._folds = [[a.fold(threshold), m.fold(threshold)] for a, m in zip(self.attn, self.mlp)]
@@ -321,12 +327,15 @@ class RoutedModel(nn.Module):
 
     @contextmanager
     def unrouted(self) -> Iterator[nn.Module]:
-        """The unmodified HF model for the block (the dense reference), routed again afterwards."""
+        """The unmodified HF model for the block (the dense reference); routed again afterwards if it was routed
+        before (a nested block leaves the outer one unrouted)."""
+        routed = bool(self._hooks)
         self.unpatch()
         try:
             yield self.model
         finally:
-            self.patch()
+            if routed:
+                self.patch()
 
     def _start_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = kwargs.get("input_ids")
@@ -402,7 +411,13 @@ class RoutedModel(nn.Module):
 
     @threshold.setter
     def threshold(self, value: float) -> None:
-        self.config.threshold = float(value)
+        """Checked as a loaded config is (NaN would skip every module, and the saved routers would not load)."""
+        old, self.config.threshold = self.config.threshold, float(value)
+        try:
+            self.config.validate()
+        except ConfigError:
+            self.config.threshold = old
+            raise
 
     @contextmanager
     def using(self, **settings) -> Iterator[RoutedModel]:

@@ -22,8 +22,8 @@ output by the gate), but skipped work is never done:
   module costs nothing but its keys and values.
 
 Attention that this plain-SDPA path cannot reproduce exactly (logit soft-capping, sandwich-norm
-models such as Gemma 2, flash-attention's 2-D masks) runs dense and is gated, so results stay exact
-there and only the MLP saves compute.
+models such as Gemma 2, flash-attention's 2-D masks), or whose weights the caller asked for
+(output_attentions), runs dense and is gated, so results stay exact there and only the MLP saves compute.
 """
 
 from __future__ import annotations
@@ -114,10 +114,11 @@ def sparse_attention(parts: LayerParts, x: torch.Tensor, execute: torch.Tensor, 
     mask = kwargs.get("attention_mask")
     if count == batch * seq:
         return x + run_attention(parts, parts.attn_norm(x), kwargs)
-    if (seq == 1 and count > 0) or not supports_sparse_attention(parts, mask):
+    if (seq == 1 and count > 0) or kwargs.get("output_attentions") or not supports_sparse_attention(parts, mask):
         # Decode with rows that disagree: the projections read the weights once for all rows, and the
         # attention product over the cache is per row anyway, so every row runs and the gate drops the
-        # idle ones' output (exact, and no gather of queries, cos/sin and mask rows).
+        # idle ones' output (exact, and no gather of queries, cos/sin and mask rows). Attention weights
+        # asked for are recorded from the attention module itself, so it runs whole then too.
         return gated(x, run_attention(parts, parts.attn_norm(x), kwargs), execute, None)
     if count == 0 and cache is None:
         return x  # nobody queries this layer and nothing is cached: its keys are never read

@@ -39,8 +39,10 @@ def calibrate_threshold(
     if not batches:
         raise ValueError("calibration needs at least one batch of text")
     lo, hi = -30.0, 30.0  # higher threshold -> fewer skips
-    best = (float("inf"), routed.threshold)
-    # Deterministic argmax decisions (no Gumbel sample), statistics on; they are cleared afterwards.
+    original = routed.threshold
+    best = (float("inf"), original)
+    # Deterministic argmax decisions (no Gumbel sample), statistics on; they are cleared afterwards. A search
+    # cut short (an error, Ctrl-C) leaves the caller's threshold, not a half-searched one.
     with routed.using(sample=False, track=True):
         try:
             for _ in range(iterations):
@@ -55,6 +57,9 @@ def calibrate_threshold(
                     lo = mid
                 else:
                     hi = mid
+        except BaseException:
+            best = (0.0, original)
+            raise
         finally:
             routed.threshold = best[1]
             routed.reset_sparsity()
