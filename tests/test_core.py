@@ -165,6 +165,29 @@ def test_sparsity_accounting_against_hand_computation():
     assert report.flop == pytest.approx(skipped_flops / total_flops)
 
 
+def test_flop_accounting_reads_only_the_keys_a_sliding_window_layer_sees():
+    """Gemma 2 alternates sliding (window 16) and global layers: a token at position 40 reads 16 keys in the
+    first, 41 in the second."""
+    model = make_tiny("gemma2")
+    assert [lay.self_attn.sliding_window for lay in model.model.layers] == [16, None, 16]
+    routed = RoutedModel(model)
+    T = 48
+    masks = torch.rand(3, 2, 1, T, generator=torch.Generator().manual_seed(1)) > 0.5
+    with torch.no_grad():
+        routed.force(masks)(input_ids=torch.randint(0, 128, (1, T)))
+    totals = routed.meter.totals
+    c = routed.costs
+    total = skipped = 0.0
+    for i, window in enumerate([16, None, 16]):
+        for t in range(T):
+            keys = t + 1 if window is None else min(t + 1, window)
+            attn = float(c.attn_flops[i] + c.attn_ctx_flops[i] * keys)
+            total += attn + float(c.attn_kv_flops[i] + c.mlp_flops[i])
+            skipped += attn * (not masks[i, 0, 0, t]) + float(c.mlp_flops[i]) * (not masks[i, 1, 0, t])
+    assert float(totals["flop_total"]) == pytest.approx(total)
+    assert float(totals["flop_skipped"]) == pytest.approx(skipped)
+
+
 def test_realised_sparsity_is_differentiable_in_training():
     model = make_tiny("llama")
     routed = RoutedModel(model, SkipConfig(target_sparsity=0.5))

@@ -113,10 +113,13 @@ def module_costs(model: nn.Module, layers: list[LayerParts], forecaster_params: 
         k_v = _weight_numel(a.k_proj) + _weight_numel(a.v_proj)
         attn_params = _numel(a) + _numel(p.attn_norm) + _numel(p.attn_out_norm)
         mlp_params = _numel(p.mlp) + _numel(p.mlp_norm) + _numel(p.mlp_out_norm)
+        # Gemma 2/3 and Qwen2/3 name each layer's window on its attention module; Mistral's applies to all
+        window = getattr(a, "sliding_window", None) if hasattr(a, "sliding_window") else getattr(
+            config, "sliding_window", None)
         rows.append((attn_params, mlp_params, 2.0 * q_o, 2.0 * k_v, 4.0 * heads * head_dim, 2.0 * _numel(p.mlp),
-                     forecaster_params, 2.0 * forecaster_params))
+                     forecaster_params, 2.0 * forecaster_params, float(window or "inf")))
     t = torch.tensor(rows, dtype=torch.float64)
-    return ModuleCosts(*(t[:, i].contiguous() for i in range(8)))
+    return ModuleCosts(*(t[:, i].contiguous() for i in range(9)))
 
 
 def fingerprint(model: nn.Module, samples: int = 256) -> str:

@@ -28,6 +28,7 @@ class ModuleCosts:
     mlp_flops: torch.Tensor  # per executing token
     forecast_params: torch.Tensor  # per skipping token, of each module's forecaster (0 = plain skip)
     forecast_flops: torch.Tensor  # per skipping token
+    attn_window: torch.Tensor  # most keys a token sees: the sliding window, inf where attention is global
 
     @property
     def num_layers(self) -> int:
@@ -44,14 +45,16 @@ def skip_totals(
 
     gates:      (L, 2, B, T) execute gates, index 0 attention, 1 MLP.
     token_mask: (B, T) 1 for real tokens, 0 for pads.
-    context:    (B, T) number of keys each token attends to (its position + 1).
+    context:    (B, T) number of keys each token could attend to (its position + 1); a sliding-window layer
+                reads at most its window of them.
     """
     m = token_mask.to(gates.dtype)
     skip = (1.0 - gates) * m  # (L, 2, B, T)
     per_module = skip.sum(dim=(2, 3))  # (L, 2)
     c = costs.to(gates.device)
     dt = gates.dtype
-    attn_tok = c.attn_flops.to(dt)[:, None, None] + c.attn_ctx_flops.to(dt)[:, None, None] * context.to(dt)
+    keys = torch.minimum(context.to(dt)[None], c.attn_window.to(dt)[:, None, None])  # (L, B, T)
+    attn_tok = c.attn_flops.to(dt)[:, None, None] + c.attn_ctx_flops.to(dt)[:, None, None] * keys
     flop_total = (m * attn_tok).sum() + m.sum() * (c.attn_kv_flops + c.mlp_flops).sum().to(dt)
     fc_flops, fc_params = c.forecast_flops.to(dt), c.forecast_params.to(dt)
     flop_skipped = ((skip[:, 0] * (attn_tok - fc_flops[:, None, None])).sum()
