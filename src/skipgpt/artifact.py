@@ -284,16 +284,21 @@ def check_base(config: SkipConfig, model: nn.Module, source: str) -> None:
             f"{source}: routers were trained on different weights ({want.name}, fingerprint "
             f"{want.fingerprint}) than the given model (fingerprint {got})"
         )
-    if want.fingerprint and next(unwrap(model).parameters()).dtype == torch.float16:
+    if want.fingerprint and _float16(model):
         warnings.warn(f"{source}: the weights were not compared with those the routers were trained on (float16 "
                       f"rounding moves them across the bfloat16 values the fingerprint samples); only the "
                       f"architecture, hidden size and layer count were checked", stacklevel=3)
 
 
+def _float16(model: nn.Module) -> bool:
+    """float16 weights, whose rounding changes the bfloat16 values the fingerprint samples: not comparable."""
+    return next(unwrap(model).parameters()).dtype == torch.float16
+
+
 def _other_weights(model: nn.Module, expected: str) -> str | None:
     """The fingerprint of `model`'s base weights when it is not `expected` (None: the same, or not comparable:
-    no fingerprint recorded, or float16 weights, whose rounding changes the sampled bfloat16 values)."""
-    if not expected or next(unwrap(model).parameters()).dtype == torch.float16:
+    no fingerprint recorded, or float16 weights)."""
+    if not expected or _float16(model):
         return None
     got = fingerprint(model)
     return None if got == expected else got
