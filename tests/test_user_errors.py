@@ -394,3 +394,15 @@ def test_11_a_policy_table_of_the_wrong_shape_is_an_artifact_error(tmp_path, tin
     save_routers(routed, tmp_path / "r")
     with pytest.raises(ArtifactError, match=r"keep has shape \(1, 2\), the model needs \(3, 2\)"):
         load_routers(load_model(str(tiny_dir / "model"))[0], tmp_path / "r")
+
+
+def test_11_small_refusals_name_the_problem(tmp_path, tiny_dir, routers, capfd):
+    from skipgpt.training import TrainConfig
+
+    with pytest.raises(Exception, match="max_tokens must be a positive integer"):
+        TrainConfig(max_tokens=0)
+    line = fails(capfd, ["eval", "--model", str(tiny_dir / "model"), "--task", "wikitext2", "--dtype", "float64"])
+    assert "invalid choice: 'float64'" in line
+    line = fails(capfd, ["analyze", "--model", str(tiny_dir / "model"), "--routers", str(routers), "--text",
+                         str(tmp_path), "--output", str(tmp_path / "figs")])
+    assert "is a folder" in line and not (tmp_path / "figs").exists()
