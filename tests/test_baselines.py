@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers as tf
@@ -17,7 +19,7 @@ from skipgpt.baselines import (
 )
 from skipgpt.errors import ArtifactError, ConfigError
 
-from conftest import TINY, make_tiny
+from conftest import TINY, make_tiny, one_error_line, run_cli
 
 
 def batches(vocab: int = 128, n: int = 2, seq: int = 24, pad: bool = True):
@@ -326,3 +328,30 @@ def test_baselines_run_in_sparse_mode():
                 sparse = routed(**data[0]).logits
         torch.testing.assert_close(sparse, masked, rtol=1e-4, atol=1e-4)
         assert not routed.decisions().all(), routed.config.extra["routing"]
+
+
+def test_bench_calibrates_a_coupled_baseline_and_refuses_a_fixed_one(tmp_path, tiny_dir, capfd):
+    """--sparsity sets the routers' threshold: the coupled variant decides by it, ShortGPT's fixed policy does not."""
+    model_dir = str(tiny_dir / "model")
+    routed = coupled(skipgpt.load_model(model_dir)[0], 0.3)
+    with torch.no_grad():
+        for r in routed.routers.attn:
+            r.net.weight.normal_(0, 1.0)
+    skipgpt.save_routers(routed, tmp_path / "coupled")
+    skipgpt.save_routers(shortgpt(skipgpt.load_model(model_dir)[0], None, 0.3, batches()), tmp_path / "shortgpt")
+    bench = ["bench", "--model", model_dir, "--seq-len", "16", "--batch-size", "2", "--decode-tokens", "8",
+             "--repeats", "1"]
+    realised = []
+    for target in ("0.1", "0.6"):
+        out = tmp_path / f"b{target}.json"
+        argv = [*bench, "--routers", str(tmp_path / "coupled"), "--sparsity", target, "--output", str(out)]
+        assert run_cli(argv) == 0
+        s = json.loads(out.read_text())["sparsity"]
+        assert s["attention"] == pytest.approx(s["mlp"])
+        realised.append(s["param"])
+    assert realised[0] < realised[1], realised
+    capfd.readouterr()
+    argv = [*bench, "--routers", str(tmp_path / "shortgpt"), "--sparsity", "0.3", "--output", str(tmp_path / "s.json")]
+    assert run_cli(argv) == 2
+    assert "drop --sparsity" in one_error_line(capfd.readouterr().err, "bench", model_loaded=True)
+    assert not (tmp_path / "s.json").exists()

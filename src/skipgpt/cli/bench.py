@@ -24,6 +24,7 @@ from ..io import check_output
 from ..models.loading import load_model
 from ..models.routed import RoutedModel
 from ..routing.calibrate import calibrate_threshold
+from ..routing.policies import reads_threshold
 from .common import add_command, add_model_flags, add_output, model_options, positive_int, sparsity, write_results
 
 
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     target = args.sparsity
     if args.routers:
         routed = load_routers(model, args.routers)
-        if target is not None and routed.policy is not None:
+        if target is not None and not reads_threshold(routed.policy):
             raise ConfigError(f"--sparsity sets a router threshold, but {args.routers} is a "
                               f"{routed.config.extra.get('routing')} baseline with a fixed policy; drop --sparsity")
         if target is not None:

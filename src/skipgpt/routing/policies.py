@@ -148,6 +148,12 @@ class CoupledPolicy:
         return g
 
 
+def reads_threshold(policy: Policy | None) -> bool:
+    """Whether decisions under `policy` move with the routers' threshold (so calibrating it sets the sparsity):
+    the routers' own argmax and the coupled variant do; fixed, random and MoD-D policies do not."""
+    return policy is None or isinstance(policy, CoupledPolicy)
+
+
 def from_extra(routed, source: str = "routers") -> Policy | None:
     """The policy a saved artifact's config.extra["routing"] names (None for plain SkipGPT routers)."""
     extra = routed.config.extra
