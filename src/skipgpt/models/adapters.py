@@ -11,6 +11,7 @@ GLM) or leave RoPE out of some layers (SmolLM3), which the routed layer would si
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -129,8 +130,6 @@ def fingerprint(model: nn.Module, samples: int = 256) -> str:
     from GGUF agree; LoRA parameters and PEFT name prefixes are ignored, so a base with an adapter
     attached keeps the fingerprint of the base.
     """
-    import hashlib
-
     h = hashlib.sha256()
     for name, param in sorted(unwrap(model).named_parameters(), key=lambda kv: kv[0]):
         if "lora_" in name:

@@ -39,13 +39,13 @@ class TrainConfig:
     Learning rates: `lr` is the router learning rate (stage "router" and the routers of "joint");
     `lora_lr` the LoRA learning rate (stage "lora" and the LoRA of "joint"). schedule "auto" is
     cosine decay for router tuning (no warmup) and cosine with 10% warmup when LoRA trains. A
-    constant router lr degrades late in long runs (docs/RESULTS.md, "Training on WikiText-2").
+    constant router lr degrades late in long runs (docs/RESULTS.md, "What did not help").
     distill: 0 trains on the language-model loss, 1 on the KL divergence from the frozen dense
     model's next-token distribution, values in between mix the two.
     noise_start / noise_end: scale of the Gumbel noise in the straight-through gates, annealed linearly
     like the temperature. The default 1 -> 0 explores early and ends on the deterministic argmax
     decisions that inference makes; the paper's constant noise is noise_end = 1, which trains routers
-    for noisy decisions they never make at inference (docs/RESULTS.md, "Gumbel noise").
+    for noisy decisions they never make at inference (docs/RESULTS.md, "What did not help").
     threshold_gain (stage lora): LoRA shifts the hidden states the frozen routers read, so their argmax
     sparsity drifts during stage 2 and the final recalibration then changes the decisions LoRA adapted
     to. A gain > 0 moves the threshold after every step by gain * (realised - target sparsity of the
