@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 import skipgpt
 from skipgpt.models import sparse
@@ -277,3 +278,39 @@ def test_sparse_gives_masked_states_layer_by_layer_and_leaves_its_inputs_alone(r
     for want, got in zip(states["masked"], states["sparse"]):
         torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(states["sparse"][1][real], states["sparse"][2][real])
+
+
+def _last_key_causal(module, q, k, v, attention_mask, scaling=None, sliding_window=None, **kwargs):
+    """An attention implementation with flash-attention's contract: no mask unless something is padded, the
+    causal mask aligned with the last key, the sliding window applied by the kernel."""
+    position = torch.arange(q.shape[2])[:, None] + k.shape[2] - q.shape[2]
+    key = torch.arange(k.shape[2])[None, :]
+    allowed = (key <= position) & ((position - key < sliding_window) if sliding_window else True)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling,
+                                                           enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_sparse_with_a_flash_style_absent_mask_equals_masked(arch):
+    """A mask left out by a flash-style implementation is not plain causal from key 0: after cached keys, or past a
+    sliding window, sparse mode must still give the masked logits."""
+    AttentionInterface.register("last_key_causal", _last_key_causal)
+    AttentionMaskInterface.register("last_key_causal", flash_attention_mask)
+    model = make_tiny(arch, sliding_window=5 if arch == "mistral" else None)
+    model.config._attn_implementation = "last_key_causal"
+    routed = skipgpt.RoutedModel(model)
+    ids = _batch()["input_ids"]
+    masks = _random_masks(len(routed.layers), 0.4, seed=7)
+    out = {}
+    for mode in ("masked", "sparse"):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad(), routed.mode_as(mode):
+            with routed.forced(masks):
+                whole = routed(input_ids=ids).logits
+            with routed.forced(masks[..., :8]):
+                routed(input_ids=ids[:, :8], cache=cache, use_cache=True)
+            with routed.forced(masks[..., 8:]):
+                out[mode] = whole, routed(input_ids=ids[:, 8:], cache=cache, use_cache=True).logits
+    for masked, sparse_ in zip(out["masked"], out["sparse"]):
+        torch.testing.assert_close(sparse_, masked, rtol=1e-5, atol=1e-5)

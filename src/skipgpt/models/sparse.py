@@ -22,7 +22,7 @@ output by the gate), but skipped work is never done:
   module costs nothing but its keys and values.
 
 Attention that this plain-SDPA path cannot reproduce exactly (logit soft-capping, sandwich-norm
-models such as Gemma 2, flash-attention's 2-D masks), or whose weights the caller asked for
+models such as Gemma 2, flash-attention's 2-D or absent masks), or whose weights the caller asked for
 (output_attentions), runs dense and is gated, so results stay exact there and only the MLP saves compute.
 """
 
@@ -100,9 +100,13 @@ def supports_sparse_attention(parts: LayerParts, attention_mask) -> bool:
         return False
     if not all(hasattr(attn, a) for a in ("layer_idx", "scaling", "head_dim")):
         return False
+    if attention_mask is None:
+        # Only SDPA's mask function drops the mask for plain causal attention aligned at the first key, which is
+        # what _query_mask rebuilds; flash-attention drops it whenever nothing is padded, leaving the kernel to
+        # align the causal mask with the last key (cached keys before the chunk) and to apply a sliding window.
+        return getattr(config, "_attn_implementation", None) == "sdpa"
     # a 4-D mask broadcast over heads, as HF builds it
-    return attention_mask is None or (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4
-                                      and attention_mask.shape[1] == 1)
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
 
 
 def sparse_attention(parts: LayerParts, x: torch.Tensor, execute: torch.Tensor, kwargs: dict) -> torch.Tensor:
