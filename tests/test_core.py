@@ -9,6 +9,7 @@ import torch
 
 from skipgpt import RoutedModel, SkipConfig
 from skipgpt.errors import ConfigError, UnsupportedModelError
+from skipgpt.models.adapters import find_decoder
 from skipgpt.routing import policies
 from skipgpt.routing.sparsity import SparsityMeter, report
 
@@ -483,3 +484,30 @@ def test_an_interrupted_calibration_keeps_the_callers_threshold(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         calibrate.calibrate_threshold(routed, [{"input_ids": torch.zeros(1, 4, dtype=torch.long)}], 0.25)
     assert routed.threshold == 0.7
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_padding_is_found_in_a_prepared_4d_or_per_type_mask(arch):
+    """generate() with a static cache hands the decoder a 4-D mask (a dict of them for Qwen2): its pads must not
+    count as real tokens, so the sparsity statistics equal the dynamic cache's."""
+    model = make_tiny(arch)
+    model.generation_config.pad_token_id = 0
+    routed = RoutedModel(model)
+    ids = torch.randint(1, 100, (3, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 10, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[2, :8] = 0
+    reports, real, seen = {}, {}, []
+    hook = find_decoder(model).register_forward_hook(lambda *_: seen.append(routed.token_mask.clone()))
+    for cache in ("dynamic", "static"):
+        routed.reset_sparsity()
+        seen.clear()
+        with torch.no_grad(), routed.forced(policies.random(torch.full((len(routed.layers), 2), 0.5), seed=0)):
+            routed.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False,
+                            cache_implementation=cache)
+        reports[cache], real[cache] = routed.sparsity(), seen[0]
+    hook.remove()
+    assert torch.equal(real["static"], mask.bool()) and torch.equal(real["dynamic"], mask.bool())
+    # the prompt's real tokens, then one decode step per row
+    assert reports["static"].tokens == reports["dynamic"].tokens == int(mask.sum()) + 3
+    assert reports["static"].param == pytest.approx(reports["dynamic"].param)

@@ -341,12 +341,7 @@ class RoutedModel(nn.Module):
         x = kwargs.get("input_ids")
         if x is None:
             x = args[0] if args else kwargs.get("inputs_embeds")
-        batch, seq = x.shape[0], x.shape[1]
-        mask = kwargs.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-            real = mask[:, -seq:].to(torch.bool)
-        else:
-            real = torch.ones(batch, seq, dtype=torch.bool, device=x.device)
+        real = _real_tokens(kwargs.get("attention_mask"), kwargs.get("cache"), x.shape[0], x.shape[1], x.device)
         self.state = ForwardState(real, len(self.layers))
         inference = not self.training_routers
         self._folds = self.routers.folds(self.config.threshold) if inference else None
@@ -490,6 +485,25 @@ class RoutedModel(nn.Module):
     def freeze_base(self) -> None:
         for p in self.model.parameters():
             p.requires_grad_(False)
+
+
+def _real_tokens(mask, cache, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+    """(B, T) bool: which tokens of the pass are real rather than padding, from the mask the decoder receives.
+
+    Usually the 2-D padding mask. generate() with a static cache, or a caller, may hand over the prepared 4-D
+    mask (B, 1, T, keys) instead, or a dict of them per attention type: there a token is real when it may
+    attend to its own key, which sits after the keys already cached (a pad's key is masked for every query)."""
+    if isinstance(mask, dict):
+        mask = mask.get("full_attention", next((m for m in mask.values() if m is not None), None))
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return mask[:, -seq:].to(torch.bool)
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        past = 0 if cache is None else int(cache.get_seq_length())
+        if past + seq <= mask.shape[-1]:
+            index = torch.arange(seq, device=mask.device)
+            own = mask[:, 0, index, past + index]  # bool: may attend; float: an additive mask, 0 where it may
+            return (own if own.dtype == torch.bool else own == 0).expand(batch, seq).to(device)
+    return torch.ones(batch, seq, dtype=torch.bool, device=device)
 
 
 # -- the routed decoder layer ------------------------------------------------------------------------------
