@@ -22,6 +22,7 @@ from skipgpt.training import TrainConfig, TrainingError, merge_lora, train
 from skipgpt.training import loss as L
 from skipgpt.training.checkpoint import CHECKPOINT_NAME
 from skipgpt.training.data import PackedData, load_self
+from skipgpt.training.lora import attach_lora
 from skipgpt.training.trainer import _setup_parameters, learning_rate, step_gradients
 
 from conftest import make_tiny, run_cli, varied_routers
@@ -70,6 +71,20 @@ def test_stage2_only_lora_gets_gradients(tmp_path):
         if "lora_" not in name:
             assert not p.requires_grad and p.grad is None, name
     assert all(p.grad is None and not p.requires_grad for p in routed.routers.parameters())
+
+
+def test_stage2_trains_an_adapter_the_routed_model_already_carries(tmp_path):
+    """A routed model handed over with its LoRA attached (load_routers(..., lora="attach")) goes on training it."""
+    routed = RoutedModel(make_tiny("llama"))
+    cfg = tiny_cfg(tmp_path, stage="lora")
+    attach_lora(routed)
+    for p in routed.model.parameters():  # as a loaded adapter comes: frozen for inference
+        p.requires_grad_(False)
+    _setup_parameters(routed, cfg)
+    step_gradients(routed, [{"input_ids": packed().train[:2]}], cfg)
+    lora_b = [p for n, p in routed.model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(p.requires_grad and p.grad is not None for p in lora_b)
+    assert sum(float(p.grad.abs().sum()) for p in lora_b) > 0
 
 
 def test_regulariser_gradient_pushes_sparsity_toward_target():

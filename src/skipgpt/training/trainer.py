@@ -205,7 +205,10 @@ def _setup_parameters(routed, cfg: TrainConfig) -> list[dict]:
     if cfg.trains_lora:
         if not hasattr(routed.model, "peft_config"):
             attach_lora(routed, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-        groups.append({"params": lora_parameters(routed), "lr": cfg.lora_lr, "base_lr": cfg.lora_lr})
+        lora = lora_parameters(routed)
+        for p in lora:  # an adapter the caller attached was frozen with the base above; this stage trains it
+            p.requires_grad_(True)
+        groups.append({"params": lora, "lr": cfg.lora_lr, "base_lr": cfg.lora_lr})
     routed.routers.train(cfg.trains_routers)
     routed.model.train(cfg.trains_lora)  # LoRA dropout on; router tuning keeps the base deterministic
     return groups
