@@ -238,6 +238,18 @@ def test_llama_shaped_relatives_that_routing_would_get_wrong_are_refused(name, o
         RoutedModel(model)
 
 
+def test_a_multimodal_gemma3_is_refused_with_what_to_load_instead():
+    import transformers as tf
+
+    from conftest import TINY
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = tf.Gemma3Config(text_config=dict(TINY, head_dim=16), vision_config=vision, mm_tokens_per_image=4)
+    with pytest.raises(UnsupportedModelError, match="multimodal.*gemma3_text"):
+        RoutedModel(tf.AutoModelForCausalLM.from_config(config))
+
+
 def test_bad_config_values():
     with pytest.raises(ConfigError, match="target sparsity"):
         SkipConfig(target_sparsity=1.5)

@@ -50,6 +50,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 def find_decoder(model: nn.Module) -> nn.Module:
     model = unwrap(model)
     decoder = getattr(model, "model", None)
+    if isinstance(getattr(getattr(decoder, "language_model", None), "layers", None), nn.ModuleList):
+        raise UnsupportedModelError(
+            f"{type(model).__name__} is a multimodal model; skipgpt routes text-only causal LMs (for Gemma 3, "
+            f"the gemma3_text checkpoints such as gemma-3-1b, loaded as Gemma3ForCausalLM)"
+        )
     if decoder is None or not isinstance(getattr(decoder, "layers", None), nn.ModuleList):
         raise UnsupportedModelError(
             f"{type(model).__name__}: no decoder with a `layers` list found; skipgpt supports {SUPPORTED}"
