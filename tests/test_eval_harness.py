@@ -12,14 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from skipgpt import RoutedModel, SkipConfig
+from skipgpt import RoutedModel, SkipConfig, save_routers
 from skipgpt.errors import ConfigError, DataError
 from skipgpt.evaluation.harness import SkipGPTLM, _real_tokens, build_task, run_task
 from skipgpt.evaluation.perplexity import context_buckets, perplexity
 from skipgpt.evaluation.runner import evaluate, markdown_table
 from skipgpt.evaluation.tasks import choices_and_gold, load_task
+from skipgpt.models.loading import load_model
 
-from conftest import make_tiny
+from conftest import make_tiny, save_tiny_llama, varied_routers
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "eval"
 
@@ -140,6 +141,64 @@ def test_routed_model_scores_and_sparsity_exclude_pads(model, tokenizer):
 def test_real_token_mask_from_right_padding():
     inps = torch.tensor([[5, 6, 7, 8], [5, 6, 0, 0], [0, 3, 0, 0]])
     assert _real_tokens(inps).tolist() == [[True] * 4, [True, True, False, False], [True, True, False, False]]
+
+
+@pytest.mark.parametrize("mode", ["masked", "sparse"])
+def test_a_real_token_id_0_scores_the_same_at_any_batch_size(model, tokenizer, mode):
+    """The harness right-pads with id 0, so a row whose input ends in a real id 0 looks padded: that guess may
+    only touch the sparsity statistics, never the scores (the token must still attend to itself)."""
+    reqs = [(("a", "b"), [5, 6, 7, 8, 9, 10, 11], [12, 13]),  # the longest row: never padded
+            (("c", "d"), [5, 6, 7], [0, 14])]  # its input is [5, 6, 7, 0]: the last input token is id 0
+    routed = varied_routers(model=model)  # random routers: the id-0 token executes attention in most layers
+    try:
+        routed.set_mode(mode)
+        want = []  # an independent log-softmax of the same routed model, one request at a time
+        with torch.no_grad():
+            for _, ctx, cont in reqs:
+                logp = routed(input_ids=torch.tensor([(ctx + cont)[:-1]])).logits[0].log_softmax(-1)
+                want.append(sum(float(logp[len(ctx) - 1 + i, t]) for i, t in enumerate(cont)))
+        got, tokens = {}, {}
+        for batch_size in (1, 2):
+            routed.reset_sparsity()
+            lm = SkipGPTLM(routed, tokenizer=tokenizer, batch_size=batch_size)
+            got[batch_size] = [ll for ll, _ in lm._loglikelihood_tokens(reqs, disable_tqdm=True)]
+            tokens[batch_size] = routed.sparsity().tokens
+    finally:
+        routed.unpatch()
+    assert got[1] == pytest.approx(want, abs=1e-4) and got[2] == pytest.approx(want, abs=1e-4)
+    # Batch 2 pads [5, 6, 7, 0] to 8 tokens: the pads stay out of the statistics, and so does the real id 0
+    # (the documented cost of guessing pads from the ids alone).
+    assert tokens[1] == 8 + 4 and tokens[2] == 8 + 3
+
+
+def test_lm_eval_default_device_falls_back_to_the_cpu_without_cuda(tmp_path, monkeypatch):
+    """`lm_eval run` passes device=cuda:0 unless told otherwise; like the stock hf model, run on the CPU when
+    CUDA is not available instead of failing."""
+    save_tiny_llama(tmp_path / "m", layers=1)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    lm = SkipGPTLM.create_from_arg_string(f"pretrained={tmp_path / 'm'}", {"batch_size": 1, "device": "cuda:0"})
+    assert lm.device.type == "cpu" and next(lm.model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("arg", ["router=r", "peft=adapter", "rooters=r,mode=sparse", "parallelize=True"])
+def test_unknown_model_args_are_refused(tmp_path, arg):
+    """A typo of routers= (or HFLM's peft=) must not evaluate the dense model without a word."""
+    key = arg.split("=")[0]
+    with pytest.raises(ConfigError, match=f"unknown model_args.*'{key}'"):
+        SkipGPTLM.create_from_arg_string(f"pretrained={tmp_path / 'never-loaded'},{arg}", {"device": "cpu"})
+
+
+def test_numeric_model_args_are_names(tmp_path, monkeypatch, tokenizer):
+    """lm-eval turns `routers=1` into the int 1; folders named by digits still load."""
+    from peft import LoraConfig, get_peft_model  # seconds to import: only this test pays for it
+
+    save_tiny_llama(tmp_path / "3", layers=1)
+    save_routers(RoutedModel(load_model(str(tmp_path / "3"))[0]), tmp_path / "1")
+    lora_config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(load_model(str(tmp_path / "3"))[0], lora_config).save_pretrained(tmp_path / "2")
+    monkeypatch.chdir(tmp_path)
+    lm = SkipGPTLM.create_from_arg_string("pretrained=3,routers=1,lora=2,mode=sparse,batch_size=2", {"device": "cpu"})
+    assert lm.routed is not None and lm.routed.mode == "sparse" and lm.batch_size == 2
 
 
 # -- perplexity ---------------------------------------------------------------------------------------------

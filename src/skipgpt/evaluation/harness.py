@@ -41,6 +41,15 @@ STOCK_YAML = {
 }
 # The metric the paper reports per task.
 PAPER_METRIC = {"hellaswag": "acc_norm", "openbookqa": "acc_norm"}
+# HFLM options that still act on a model instance with a tokenizer object: SkipGPTLM passes these on and
+# refuses any other model_arg, since HFLM would drop it (a typo of routers=, peft=) or assert on it
+# (parallelize=). trust_remote_code is what `lm_eval run --trust_remote_code` adds for the datasets.
+HFLM_OPTIONS = frozenset({
+    "batch_size", "max_batch_size", "max_length", "truncation", "logits_cache", "softmax_dtype",
+    "mixed_precision_dtype", "add_bos_token", "prefix_token_id", "trust_remote_code", "use_fast_tokenizer",
+    "think_end_token", "enable_thinking", "chat_template_args",
+})
+OWN_ARGS = ("pretrained", "routers", "lora", "mode", "dtype", "device", "tokenizer")
 
 
 def prepare_model(
@@ -67,11 +76,12 @@ def prepare_model(
 
 
 def _real_tokens(inps: torch.Tensor) -> torch.Tensor:
-    """Mask of non-pad tokens in a batch the harness right-padded with id 0.
+    """Guess of the non-pad tokens in a batch the harness right-padded with id 0.
 
     The harness does not pass a mask to causal models; its padding is a run of zeros after each row,
-    and one row is never padded. A row whose own last token is id 0 is counted one token short; that
-    only touches sparsity accounting, never the scores (pads sit after every scored token).
+    and one row is never padded. A row whose own last token is id 0 is counted one token short. The
+    guess goes only to the routed model's token mask, never to attention: it touches the sparsity
+    statistics, never the scores (save through a policy that reads the mask: an uncalibrated MoD-D top-k).
     """
     zero = inps == 0
     trailing = zero.flip(-1).int().cumprod(-1).sum(-1)  # length of each row's final run of zeros
@@ -79,16 +89,37 @@ def _real_tokens(inps: torch.Tensor) -> torch.Tensor:
     return torch.arange(inps.shape[1], device=inps.device)[None, :] < length[:, None]
 
 
+def _device(device: str | None) -> str | None:
+    """HFLM's fallback: `lm_eval run` passes cuda:0 unless told otherwise, and the stock hf model then runs
+    on the CPU of a machine without CUDA rather than failing."""
+    if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger(__name__).warning("CUDA is not available: running on the CPU instead of %s", device)
+        return "cpu"
+    return device
+
+
 @register_model("skipgpt")
 class SkipGPTLM(HFLM):
-    """HFLM over a SkipGPT model. model_args: pretrained, routers, lora, mode (masked|sparse), dtype."""
+    """HFLM over a SkipGPT model. model_args: pretrained, routers, lora, mode (masked|sparse), dtype, device,
+    and the HFLM options in HFLM_OPTIONS."""
 
     def __init__(
         self, pretrained="smollm2-135m", routers: str | None = None, lora: str | None = None,
         mode: str = "masked", dtype: str = "float32", tokenizer=None, device: str | None = "cpu", **kwargs,
     ) -> None:
+        unknown = sorted(set(kwargs) - HFLM_OPTIONS)
+        if unknown:
+            raise ConfigError(
+                f"unknown model_args {', '.join(map(repr, unknown))} for the skipgpt model; it takes "
+                f"{', '.join(OWN_ARGS)} and the HFLM options {', '.join(sorted(HFLM_OPTIONS))}"
+            )
+        # lm-eval parses `routers=1` into the int 1; every name here is a path or hub id.
+        if isinstance(pretrained, (int, float)):
+            pretrained = str(pretrained)
+        routers = None if routers is None else str(routers)
+        lora = None if lora is None else str(lora)
         if isinstance(pretrained, str):
-            pretrained, tok = prepare_model(pretrained, routers, lora, mode, dtype, None if device is None else device)
+            pretrained, tok = prepare_model(pretrained, routers, lora, mode, dtype, _device(device))
             tokenizer = tokenizer or tok
         elif routers or lora:
             raise ConfigError("routers= and lora= apply only when pretrained= names a model to load")
@@ -96,19 +127,16 @@ class SkipGPTLM(HFLM):
             raise ConfigError("a model instance needs its tokenizer (tokenizer=...)")
         self.routed = pretrained if isinstance(pretrained, RoutedModel) else None
         model = self.routed.model if self.routed is not None else pretrained
-        kwargs.pop("dtype", None)
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         if self.routed is None or attn_mask is not None or inps.shape[0] == 1:
             return super()._model_call(inps, attn_mask, labels)
-        real = _real_tokens(inps)
-        if bool(real.all()):
+        # The forward has no pad mask, as in stock HFLM: under causal attention right pads never reach a real
+        # token, while a mask would hide a real id-0 token from its own query. The guessed pads only leave the
+        # sparsity statistics.
+        with self.routed.using(real_tokens=_real_tokens(inps)):
             return super()._model_call(inps)
-        # A mask keeps pads out of the routed sparsity statistics; causal attention means it
-        # changes nothing for the real tokens.
-        with torch.no_grad():
-            return self.model(inps, attention_mask=real.long()).logits
 
 
 def stock_config(name: str) -> dict:

@@ -254,10 +254,10 @@ class RoutedModel(nn.Module):
     """A HF causal LM whose decoder layers consult a router before every attention and MLP module.
 
     Settings a caller may change for a while go through `using(...)` (or `forced` / `mode_as`), which
-    restores them afterwards: mode, policy, sample, track, temperature, noise.
+    restores them afterwards: mode, policy, sample, track, temperature, noise, real_tokens.
     """
 
-    SETTINGS = ("mode", "policy", "sample", "track", "temperature", "noise")
+    SETTINGS = ("mode", "policy", "sample", "track", "temperature", "noise", "real_tokens")
 
     def __init__(self, model: nn.Module, config: SkipConfig | None = None, name: str | None = None):
         super().__init__()
@@ -290,6 +290,9 @@ class RoutedModel(nn.Module):
         self.track = True  # accumulate sparsity statistics in self.meter
         self.temperature = 1.0  # Gumbel-softmax temperature, used only while routers train
         self.noise = 1.0  # scale of the training Gumbel noise (1 = standard Gumbel-softmax)
+        # (B, T) bool: the real tokens of the passes to come, for callers that know the padding but pass no mask
+        # (the harness: a mask would hide a real id-0 token from its own query); None: read from the mask
+        self.real_tokens: torch.Tensor | None = None
         # the last forward pass
         self.state: ForwardState | None = None
         self._folds: list | None = None  # the routers' folds for this pass (inference only)
@@ -341,7 +344,9 @@ class RoutedModel(nn.Module):
         x = kwargs.get("input_ids")
         if x is None:
             x = args[0] if args else kwargs.get("inputs_embeds")
-        real = _real_tokens(kwargs.get("attention_mask"), kwargs.get("cache"), x.shape[0], x.shape[1], x.device)
+        real = self.real_tokens
+        if real is None or real.shape != x.shape[:2]:
+            real = _real_tokens(kwargs.get("attention_mask"), kwargs.get("cache"), x.shape[0], x.shape[1], x.device)
         self.state = ForwardState(real, len(self.layers))
         inference = not self.training_routers
         self._folds = self.routers.folds(self.config.threshold) if inference else None
@@ -416,7 +421,8 @@ class RoutedModel(nn.Module):
 
     @contextmanager
     def using(self, **settings) -> Iterator[RoutedModel]:
-        """Change settings (mode, policy, sample, track, temperature, noise) for the block, then restore them."""
+        """Change settings (mode, policy, sample, track, temperature, noise, real_tokens) for the block, then
+        restore them."""
         unknown = sorted(set(settings) - set(self.SETTINGS))
         if unknown:
             raise ConfigError(f"unknown routing settings {unknown}; choose from {self.SETTINGS}")
