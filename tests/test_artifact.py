@@ -6,10 +6,12 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from skipgpt import RoutedModel, SkipConfig, load_routers, save_routers
 from skipgpt.artifact import CONFIG_NAME, WEIGHTS_NAME
 from skipgpt.errors import ArtifactError
+from skipgpt.io import file_sha256
 
 from conftest import make_tiny
 
@@ -103,11 +105,21 @@ def test_other_architecture_is_refused(saved):
 
 
 def test_nan_weights_are_refused(tmp_path):
-    # Saved as they are (a run that diverged): the file list matches, the values do not.
+    # A run that diverged: not saved (the loader would refuse the directory)...
     routed = trained_like(make_tiny("llama"))
     with torch.no_grad():
         next(iter(routed.routers.parameters()))[..., 0] = float("nan")
-    save_routers(routed, tmp_path / "r")
+    with pytest.raises(ArtifactError, match="NaN.*nothing was saved"):
+        save_routers(routed, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    # ...and such weights written by other means, with the file list matching them, are refused on load.
+    save_routers(trained_like(make_tiny("llama")), tmp_path / "r")
+    weights = {k: v.clone() for k, v in load_file(tmp_path / "r" / WEIGHTS_NAME).items()}
+    next(iter(weights.values()))[..., 0] = float("nan")
+    save_file(weights, str(tmp_path / "r" / WEIGHTS_NAME))
+    config = json.loads((tmp_path / "r" / CONFIG_NAME).read_text())
+    config["files"][WEIGHTS_NAME] = file_sha256(tmp_path / "r" / WEIGHTS_NAME)
+    (tmp_path / "r" / CONFIG_NAME).write_text(json.dumps(config))
     with pytest.raises(ArtifactError, match="NaN"):
         load_routers(make_tiny("llama"), tmp_path / "r", check=False)
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from skipgpt import RoutedModel, load_model, save_routers
 from skipgpt.training.checkpoint import CHECKPOINT_NAME
 
-from conftest import run_cli
+from conftest import one_error_line, run_cli
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -75,3 +81,97 @@ def test_other_bad_input_creates_no_output_folder(tmp_path, tiny_dir, capsys):
         assert run_cli([*common(tiny_dir, out), *extra]) == 2
         assert message in one_line_error(capsys)
         assert not out.exists(), extra
+
+
+# -- a checkpoint that is not this run's as it wrote it --------------------------------------------------------
+
+
+def first_param(tensors: dict) -> str:
+    return sorted(k for k in tensors if k.startswith("param."))[0]
+
+
+def with_tensor(key, make):
+    """An edit of the checkpoint's tensors: `key` (a name, or a function of the tensors naming one) set to
+    make(old value), or removed when make is None."""
+    def edit(tensors: dict, meta: dict) -> None:
+        name = key(tensors) if callable(key) else key
+        old = tensors.pop(name, None)
+        if make is not None:
+            tensors[name] = make(old)
+    return edit
+
+
+def with_meta(key, value):
+    """An edit of the checkpoint's JSON metadata: `key` set to `value`, or removed when value is None."""
+    def edit(tensors: dict, meta: dict) -> None:
+        meta.pop(key)
+        if value is not None:
+            meta[key] = value
+    return edit
+
+
+def with_base_lr(value):
+    """An edit of the first optimizer group's base_lr (the trainer's schedule reads it at every step)."""
+    def edit(tensors: dict, meta: dict) -> None:
+        meta["param_groups"][0]["base_lr"] = value
+    return edit
+
+
+BAD_CHECKPOINTS = {
+    # before: resumed without a word, from broadcast, cast, NaN or mis-shaped state
+    "smaller parameter": (with_tensor(first_param, lambda v: v[..., :1].clone()), "is float32 (1,), this run's is"),
+    "NaN parameter": (with_tensor(first_param, lambda v: torch.full_like(v, float("nan"))), "holds NaN"),
+    "int parameter": (with_tensor(first_param, lambda v: v.long()), "is int64"),
+    "moment of another shape": (with_tensor("opt.0.exp_avg", lambda v: torch.zeros(7)), "exp_avg is float32 (7,)"),
+    "step past the run": (with_meta("step", 99), "step 99 is past the run's 2 steps"),
+    # before: a traceback (KeyError, RuntimeError, ValueError, TypeError)
+    "parameter of another shape": (with_tensor(first_param, lambda v: torch.zeros(3, 5)), "is float32 (3, 5)"),
+    "moment missing": (with_tensor("opt.0.exp_avg_sq", None), "AdamW keeps"),
+    "no RNG state": (with_tensor("rng.torch", None), "rng.torch is missing"),
+    "short RNG state": (with_tensor("rng.torch", lambda v: v[:3].clone()), "rng.torch is missing or not"),
+    "garbage RNG state": (with_tensor("rng.torch", lambda v: torch.full_like(v, 255)), "can resume from"),
+    "optimizer key": (with_tensor("opt.x.exp_avg", lambda v: torch.zeros(1)), "unexpected tensor opt.x.exp_avg"),
+    "no param_groups": (with_meta("param_groups", None), "param_groups is missing"),
+    "param_groups of another run": (with_meta("param_groups", [{"lr": 1}]), "other parameters than this run's"),
+    "lr not a number": (with_base_lr("x"), "optimizer base_lr is 'x'"),
+    "step not a number": (with_meta("step", "x"), "step 'x' is not a whole number"),
+    "history not a list": (with_meta("history", 5), "history is not a list"),
+    "infinite threshold": (with_meta("threshold", float("inf")), "threshold inf is not a finite number"),
+}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiny_dir, tmp_path_factory) -> Path:
+    """The checkpoint of a finished 2-step run (checkpointed after each step)."""
+    out = tmp_path_factory.mktemp("checkpointed")
+    assert run_cli([*common(tiny_dir, out), "--steps", "2", "--checkpoint-every", "1"]) == 0
+    return out / CHECKPOINT_NAME
+
+
+@pytest.mark.parametrize("case", ["as written", *BAD_CHECKPOINTS, "metadata not an object"])
+def test_a_checkpoint_that_does_not_fit_this_run_is_refused_in_one_line(case, checkpoint, tiny_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    with safe_open(str(checkpoint), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["state"])  # noqa: SIM118
+    meta["step"], meta["history"] = 1, meta["history"][:1]  # so that the resumed run has a step to train
+    argv = [*common(tiny_dir, out), "--steps", "2", "--checkpoint-every", "1", "--resume"]
+    if case == "as written":
+        save_file(tensors, str(out / CHECKPOINT_NAME), metadata={"format": "skipgpt-train-state",
+                                                                 "state": json.dumps(meta)})
+        assert run_cli(argv) == 0
+        assert "resuming from" in capsys.readouterr().out
+        return
+    if case == "metadata not an object":
+        meta, message = [meta], "not a JSON object"  # before: AttributeError in the --resume option check
+    else:
+        edit, message = BAD_CHECKPOINTS[case]
+        edit(tensors, meta)
+    save_file(tensors, str(out / CHECKPOINT_NAME), metadata={"format": "skipgpt-train-state",
+                                                             "state": json.dumps(meta)})
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run_cli(argv) == 2
+    line = one_error_line(capsys.readouterr().err, "train", model_loaded=True)
+    assert message in line and str(out / CHECKPOINT_NAME) in line
+    assert snapshot(out) == before

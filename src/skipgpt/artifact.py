@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -42,6 +42,9 @@ SAVE_PREFIX = ".skipgpt-save-"  # the temporary folder a save writes into, insid
 # The names a save owns in its directory: one there that the config does not list is stale (a new save
 # removes it, a load refuses it), since an unlisted DIR/adapter would otherwise be applied without a word.
 PART_NAMES = frozenset({WEIGHTS_NAME, FORECASTERS_NAME, ADAPTER_DIR})
+# The dtypes a save writes weights in; ints and bools would load cast (a bool weight becomes 1.0), float64 and
+# float8 are not written by any save (and torch.isfinite does not take every float8).
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 Writer = Callable[[Path], None]  # writes one part (a file or a folder) at the path it is given
 
@@ -57,13 +60,24 @@ def save_routers(routed: RoutedModel, directory: str | Path) -> Path:
             f"load onto the plain base and give other outputs. Save before merging (load_routers(..., lora='attach') "
             f"keeps an adapter separate, and saves it)")
     # One entry per part of the directory: its name and what writes it.
-    parts: dict[str, Writer] = {WEIGHTS_NAME: tensors_writer(routed.routers.state_dict(), "skipgpt-routers")}
+    routers = _finite(routed.routers.state_dict(), "router")
+    parts: dict[str, Writer] = {WEIGHTS_NAME: tensors_writer(routers, "skipgpt-routers")}
     if routed.forecasters is not None:
-        parts[FORECASTERS_NAME] = tensors_writer(routed.forecasters.state_dict(), "skipgpt-forecasters")
+        forecasters = _finite(routed.forecasters.state_dict(), "forecaster")
+        parts[FORECASTERS_NAME] = tensors_writer(forecasters, "skipgpt-forecasters")
     if hasattr(routed.model, "peft_config"):
         parts[ADAPTER_DIR] = lambda path: routed.model.save_pretrained(path, safe_serialization=True)
     write_parts(Path(directory), parts, routed.config)
     return Path(directory)
+
+
+def _finite(tensors: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    """`tensors`, refused before anything is written when one holds NaN/inf: the loader refuses such a save."""
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ArtifactError(f"the {kind} weight {key} holds NaN or infinite values (training diverged?); "
+                                f"nothing was saved")
+    return tensors
 
 
 def tensors_writer(tensors: dict[str, torch.Tensor], kind: str) -> Writer:
@@ -92,13 +106,15 @@ def write_parts(directory: Path, parts: dict[str, Writer], config: SkipConfig) -
         text = json.dumps({**config.to_dict(), FILES_KEY: files}, indent=2, sort_keys=True) + "\n"
         (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
         settle(tmp)
-        stale = (PART_NAMES | _listed_parts(directory)) - set(parts)
+        # Only the names a save owns, never what the old config lists: that file is input, and a name in it
+        # such as "../x" or "/etc" would be removed outside the directory.
+        stale = PART_NAMES - set(parts)
         (directory / CONFIG_NAME).unlink(missing_ok=True)  # from here to the last rename it does not load
         for name in sorted(stale):
             _remove(directory / name)
         for name in parts:
             if (directory / name).is_dir():
-                shutil.rmtree(directory / name)  # a rename cannot replace a folder that holds files
+                _remove(directory / name)  # a rename cannot replace a folder that holds files (nor follow a link)
             os.replace(tmp / name, directory / name)
         os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
         fsync_dir(directory)
@@ -106,16 +122,8 @@ def write_parts(directory: Path, parts: dict[str, Writer], config: SkipConfig) -
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _listed_parts(directory: Path) -> set[str]:
-    """The top-level parts the directory's current config lists (none if it has no readable list)."""
-    try:
-        files = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))[FILES_KEY]
-        return {name.split("/")[0] for name in files}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return set()
-
-
 def _remove(path: Path) -> None:
+    """Remove a file, a folder, or a link (never what it points to)."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
@@ -166,6 +174,7 @@ def load_routers(model: nn.Module, directory: str | Path, check: bool = True, lo
 def load_adapter(model: nn.Module, directory: str | Path, merge: bool = True, trainable: bool = False) -> nn.Module:
     """`model` with the PEFT LoRA adapter in `directory`: merged into its weights, or as a PeftModel."""
     directory = check_adapter(directory)
+    _check_lora_weights(model, directory)
     from peft import PeftModel  # seconds to import: only commands that meet an adapter pay for it
 
     try:
@@ -182,7 +191,57 @@ def check_adapter(directory: str | Path) -> Path:
         raise ArtifactError(f"{directory}: not a LoRA adapter folder (no adapter_config.json)")
     if not (directory / "adapter_model.safetensors").is_file():
         raise ArtifactError(f"{directory}: no adapter_model.safetensors (only safetensors adapters are read)")
+    kind = _adapter_config(directory).get("peft_type")
+    if kind != "LORA":  # another PEFT method (prompt tuning, IA3...) has no LoRA weights to merge
+        raise ArtifactError(f"{directory}: its peft_type is {kind!r}; skipgpt reads LoRA adapters only")
     return directory
+
+
+def _adapter_config(directory: Path) -> dict:
+    path = directory / "adapter_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ArtifactError(f"{path}: expected a JSON object")
+    return config
+
+
+def _check_lora_weights(model: nn.Module, directory: Path) -> None:
+    """Each LoRA weight of the adapter against the Linear layer it adapts, before PEFT injects anything (a load
+    that fails after the injection leaves LoRA layers in the caller's model); and no NaN, which would load."""
+    path = directory / "adapter_model.safetensors"
+    config = _adapter_config(directory)
+    rank = None if config.get("rank_pattern") else config.get("r")  # a pattern gives some layers other ranks
+    base = unwrap(model)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no items(); one tensor in memory at a time
+                value = f.get_tensor(key)
+                if value.dtype not in WEIGHT_DTYPES:
+                    raise ArtifactError(f"{path}: {key} is {str(value.dtype).removeprefix('torch.')}, not a float "
+                                        f"weight")
+                if not torch.isfinite(value).all():
+                    raise ArtifactError(f"{path}: {key} holds NaN or infinite values")
+                name, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+                if part not in ("A.weight", "B.weight"):
+                    continue  # another PEFT weight (a DoRA magnitude...): PEFT checks it
+                try:
+                    layer = base.get_submodule(name)
+                except AttributeError:
+                    raise ArtifactError(f"{path}: {key} adapts {name or key}, which this model does not have "
+                                        f"(an adapter for another model?)") from None
+                layer = getattr(layer, "base_layer", layer)  # a layer PEFT already wraps
+                if not isinstance(layer, nn.Linear):
+                    raise ArtifactError(f"{path}: {key} adapts {name}, which is not a Linear layer")
+                r = rank or value.shape[0 if part == "A.weight" else -1]
+                want = (r, layer.in_features) if part == "A.weight" else (layer.out_features, r)
+                if tuple(value.shape) != want:
+                    raise ArtifactError(f"{path}: {key} has shape {tuple(value.shape)}, this model needs {want} "
+                                        f"(an adapter for another model?)")
+    except (SafetensorError, OSError) as e:
+        raise ArtifactError(f"{path} is corrupt or truncated ({e})") from None
 
 
 def apply_adapter(routed: RoutedModel, directory: str | Path, merge: bool = True) -> RoutedModel:
@@ -281,8 +340,8 @@ def check_base(config: SkipConfig, model: nn.Module, source: str) -> None:
     got = _other_weights(model, want.fingerprint)
     if got is not None:
         raise ArtifactError(
-            f"{source}: routers were trained on different weights ({want.name}, fingerprint "
-            f"{want.fingerprint}) than the given model (fingerprint {got})"
+            f"{source}: routers were trained on different weights ({want.name + ', ' if want.name else ''}"
+            f"fingerprint {want.fingerprint}) than the given model (fingerprint {got})"
         )
     if want.fingerprint and _float16(model):
         warnings.warn(f"{source}: the weights were not compared with those the routers were trained on (float16 "
@@ -318,6 +377,9 @@ def _check_router_state(state: dict, expected: dict, weights: Path, router: str)
         raise ArtifactError(f"{weights} does not match a {router} router for this model "
                             f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
     for key, value in state.items():
+        if value.dtype not in WEIGHT_DTYPES:
+            raise ArtifactError(f"{weights}: {key} is {str(value.dtype).removeprefix('torch.')}, not a float "
+                                f"weight")
         if value.shape != expected[key].shape:
             raise ArtifactError(f"{weights}: {key} has shape {tuple(value.shape)}, "
                                 f"expected {tuple(expected[key].shape)}")

@@ -102,7 +102,9 @@ class SkipConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object")
         version = data.get("format_version", FORMAT_VERSION)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ConfigError(f"{source}: format_version must be a whole number >= 1, got {version!r}")
+        if version > FORMAT_VERSION:
             raise ConfigError(
                 f"{source}: format_version {version} is newer than this skipgpt understands "
                 f"({FORMAT_VERSION}); upgrade skipgpt"

@@ -159,21 +159,28 @@ def from_extra(routed, source: str = "routers") -> Policy | None:
     extra = routed.config.extra
     kind = extra.get("routing", "skipgpt")
 
-    def per_module(name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """extra[name] as the (layers, 2) table of one value per attention and MLP module."""
-        table = torch.tensor(extra[name], dtype=dtype)
+    def per_module(name: str, dtype: torch.dtype = torch.float32, fraction: bool = False) -> torch.Tensor:
+        """extra[name] as the (layers, 2) table of one value per attention and MLP module: finite, in [0, 1]
+        for a fraction, 0/1 for a bool (read as numbers first: a cast to bool would take NaN or 0.5 as true)."""
+        table = torch.tensor(extra[name], dtype=torch.float64)
         if table.shape != (len(routed.layers), 2):
             raise ValueError(f"{name} has shape {tuple(table.shape)}, the model needs ({len(routed.layers)}, 2)")
-        return table
+        if not torch.isfinite(table).all():
+            raise ValueError(f"{name} holds NaN or infinite values")
+        if fraction and not ((table >= 0) & (table <= 1)).all():
+            raise ValueError(f"{name} holds values outside [0, 1]")
+        if dtype == torch.bool and not ((table == 0) | (table == 1)).all():
+            raise ValueError(f"{name} holds values other than true and false")
+        return table.to(dtype)
 
     try:
         if kind in ("shortgpt", "static-modules"):
             return static(per_module("keep", torch.bool))
         if kind == "random":
-            return random(per_module("skip_rates"), int(extra.get("seed", 0)))
+            return random(per_module("skip_rates", fraction=True), int(extra.get("seed", 0)))
         if kind == "mod-d":
             thresholds = None if extra.get("thresholds") is None else per_module("thresholds", torch.float64)
-            return ModPolicy(routed, per_module("capacity"), thresholds)
+            return ModPolicy(routed, per_module("capacity", fraction=True), thresholds)
         if kind == "coupled":
             return CoupledPolicy(routed)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:

@@ -8,6 +8,7 @@ reproduce an uninterrupted one bit for bit (CPU, fp32, same thread count).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from ..io import save_safetensors_atomic
 from .data import data_digest
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
+RNG_KEY = "rng.torch"
 # Options that do not change what a resumed run computes; every other option must match the checkpoint's,
 # or the resumed steps would silently follow another recipe (other data order, schedule, loss...).
 RESUME_MAY_CHANGE = frozenset({"resume", "progress", "report_to", "checkpoint_every", "output", "calibrate"})
@@ -39,7 +41,7 @@ def save_checkpoint(path: Path, routed, optimizer: torch.optim.Optimizer, step: 
     for index, slots in state["state"].items():
         for key, value in slots.items():
             tensors[f"opt.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tensors["rng.torch"] = torch.get_rng_state()
+    tensors[RNG_KEY] = torch.get_rng_state()
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
     meta = {"step": step, "param_groups": groups, **extra}
     save_safetensors_atomic(path, tensors, metadata={"format": "skipgpt-train-state", "state": json.dumps(meta)})
@@ -49,9 +51,12 @@ def read_metadata(path: Path) -> dict[str, Any]:
     """The JSON metadata of a checkpoint (step, config, history) without loading its tensors."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return json.loads(f.metadata()["state"])
+            meta = json.loads(f.metadata()["state"])
     except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path}: not a readable skipgpt checkpoint ({e})") from None
+    if not isinstance(meta, dict):  # callers read it with .get
+        raise ArtifactError(f"{path}: not a readable skipgpt checkpoint (its metadata is not a JSON object)")
+    return meta
 
 
 def check_resume_config(path: Path, config: dict[str, Any]) -> None:
@@ -83,26 +88,131 @@ def _same_file(a: Any, b: Any) -> bool:
 
 
 def load_checkpoint(path: Path, routed, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Restore parameters, optimizer and RNG in place; return the JSON metadata (step, history, ...)."""
+    """Restore parameters, optimizer and RNG in place; return the JSON metadata (step, history, ...).
+
+    Every tensor and the metadata are checked against this run's parameters and optimizer first: a file edited,
+    damaged or written by another run fails in one line (ArtifactError), not with a traceback mid-restore or
+    mid-run, nor by resuming from state that copy_ broadcast, load_state_dict cast, or that holds NaN."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads(f.metadata()["state"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no items()
-    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+    except (SafetensorError, OSError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise ArtifactError(f"{path}: not a readable skipgpt checkpoint ({e})") from None
     params = trainable(routed)
     saved = {k[len("param."):] for k in tensors if k.startswith("param.")}
     if saved != set(params):
         raise ArtifactError(f"{path}: checkpoint holds other trainable parameters than this run "
                             f"(different --stage or model?); delete it or use another --output")
+    for name, p in params.items():
+        _check_tensor(path, f"param.{name}", tensors[f"param.{name}"], p)
+    _check_meta(path, meta)
+    state = _optimizer_state(path, tensors, meta["param_groups"], optimizer)
+    rng = tensors.get(RNG_KEY)
+    if rng is None or rng.dtype != torch.uint8 or rng.shape != torch.get_rng_state().shape:
+        raise _unusable(path, f"{RNG_KEY} is missing or not a CPU generator state")
+    try:  # what the checks cannot see (the generator's own fields); torch refuses before it changes anything
+        torch.set_rng_state(rng)
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise _unusable(path, (str(e).splitlines() or [type(e).__name__])[0]) from None
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(tensors[f"param.{name}"])
+    return meta
+
+
+def _unusable(path: Path, what: str) -> ArtifactError:
+    return ArtifactError(f"{path}: not a checkpoint this run can resume from ({what}); "
+                         f"delete it or use another --output")
+
+
+def _check_tensor(path: Path, key: str, value: torch.Tensor, like: torch.Tensor) -> None:
+    """`value` must be able to replace `like` as it is: copy_ would broadcast a smaller shape and cast a dtype."""
+    if value.shape != like.shape or value.dtype != like.dtype:
+        raise _unusable(path, f"{key} is {_describe(value)}, this run's is {_describe(like)}")
+    if not torch.isfinite(value).all():
+        raise _unusable(path, f"{key} holds NaN or infinite values")
+
+
+def _describe(t: torch.Tensor) -> str:
+    return f"{str(t.dtype).removeprefix('torch.')} {tuple(t.shape)}"
+
+
+def _optimizer_state(path: Path, tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]],
+                     optimizer: torch.optim.Optimizer) -> dict[int, dict[str, torch.Tensor]]:
+    """The checkpoint's optimizer state, each slot checked against the live parameter it will belong to
+    (load_state_dict maps the saved ids to this optimizer's parameters in order, and casts what it gets)."""
+    live = optimizer.param_groups
+    if len(groups) != len(live):
+        raise _unusable(path, f"{len(groups)} optimizer parameter groups, this run has {len(live)}")
+    owner: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}  # saved id -> (live parameter, its live group)
+    for g, h in zip(groups, live):
+        ids = g.get("params")
+        if not isinstance(ids, list) or len(ids) != len(h["params"]) or not all(_is_int(i) for i in ids):
+            raise _unusable(path, "a parameter group lists other parameters than this run's")
+        owner.update({i: (p, h) for i, p in zip(ids, h["params"])})
+        for key, want in h.items():  # load_state_dict takes the saved values over this run's
+            got = g.get(key)
+            if key == "params":
+                continue
+            if isinstance(want, (tuple, list)):  # betas
+                ok = isinstance(got, list) and len(got) == len(want) and all(_is_finite(x) for x in got)
+            elif _is_finite(want):  # lr, base_lr (the trainer's schedule reads it), eps, weight_decay
+                ok = _is_finite(got)
+            else:  # flags: another amsgrad, maximize... would change the update or want moments the file lacks
+                ok = key not in g or got == want
+            if not ok:
+                raise _unusable(path, f"optimizer {key} is {got!r}, this run's is {want!r}")
+    if len(owner) != sum(len(h["params"]) for h in live):
+        raise _unusable(path, "param_groups lists a parameter id twice")
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
-        if key.startswith("opt."):
-            _, index, slot = key.split(".", 2)
-            state.setdefault(int(index), {})[slot] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    return meta
+        if key.startswith("param.") or key == RNG_KEY:
+            continue
+        index, _, slot = key.removeprefix("opt.").partition(".")
+        if not key.startswith("opt.") or not index.isdigit() or int(index) not in owner or not slot:
+            raise _unusable(path, f"unexpected tensor {key}")
+        if slot == "step":
+            if value.dim() != 0 or not value.is_floating_point() or not 0 <= float(value) < math.inf:
+                raise _unusable(path, f"{key} is not a step count")
+        else:
+            _check_tensor(path, key, value, owner[int(index)][0])
+        state.setdefault(int(index), {})[slot] = value
+    if isinstance(optimizer, torch.optim.Adam):  # AdamW too: a missing moment would be a KeyError mid-run
+        for index, slots in state.items():
+            want = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if owner[index][1].get("amsgrad") else set())
+            if set(slots) != want:
+                raise _unusable(path, f"the optimizer state of parameter {index} holds {sorted(slots)}, "
+                                      f"AdamW keeps {sorted(want)}")
+    return state
+
+
+def _check_meta(path: Path, meta: Any) -> None:
+    """The JSON metadata that the trainer reads back: wrong types fail here, not mid-run."""
+    if not isinstance(meta, dict):
+        raise _unusable(path, "its metadata is not a JSON object")
+    step = meta.get("step")
+    if not _is_int(step) or step < 0:
+        raise _unusable(path, f"step {step!r} is not a whole number >= 0")
+    config = meta.get("config")
+    steps = config.get("steps") if isinstance(config, dict) else None
+    if _is_int(steps) and step > steps:
+        raise _unusable(path, f"step {step} is past the run's {steps} steps")
+    groups = meta.get("param_groups")
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise _unusable(path, "param_groups is missing or not a list of objects")
+    history = meta.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(r, dict) and _is_finite(r.get("loss")) for r in history):
+        raise _unusable(path, "history is not a list of logged steps")
+    for key, check in (("train_seconds", _is_finite), ("tokens", _is_int), ("threshold", _is_finite)):
+        if key in meta and not check(meta[key]):
+            raise _unusable(path, f"{key} {meta[key]!r} is not a {'whole' if check is _is_int else 'finite'} number")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
