@@ -439,11 +439,12 @@ def test_nested_unrouted_blocks_leave_the_outer_one_unrouted():
         torch.testing.assert_close(routed.model(input_ids=ids).logits, dense, rtol=0, atol=0)
 
 
-def test_a_nan_threshold_is_refused_and_the_old_one_kept():
+def test_a_nan_or_infinite_threshold_is_refused_and_the_old_one_kept():
     routed = RoutedModel(make_tiny("llama"))
     routed.threshold = 0.5
-    with pytest.raises(ConfigError, match="threshold"):
-        routed.threshold = float("nan")
+    for bad in (float("nan"), float("inf"), -float("inf")):  # inf would execute every module, -inf skip all
+        with pytest.raises(ConfigError, match="threshold"):
+            routed.threshold = bad
     assert routed.threshold == 0.5
 
 

@@ -154,7 +154,7 @@ def test_3_binary_data_and_config_files_are_one_line(tmp_path, tiny_dir, capfd):
 # -- 4. a skip_config.json with a threshold that is not a number ------------------------------------------
 
 
-@pytest.mark.parametrize("threshold", ["abc", None, True, float("nan")])
+@pytest.mark.parametrize("threshold", ["abc", None, True, float("nan"), float("inf"), -float("inf")])
 def test_4_a_bad_threshold_is_one_line_and_the_lora_run_writes_nothing(threshold, tmp_path, tiny_dir, routers,
                                                                        capfd):
     bad = tmp_path / "bad"
@@ -169,7 +169,7 @@ def test_4_a_bad_threshold_is_one_line_and_the_lora_run_writes_nothing(threshold
                  ["train", "--stage", "lora", "--model", model, "--routers", str(bad), "--data", text,
                   "--output", str(out), "--steps", "1", *TRAIN]):
         line = fails(capfd, argv)
-        assert "threshold must be a number" in line and str(bad) in line, line
+        assert "threshold must be a finite number" in line and str(bad) in line, line
     assert not out.exists()
 
 

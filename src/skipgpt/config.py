@@ -79,8 +79,8 @@ class SkipConfig:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"forecaster_rank must be a whole number >= 0 (0 = plain skip), got {rank!r}")
         check_sparsity(self.target_sparsity)
-        if not _is_number(self.threshold) or self.threshold != self.threshold:
-            raise ConfigError(f"threshold must be a number (skip iff skip - execute logit > threshold), "
+        if not _is_number(self.threshold) or not math.isfinite(self.threshold):  # +-inf: execute or skip all
+            raise ConfigError(f"threshold must be a finite number (skip iff skip - execute logit > threshold), "
                               f"got {self.threshold!r}")
         if not _is_number(self.execute_bias) or not math.isfinite(self.execute_bias):
             raise ConfigError(f"execute_bias must be a finite number, got {self.execute_bias!r}")
