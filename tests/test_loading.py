@@ -31,8 +31,9 @@ def test_bad_paths_give_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SkipGPTError, match="no config.json"):
         loading.resolve(str(tmp_path / "empty"))
-    with pytest.raises(SkipGPTError, match="dtype"):
+    with pytest.raises(SkipGPTError, match="dtype") as bad_dtype:
         loading.load_model("smollm2-135m", dtype="int3")
+    assert "corrupt" not in str(bad_dtype.value)  # a bad option, not a damaged file
 
 
 def test_cache_dir_follows_environment(tmp_path, monkeypatch):

@@ -152,6 +152,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
     """Return (model, tokenizer) for a hub name, local folder, GGUF file, or an alias."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch_dtype = _dtype(dtype)  # before the loaders, whose errors read as a damaged file below
     source, gguf = resolve(name)
     kwargs = {"gguf_file": gguf} if gguf else {}
     problem = hub_problem(source) if isinstance(source, str) else None
@@ -160,7 +161,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
         kwargs["local_files_only"] = True
         adapter = {"adapter_kwargs": {"local_files_only": True}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=_dtype(dtype), **kwargs, **adapter)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs, **adapter)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
     except OSError as e:
         why = f"not in the local Hugging Face cache, and {problem}" if problem else _first_line(e)
