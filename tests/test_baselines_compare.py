@@ -141,3 +141,48 @@ def test_compare_command_writes_json_markdown_and_figure(tiny_folder, tmp_path):
         assert set(row["sparsity"]) == {"param", "attention", "mlp"}
     assert "| shortgpt |" in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+@needs_data
+def test_compare_reuses_nothing_built_or_evaluated_for_other_inputs(tiny_folder, tmp_path, monkeypatch):
+    """The dense evaluation belongs to its model; random routing to the SkipGPT-RT build whose rates it copies;
+    a rebuild cut short after its save does not pass for the old settings."""
+    other = tmp_path / "other"
+    save_tiny_llama(other, layers=2, with_special_ids=True)
+    settings = CompareSettings(
+        model=str(tiny_folder), tasks={"wikitext2": str(DATA / "wikitext2" / "wiki.test.raw")}, methods=["dense"],
+        steps=2, data=str(DATA / "text" / "tinyshakespeare.txt"), limit=2, workdir=tmp_path / "work", seq_len=32,
+        batch_size=2, eval_batch_size=2, eval_seq_len=32, calibration_sequences=4)
+    first = run_comparison(settings, [0.25], log=lambda _: None)[0]["tasks"]["wikitext2"]["ppl"]
+    settings.model = str(other)
+    second = run_comparison(settings, [0.25], log=lambda _: None)[0]["tasks"]["wikitext2"]["ppl"]
+    settings.workdir = tmp_path / "fresh"
+    assert second != first
+    assert second == run_comparison(settings, [0.25], log=lambda _: None)[0]["tasks"]["wikitext2"]["ppl"]
+
+    # random routing first without, then with the SkipGPT-RT build it takes its per-module rates from
+    settings.workdir, settings.model = tmp_path / "work", str(tiny_folder)
+    random_config = artifact_dir(settings, "random", 0.25) / "skip_config.json"
+    settings.methods = ["random"]
+    run_comparison(settings, [0.25], log=lambda _: None)
+    assert set(sum(json.loads(random_config.read_text())["extra"]["skip_rates"], [])) == {0.25}
+    settings.methods = ["skipgpt-rt", "random"]
+    run_comparison(settings, [0.25], log=lambda _: None)
+    assert len(set(sum(json.loads(random_config.read_text())["extra"]["skip_rates"], []))) > 1
+
+    # a shortgpt rebuild interrupted after its save, before its build log: the old settings rebuild it again
+    settings.methods = ["shortgpt"]
+    run_comparison(settings, [0.25], log=lambda _: None)
+    settings.calibration_sequences = 2
+
+    def interrupted(path, data):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(compare, "write_json_atomic", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            run_comparison(settings, [0.25], log=lambda _: None)
+    settings.calibration_sequences = 4
+    logs: list[str] = []
+    run_comparison(settings, [0.25], log=logs.append)
+    assert not any("reusing" in m for m in logs)

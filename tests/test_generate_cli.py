@@ -12,6 +12,7 @@ from transformers import TextStreamer
 
 import skipgpt
 from skipgpt.inference.generate import generate, prompt_ids
+from skipgpt.training.lora import attach_lora
 
 from conftest import run_cli, varied_routers
 
@@ -48,11 +49,16 @@ def fresh_dir(model_dir, tmp_path_factory):
 def _reference(model_dir: str, routers: str | None = None, mode: str = "masked") -> list[int]:
     """New token ids of plain HF greedy generate() on the chat-formatted prompt: through the routed model in
     `mode`, or the unmodified model without routers."""
-    model, tok = skipgpt.load_model(model_dir)
-    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
-    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    model, _ = skipgpt.load_model(model_dir)
     if routers is not None:
         model = skipgpt.load_routers(model, routers).set_mode(mode).model
+    return _reference_of(model_dir, model)
+
+
+def _reference_of(model_dir: str, model) -> list[int]:
+    _, tok = skipgpt.load_model(model_dir)
+    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
                              do_sample=False, pad_token_id=tok.pad_token_id)
@@ -121,6 +127,25 @@ def test_compare_dense_prints_both_replies_and_speeds(model_dir, varied_dir, cap
     assert dense_part.startswith(_streamed(model_dir, _reference(model_dir)))
     assert "\nrouted: decode " in routed_part and "\nrouted sparsity, decode steps only: param " in routed_part
     assert "\ndense: decode " in dense_part and "\ndecode speedup routed/dense: " in dense_part
+
+
+def test_compare_dense_after_stage_2_is_the_merged_model_and_says_so(model_dir, tmp_path_factory, capsys):
+    """load_routers merges a stage-2 adapter into the weights, so the reference is those weights unrouted."""
+    model, _ = skipgpt.load_model(model_dir)
+    routed = varied_routers(model=model)
+    attach_lora(routed, r=4, targets=("q_proj", "gate_proj"))
+    with torch.no_grad():
+        for name, p in routed.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    folder = _save(routed, tmp_path_factory, "stage2")
+    assert run_cli(_generate_cli(model_dir, "--routers", folder, "--compare-dense")) == 0
+    out = capsys.readouterr().out
+    assert "--- dense (unmodified model) ---" not in out
+    _, _, dense_part = out.partition("--- dense (LoRA merged, no routing) ---\n")
+    merged = skipgpt.load_routers(skipgpt.load_model(model_dir)[0], folder).force("execute")
+    assert dense_part.startswith(_streamed(model_dir, _reference_of(model_dir, merged.model)))
+    assert _reference_of(model_dir, merged.model) != _reference(model_dir)  # the adapter changes the reply
 
 
 def test_raw_prompt_skips_the_chat_template(model_dir):

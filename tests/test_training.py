@@ -258,6 +258,11 @@ def test_self_data_is_sampled_once_and_cached(tmp_path, tiny_dir, monkeypatch):
     assert routed.policy is None  # the dense forcing is undone
     monkeypatch.setattr(data_module, "sample_self", lambda *a, **k: pytest.fail("cache not reused"))
     assert torch.equal(load_self(routed, tok, count=3, seq_len=10, seed=0, cache_dir=tmp_path), ids)
+    # the same weights in bf16 sample other text: not the fp32 model's cache (the fingerprint rounds to bf16)
+    monkeypatch.undo()
+    bf16 = RoutedModel(load_model(str(tiny_dir / "model"), dtype="bfloat16")[0])
+    load_self(bf16, tok, count=3, seq_len=10, seed=0, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("self-3x10-*.safetensors"))) == 2
 
 
 def test_self_sequences_shorter_than_a_seed_prompt(tiny_dir):

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ..artifact import CONFIG_NAME, load_routers, save_routers
-from ..config import SkipConfig
+from ..artifact import CONFIG_NAME, WEIGHTS_NAME, load_routers, save_routers
+from ..config import FILES_KEY, SkipConfig
 from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..io import write_json_atomic
@@ -90,10 +90,13 @@ class Builder:
         self.log = log
         self._data = None
 
-    def settings(self, method: str) -> dict:
-        """What a build of `method` depends on; informed methods add their fixed recipe, so a build made
-        under another one is rebuilt rather than reused."""
+    def settings(self, method: str, sparsity: float) -> dict:
+        """What a build of `method` depends on; informed methods add their fixed recipe and random routing the
+        SkipGPT-RT build whose rates it copies, so a build made under another one is rebuilt rather than reused."""
         settings = {k: str(getattr(self.s, k)) for k in BUILD_SETTINGS}
+        if method == "random":
+            rt = self._current("skipgpt-rt", sparsity)
+            settings["reference"] = "uniform" if rt is None else _routers_digest(rt)
         if method.startswith("skipgpt-informed"):
             cfg = _train_config(self.s, "router", 0.25, Path(self.s.workdir))
             settings["informed"] = (f"rank {INFORMED_RANK}, {INFORMED_ROUTER} routers, {FIT_SEQUENCES} fit sequences, "
@@ -123,10 +126,12 @@ class Builder:
             return model, tok, 0.0
         log = _read_build_log(out / BUILD_LOG)
         if log is not None and (out / CONFIG_NAME).exists():
-            if dict(log.get("settings") or {}) == self.settings(method):
+            if dict(log.get("settings") or {}) == self.settings(method, sparsity):
                 self.log(f"  reusing {out}")
                 return load_routers(model, out), tok, float(log.get("seconds", 0.0))
             self.log(f"  {out} was built with other settings ({log.get('settings')}); rebuilding")
+        # The old build's log goes first: a rebuild cut short after its save must not pass for the old settings.
+        (out / BUILD_LOG).unlink(missing_ok=True)
         for stale in out.glob("eval-*.json"):  # evaluations of an older build of this method
             stale.unlink()
         tic = time.perf_counter()
@@ -163,7 +168,7 @@ class Builder:
         # forward-only forecaster fitting and forecaster tuning read training text too: their tokens go on record
         extra = routed.config.extra if isinstance(routed, RoutedModel) else {}
         write_json_atomic(out / BUILD_LOG, {"method": method, "sparsity": sparsity, "seconds": seconds,
-                                            "settings": self.settings(method),
+                                            "settings": self.settings(method, sparsity),
                                             "fit_tokens": int(extra.get("forecaster_fit_tokens", 0)),
                                             "tune_tokens": int(extra.get("forecaster_tune_tokens", 0))})
         return routed, tok, seconds
@@ -184,9 +189,10 @@ class Builder:
     def _reference_rates(self, sparsity: float):
         """Per-module skip rates of SkipGPT-RT at this sparsity on the calibration text, if it was built."""
 
-        rt = artifact_dir(self.s, "skipgpt-rt", sparsity)
-        if not (rt / CONFIG_NAME).exists():
-            self.log(f"  random: no {rt}, using a uniform skip rate of {sparsity:.0%} for every module")
+        rt = self._current("skipgpt-rt", sparsity)
+        if rt is None:
+            self.log(f"  random: no current {artifact_dir(self.s, 'skipgpt-rt', sparsity)}, using a uniform skip "
+                     f"rate of {sparsity:.0%} for every module")
             return None
         model, tok = self.fresh()
         routed = load_routers(model, rt)
@@ -199,6 +205,23 @@ class Builder:
         return torch.tensor([rep.per_layer_attention, rep.per_layer_mlp], dtype=torch.float64).T
 
 
+    def _current(self, method: str, sparsity: float) -> Path | None:
+        """The folder of `method`'s build at this sparsity if it is complete and made with the current settings."""
+        out = artifact_dir(self.s, method, sparsity)
+        log = _read_build_log(out / BUILD_LOG)
+        if log is None or not (out / CONFIG_NAME).exists():
+            return None
+        return out if dict(log.get("settings") or {}) == self.settings(method, sparsity) else None
+
+
+def _routers_digest(folder: Path) -> str:
+    """The sha256 of a saved build's router weights, as its config lists it."""
+    try:
+        return str(json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))[FILES_KEY][WEIGHTS_NAME])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unreadable"
+
+
 def _read_build_log(path: Path) -> dict | None:
     try:
         log = json.loads(path.read_text(encoding="utf-8"))
@@ -208,7 +231,8 @@ def _read_build_log(path: Path) -> dict | None:
 
 
 def eval_key(s: CompareSettings) -> str:
-    spec = [sorted((k, str(v)) for k, v in s.tasks.items()), s.limit, s.eval_batch_size, s.eval_seq_len, s.dtype]
+    spec = [sorted((k, str(v)) for k, v in s.tasks.items()), s.limit, s.eval_batch_size, s.eval_seq_len, s.dtype,
+            s.model]  # the dense folder has no build log to go stale with its model
     if s.windows is not None:  # keeps the keys of evaluations cached before --windows existed
         spec.append(s.windows)
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:10]

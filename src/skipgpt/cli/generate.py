@@ -6,7 +6,8 @@ SmolLM2-Instruct expect it; --raw-prompt sends the text as it is), stream the gr
 token, then print the decode speed in tokens/s (the new tokens after the first, prefill excluded) and
 the prefill time (prompt forward to first new token). Without --routers the unmodified model
 generates; with them, the realised sparsity of the routed generation follows. --compare-dense also
-generates with the unmodified model and prints its reply and speed. Each model first runs a short untimed
+generates with the unmodified model (with a stage-2 folder: its LoRA merged, no routing) and prints its reply
+and speed. Each model first runs a short untimed
 warm-up. The two replies may differ in length (each ends at its own end-of-turn token), so their speeds
 compare roughly; `skipgpt bench` times equal work.
 """
@@ -14,8 +15,9 @@ compare roughly; `skipgpt bench` times equal work.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from ..artifact import load_routers, read_config
+from ..artifact import ADAPTER_DIR, load_routers, read_config
 from ..errors import ConfigError
 from ..inference.generate import generate, prompt_ids
 from ..models.loading import load_model
@@ -68,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.compare_dense:
         return 0
 
-    print("--- dense (unmodified model) ---")
+    # load_routers merged a stage-2 adapter into the weights: the reference is then those weights, unrouted
+    merged = (Path(args.routers) / ADAPTER_DIR).is_dir()
+    print("--- dense (LoRA merged, no routing) ---" if merged else "--- dense (unmodified model) ---")
     with routed.unrouted() as hf:
         _warm_up(hf, tokenizer, ids)
         dense, _ = generate(hf, tokenizer, ids, args.max_new_tokens, echo=True)

@@ -209,14 +209,16 @@ def sample_self(routed, tokenizer, count: int, seq_len: int, seed: int, batch_si
     return torch.cat(rows)
 
 
-def self_cache_path(cache_dir: Path, fingerprint: str, count: int, seq_len: int, seed: int) -> Path:
-    key = hashlib.sha256(f"{fingerprint}:{count}:{seq_len}:{seed}".encode()).hexdigest()[:12]
+def self_cache_path(cache_dir: Path, fingerprint: str, count: int, seq_len: int, seed: int, dtype: str) -> Path:
+    """The fingerprint rounds weights to bf16, so the dtype the model samples in is part of the key."""
+    key = hashlib.sha256(f"{fingerprint}:{count}:{seq_len}:{seed}:{dtype}".encode()).hexdigest()[:12]
     return cache_dir / f"self-{count}x{seq_len}-{key}.safetensors"
 
 
 def load_self(routed, tokenizer, count: int, seq_len: int, seed: int, cache_dir: Path) -> torch.Tensor:
     """Self-sampled sequences, generated once and reused from `cache_dir` on later runs."""
-    path = self_cache_path(cache_dir, routed.config.base.fingerprint, count, seq_len, seed)
+    dtype = str(next(routed.model.parameters()).dtype).removeprefix("torch.")
+    path = self_cache_path(cache_dir, routed.config.base.fingerprint, count, seq_len, seed, dtype)
     if path.exists():
         try:
             return load_file(path)["input_ids"]
