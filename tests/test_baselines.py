@@ -355,3 +355,7 @@ def test_bench_calibrates_a_coupled_baseline_and_refuses_a_fixed_one(tmp_path, t
     assert run_cli(argv) == 2
     assert "drop --sparsity" in one_error_line(capfd.readouterr().err, "bench", model_loaded=True)
     assert not (tmp_path / "s.json").exists()
+    # info says how each folder decides: a fixed policy has no threshold to report
+    for folder, says in (("shortgpt", "routing: shortgpt baseline"), ("coupled", "threshold +0.000")):
+        assert run_cli(["info", "--model", model_dir, "--routers", str(tmp_path / folder)]) == 0
+        assert says in capfd.readouterr().out

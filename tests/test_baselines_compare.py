@@ -115,6 +115,11 @@ def test_compare_argument_errors():
         parse_sparsities("25%")
     with pytest.raises(ConfigError, match="fraction"):
         parse_sparsities("25")
+    with pytest.raises(ConfigError, match="0.25 more than once"):
+        parse_sparsities("0.25,0.4,0.25")
+    row = {"method": "shortgpt", "target_sparsity": 0.254, "sparsity": {"param": 0.25, "attention": 0.25, "mlp": 0.25},
+           "tasks": {}, "average_acc": None, "retention": None}
+    assert "| shortgpt | 25.4% |" in markdown_table([row])  # not rounded to the 25% row's target
     from skipgpt.baselines.compare import check_methods
 
     with pytest.raises(ConfigError, match="unknown methods"):

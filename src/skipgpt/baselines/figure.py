@@ -32,7 +32,7 @@ def comparison_figure(rows: list[dict], path: str | Path, title: str = "") -> Pa
                 if value is not None:
                     xs.append(i - 0.4 + width * (j + 0.5))
                     ys.append(value)
-            ax.bar(xs, ys, width, label=f"target {target:.0%}", color=SPARSITY_COLORS[j % len(SPARSITY_COLORS)])
+            ax.bar(xs, ys, width, label=f"target {100 * target:.3g}%", color=SPARSITY_COLORS[j % len(SPARSITY_COLORS)])
         reference = 100.0 if key == "retention" else _value(dense, key)
         if dense is not None and reference is not None:
             ax.axhline(reference, color="black", linestyle="--", linewidth=1, label="dense")

@@ -38,7 +38,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         sp = r["sparsity"]
-        cells = [r["method"], f"{100 * r.get('target_sparsity', 0.0):.0f}%",
+        cells = [r["method"], f"{100 * r.get('target_sparsity', 0.0):.3g}%",  # 25%, and 25.4% not rounded to it
                  f"{100 * sp['param']:.1f}% ({100 * sp['attention']:.0f} / {100 * sp['mlp']:.0f})"]
         cells += [_fmt(task_metric(n, r["tasks"].get(n, {}))[1], "acc") for n in mc]
         cells += [_fmt(r.get("average_acc"), "acc"), _fmt(r.get("retention"), "pct")]

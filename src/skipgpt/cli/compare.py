@@ -98,8 +98,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def parse_sparsities(text: str) -> list[float]:
-    """"0.25,0.4" -> [0.25, 0.4]; ConfigError for a part that is not a fraction in [0, 1)."""
-    return [parse_sparsity(part) for part in text.split(",")]
+    """"0.25,0.4" -> [0.25, 0.4]; ConfigError for a part that is not a fraction in [0, 1), or one given twice
+    (its rows would appear twice in the table)."""
+    values = [parse_sparsity(part) for part in text.split(",")]
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise ConfigError(f"--sparsity lists {', '.join(f'{v:g}' for v in twice)} more than once")
+    return values
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ import json
 from ..artifact import load_routers, read_config
 from ..models.loading import load_model
 from ..models.routed import RoutedModel
+from ..routing.policies import reads_threshold
 from .common import add_command, add_model_flags
 
 
@@ -32,7 +33,10 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(routed.config.to_dict()["base"], indent=2))
     print(f"decoder layers: {c.num_layers}; decoder parameters {total / 1e6:.1f}M "
           f"(attention {float(c.attn_params.sum()) / total:.1%}, MLP {float(c.mlp_params.sum()) / total:.1%})")
-    if args.routers:
+    if args.routers and not reads_threshold(routed.policy):
+        print(f"routing: {routed.config.extra.get('routing')} baseline, target {routed.config.target_sparsity:.0%}; "
+              f"its decisions come from the policy saved in skip_config.json, not from router logits and a threshold")
+    elif args.routers:
         print(f"routers: {routed.config.router} on {routed.config.router_input} input, "
               f"target {routed.config.target_sparsity:.0%}, threshold {routed.config.threshold:+.3f}")
     return 0
