@@ -212,3 +212,19 @@ def test_an_adapter_of_another_peft_method_is_refused(tmp_path):
         with pytest.raises(ArtifactError, match="LoRA adapters only"):
             load_routers(model, directory)
         assert untouched(model)
+
+
+def test_an_adapter_that_replaces_a_routed_module_is_one_error(tmp_path):
+    """modules_to_save wraps the whole MLP: the routed forward would run the stale one, so it is refused (before:
+    a bare RuntimeError, a traceback on the command line)."""
+    from peft import LoraConfig, get_peft_model
+
+    directory = tmp_path / "r"
+    save_routers(varied_routers(1), directory)
+    config = LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["mlp"])
+    get_peft_model(make_tiny("llama"), config).save_pretrained(directory / ADAPTER_DIR)
+    edit_config(directory, lambda c: c[FILES_KEY].update(
+        {p.relative_to(directory).as_posix(): file_sha256(p) for p in (directory / ADAPTER_DIR).rglob("*")
+         if p.is_file()}))
+    with pytest.raises(ArtifactError, match="replaces a whole decoder layer, attention or MLP module"):
+        load_routers(make_tiny("llama"), directory, lora="attach")

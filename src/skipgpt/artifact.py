@@ -256,7 +256,9 @@ def check_layers(routed: RoutedModel) -> None:
     attention and MLP, never the modules themselves."""
     for mine, live in zip(routed.layers, find_layers(routed.model)):
         if mine.layer is not live.layer or mine.attn is not live.attn or mine.mlp is not live.mlp:
-            raise RuntimeError("PEFT replaced a decoder layer, attention or MLP module; routing would be stale")
+            raise ArtifactError("the adapter replaces a whole decoder layer, attention or MLP module "
+                                "(modules_to_save?), which routing runs itself; skipgpt applies LoRA on the Linear "
+                                "projections only")
 
 
 def read_config(directory: str | Path) -> SkipConfig:
