@@ -524,3 +524,107 @@ def test_padding_is_found_in_a_prepared_4d_or_per_type_mask(arch):
     # the prompt's real tokens, then one decode step per row
     assert reports["static"].tokens == reports["dynamic"].tokens == int(mask.sum()) + 3
     assert reports["static"].param == pytest.approx(reports["dynamic"].param)
+
+
+def test_dtype_conversions_keep_the_routers_fp32_and_their_decisions():
+    """routed.to(bfloat16) and .half() convert the base model only: bf16 routers would round the calibrated
+    threshold and the margins and change decisions. The reference: a bf16 base routed by the fp32 routers."""
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    routed = _varied(RoutedModel(make_tiny("llama")))
+    routed.threshold = 0.37
+    state = {k: v.clone() for k, v in routed.routers.state_dict().items()}
+    reference = RoutedModel(make_tiny("llama").to(torch.bfloat16))
+    reference.routers.load_state_dict(state)
+    reference.threshold = 0.37
+    with torch.no_grad():
+        reference(input_ids=ids)
+    for convert in (lambda r: r.to(torch.bfloat16), lambda r: r.half().bfloat16()):
+        convert(routed)
+        assert all(p.dtype == torch.bfloat16 for p in routed.model.parameters())
+        assert all(torch.equal(v, state[k]) for k, v in routed.routers.state_dict().items())  # fp32, not rounded
+        with torch.no_grad():
+            routed(input_ids=ids)
+        assert torch.equal(routed.decisions(), reference.decisions())
+
+
+def test_hf_gradient_checkpointing_enable_checkpoints_the_routed_layers(monkeypatch):
+    """HF's switch wraps the layer class's forward, which routing replaces: the routed layer honours it itself."""
+    from skipgpt.models import routed as routed_module
+
+    ids, mask = ids_and_mask()
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return torch.utils.checkpoint.checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(routed_module, "checkpoint", counting)
+    grads = []
+    for enable in (False, True):
+        model = make_tiny("llama")
+        if enable:
+            model.gradient_checkpointing_enable()
+        routed = RoutedModel(model)
+        routed.freeze_base()
+        routed.routers.train()
+        model.train()
+        torch.manual_seed(11)
+        out = routed(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        (out.float().pow(2).mean() + routed.realised_sparsity()["param"]).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in routed.routers.parameters()]))
+    assert len(calls) == len(routed.layers)  # every layer, only with the switch on
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_a_model_without_weights_is_refused_in_one_error():
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import TINY
+
+    with init_empty_weights():
+        empty = AutoModelForCausalLM.from_config(LlamaConfig(**TINY))
+    with pytest.raises(ConfigError, match="meta device"):
+        RoutedModel(empty)
+
+
+def test_routing_runs_inside_accelerate_device_hooks_and_leaves_them_in_place():
+    """A device_map across devices puts accelerate's hook on every layer (an instance forward): routing goes inside
+    it, whichever comes first, and unrouting leaves it there (before: refused as 'already routed', or the hook
+    removed for good)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class Counting(ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            Counting.calls += 1
+            return args, kwargs
+
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    plain = RoutedModel(make_tiny("llama"))
+    layers = len(plain.layers)
+    masks = torch.rand(layers, 2, 2, 12, generator=torch.Generator().manual_seed(1)) > 0.4
+    with torch.no_grad():
+        want = plain.force(masks)(input_ids=ids).logits
+        dense = plain.unpatch()(input_ids=ids).logits
+    for hook_first in (True, False):
+        model = make_tiny("llama")
+        if hook_first:
+            for layer in find_decoder(model).layers:
+                add_hook_to_module(layer, Counting())
+        routed = RoutedModel(model).force(masks)
+        if not hook_first:
+            for layer in find_decoder(model).layers:
+                add_hook_to_module(layer, Counting())
+        with torch.no_grad():
+            Counting.calls = 0
+            torch.testing.assert_close(routed(input_ids=ids).logits, want, rtol=0, atol=0)
+            assert Counting.calls == layers
+            with routed.unrouted():
+                torch.testing.assert_close(model(input_ids=ids).logits, dense, rtol=0, atol=0)
+            assert Counting.calls == 2 * layers
+            torch.testing.assert_close(routed(input_ids=ids).logits, want, rtol=0, atol=0)
+            routed.unpatch()
+            torch.testing.assert_close(model(input_ids=ids).logits, dense, rtol=0, atol=0)
+            assert Counting.calls == 4 * layers

@@ -263,6 +263,9 @@ class RoutedModel(nn.Module):
         super().__init__()
         self.model = model
         self.layers: list[LayerParts] = find_layers(model)
+        if any(p.is_meta for p in model.parameters()):
+            raise ConfigError("the model has weights on the meta device (init_empty_weights, or offloaded by a "
+                              "device_map): load or dispatch its weights onto real devices before routing it")
         hf = unwrap(model)
         self.config = config or SkipConfig()
         base = self.config.base
@@ -299,6 +302,7 @@ class RoutedModel(nn.Module):
         self._argmax: list | None = None  # the same when they decide alone (see _start_forward)
         self._sparse = False  # this pass computes executing tokens only
         self._hooks: list = []
+        self._replaced: list = []  # per layer, the forward that patch() replaced (None: the class's)
         self.patch()
 
     # -- wiring ------------------------------------------------------------------------------------------
@@ -307,11 +311,14 @@ class RoutedModel(nn.Module):
         """Route the HF model's decoder layers through this object (done on construction)."""
         if self._hooks:
             return self
-        if any("forward" in parts.layer.__dict__ for parts in self.layers):
+        if any(_routed_slot(parts.layer) for parts in self.layers):
             raise ConfigError("this model is already routed by another RoutedModel; call .unpatch() on that one first")
+        self._replaced = []
         for i, parts in enumerate(self.layers):
             signature = inspect.signature(type(parts.layer).forward)
-            parts.layer.forward = functools.partial(_routed_layer_forward, self, i, parts, signature)
+            slot = _forward_slot(parts.layer)
+            self._replaced.append(parts.layer.__dict__.get(slot))
+            setattr(parts.layer, slot, functools.partial(_routed_layer_forward, self, i, parts, signature))
         decoder = find_decoder(self.model)
         self._hooks = [
             decoder.register_forward_pre_hook(self._start_forward, with_kwargs=True),
@@ -321,12 +328,26 @@ class RoutedModel(nn.Module):
 
     def unpatch(self) -> nn.Module:
         """Restore the plain HF model (routers detached) and return it."""
-        for parts in self.layers:
-            parts.layer.__dict__.pop("forward", None)
+        for parts, replaced in zip(self.layers, self._replaced):
+            layer, slot = parts.layer, _routed_slot(parts.layer)
+            if slot == "forward" and replaced is None:
+                del layer.forward  # the class's forward again
+            elif slot is not None:  # what was there; accelerate's hook, added after routing, calls the class's
+                setattr(layer, slot, replaced or functools.partial(type(layer).forward, layer))
         for h in self._hooks:
             h.remove()
         self._hooks = []
         return self.model
+
+    def _apply(self, fn, recurse: bool = True):
+        """.to(), .half(), .cuda() and the like convert the base model; the routers and forecasters follow its device
+        but stay fp32 (their margins are compared with a calibrated threshold: bf16 would change decisions)."""
+        self.model._apply(fn, recurse)
+        device = next(self.model.parameters()).device
+        self.routers.to(device)
+        if self.forecasters is not None:
+            self.forecasters.to(device)
+        return self
 
     @contextmanager
     def unrouted(self) -> Iterator[nn.Module]:
@@ -380,8 +401,9 @@ class RoutedModel(nn.Module):
                 g = g > 0.5
         else:
             g = self.decide(self.routers.get(layer, kind), x, None if self._folds is None else self._folds[layer][k])
-        self.state.gates[layer][k] = g
-        return g
+        self.state.gates[layer][k] = g  # on the routers' device, with every other gate, for the loss and the meter
+        # routers sit on the first device of a model spread over several: the layer needs its gate on its own
+        return g if g.device == x.device else g.to(x.device)
 
     def decide(self, router: Router, x: torch.Tensor, fold: Fold | None = None) -> torch.Tensor:
         """Gate from one router: straight-through Gumbel in training, else argmax of the margin (or a sample).
@@ -512,6 +534,21 @@ def _real_tokens(mask, cache, batch: int, seq: int, device: torch.device) -> tor
     return torch.ones(batch, seq, dtype=torch.bool, device=device)
 
 
+def _forward_slot(layer: nn.Module) -> str:
+    """Where a call of the layer ends up: accelerate's device hook (a device_map across devices) stores the forward
+    it wraps in `_old_forward`; routing goes inside it, so the hook still moves inputs and weights first."""
+    return "_old_forward" if hasattr(layer, "_hf_hook") and "_old_forward" in layer.__dict__ else "forward"
+
+
+def _routed_slot(layer: nn.Module) -> str | None:
+    """The instance attribute holding a RoutedModel's forward, if one does."""
+    for slot in ("forward", "_old_forward"):
+        f = layer.__dict__.get(slot)
+        if isinstance(f, functools.partial) and f.func is _routed_layer_forward:
+            return slot
+    return None
+
+
 # -- the routed decoder layer ------------------------------------------------------------------------------
 
 
@@ -530,7 +567,9 @@ def _routed_layer_forward(
     if index == 0:
         pos = kwargs.get("position_ids")
         routed.state.context = None if pos is None else (pos + 1)
-    if routed.gradient_checkpointing and torch.is_grad_enabled():
+    # skipgpt's switch, or HF's (gradient_checkpointing_enable() wraps the class's forward, which routing replaces)
+    hf_checkpointing = getattr(parts.layer, "gradient_checkpointing", False) and parts.layer.training
+    if (routed.gradient_checkpointing or hf_checkpointing) and torch.is_grad_enabled():
         # Recompute the layer in backward; the saved RNG state replays the same Gumbel noise.
         # A KV cache would be appended to twice, so training under checkpointing runs without one.
         kwargs = {**kwargs, "cache": None, "use_cache": False}
