@@ -14,7 +14,6 @@
 # The project pins transformers (pyproject.toml); if the machine has another version, bring the pinned
 # wheel in .whl/ (pip download --no-deps transformers==VERSION -d .whl) and it is installed for the run.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 
 if [[ $# -gt 0 && $1 != --* ]]; then
   out=$1
@@ -27,6 +26,8 @@ if [[ -z $out ]]; then
   exit 2
 fi
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # a relative OUTPUT_DIR is the caller's, not the project root's
+cd "$(dirname "$0")/.."
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}

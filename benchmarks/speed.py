@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}, but this torch sees no CUDA device")  # before building 7B parameters
     dtype = torch.bfloat16 if cuda else torch.float32
     sparsities = [float(s) for s in args.sparsities.split(",")]
     models = args.models.split(",")
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     def bench(name, routed, vocab, seq, batch, decode, phases):
         for s in sparsities:
             use = s
-            if args.routers and name.startswith("smollm2"):
+            if args.routers and name.startswith("SmolLM2"):  # the trained routers decide (threshold calibrated)
                 g = torch.Generator().manual_seed(1)
                 ids = torch.randint(0, vocab, (batch, seq), generator=g).to(args.device)
                 skipgpt.calibrate_threshold(routed, [{"input_ids": ids}], s)
