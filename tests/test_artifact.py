@@ -95,6 +95,11 @@ def test_config_from_a_newer_format(saved):
 def test_other_weights_are_refused(saved):
     with pytest.raises(ArtifactError, match="different weights"):
         load_routers(make_tiny("llama", seed=1), saved[0])
+    # the common HF step of resizing the embeddings (a pad token added) is named, with the way around it
+    resized = make_tiny("llama")
+    resized.resize_token_embeddings(resized.config.vocab_size + 8)
+    with pytest.raises(ArtifactError, match=r"resized token embeddings.*check=False"):
+        load_routers(resized, saved[0])
     # ...unless the user insists.
     load_routers(make_tiny("llama", seed=1), saved[0], check=False).unpatch()
 

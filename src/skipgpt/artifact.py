@@ -343,7 +343,8 @@ def check_base(config: SkipConfig, model: nn.Module, source: str) -> None:
     if got is not None:
         raise ArtifactError(
             f"{source}: routers were trained on different weights ({want.name + ', ' if want.name else ''}"
-            f"fingerprint {want.fingerprint}) than the given model (fingerprint {got})"
+            f"fingerprint {want.fingerprint}) than the given model (fingerprint {got}; resized token embeddings "
+            f"count as different; from Python, load_routers(..., check=False) pairs them anyway)"
         )
     if want.fingerprint and _float16(model):
         warnings.warn(f"{source}: the weights were not compared with those the routers were trained on (float16 "
