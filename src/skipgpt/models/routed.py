@@ -367,7 +367,7 @@ class RoutedModel(nn.Module):
             x = args[0] if args else kwargs.get("inputs_embeds")
         real = self.real_tokens
         if real is None or real.shape != x.shape[:2]:
-            real = _real_tokens(kwargs.get("attention_mask"), kwargs.get("cache"), x.shape[0], x.shape[1], x.device)
+            real = _tokens_from_mask(kwargs.get("attention_mask"), kwargs.get("cache"), *x.shape[:2], x.device)
         self.state = ForwardState(real, len(self.layers))
         inference = not self.training_routers
         self._folds = self.routers.folds(self.config.threshold) if inference else None
@@ -515,7 +515,7 @@ class RoutedModel(nn.Module):
             p.requires_grad_(False)
 
 
-def _real_tokens(mask, cache, batch: int, seq: int, device: torch.device) -> torch.Tensor:
+def _tokens_from_mask(mask, cache, batch: int, seq: int, device: torch.device) -> torch.Tensor:
     """(B, T) bool: which tokens of the pass are real rather than padding, from the mask the decoder receives.
 
     Usually the 2-D padding mask. generate() with a static cache, or a caller, may hand over the prepared 4-D
@@ -567,9 +567,10 @@ def _routed_layer_forward(
     if index == 0:
         pos = kwargs.get("position_ids")
         routed.state.context = None if pos is None else (pos + 1)
-    # skipgpt's switch, or HF's (gradient_checkpointing_enable() wraps the class's forward, which routing replaces)
-    hf_checkpointing = getattr(parts.layer, "gradient_checkpointing", False) and parts.layer.training
-    if (routed.gradient_checkpointing or hf_checkpointing) and torch.is_grad_enabled():
+    # skipgpt's switch, or HF's (gradient_checkpointing_enable() wraps the class's forward, which routing replaces);
+    # checked only with gradients on, so inference pays nothing for it
+    if torch.is_grad_enabled() and (routed.gradient_checkpointing or (
+            getattr(parts.layer, "gradient_checkpointing", False) and parts.layer.training)):
         # Recompute the layer in backward; the saved RNG state replays the same Gumbel noise.
         # A KV cache would be appended to twice, so training under checkpointing runs without one.
         kwargs = {**kwargs, "cache": None, "use_cache": False}
