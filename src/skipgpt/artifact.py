@@ -219,11 +219,7 @@ def _check_lora_weights(model: nn.Module, directory: Path) -> None:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open has no items(); one tensor in memory at a time
                 value = f.get_tensor(key)
-                if value.dtype not in WEIGHT_DTYPES:
-                    raise ArtifactError(f"{path}: {key} is {str(value.dtype).removeprefix('torch.')}, not a float "
-                                        f"weight")
-                if not torch.isfinite(value).all():
-                    raise ArtifactError(f"{path}: {key} holds NaN or infinite values")
+                _check_weight(path, key, value)
                 name, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
                 if part not in ("A.weight", "B.weight"):
                     continue  # another PEFT weight (a DoRA magnitude...): PEFT checks it
@@ -380,11 +376,15 @@ def _check_router_state(state: dict, expected: dict, weights: Path, router: str)
         raise ArtifactError(f"{weights} does not match a {router} router for this model "
                             f"(missing {missing[:2]}, unexpected {unexpected[:2]})")
     for key, value in state.items():
-        if value.dtype not in WEIGHT_DTYPES:
-            raise ArtifactError(f"{weights}: {key} is {str(value.dtype).removeprefix('torch.')}, not a float "
-                                f"weight")
         if value.shape != expected[key].shape:
             raise ArtifactError(f"{weights}: {key} has shape {tuple(value.shape)}, "
                                 f"expected {tuple(expected[key].shape)}")
-        if not torch.isfinite(value).all():
-            raise ArtifactError(f"{weights}: {key} holds NaN or infinite values")
+        _check_weight(weights, key, value)
+
+
+def _check_weight(path: Path, key: str, value: torch.Tensor) -> None:
+    """A saved weight must be a float the saves write, and finite (NaN would load and spread to every output)."""
+    if value.dtype not in WEIGHT_DTYPES:
+        raise ArtifactError(f"{path}: {key} is {str(value.dtype).removeprefix('torch.')}, not a float weight")
+    if not torch.isfinite(value).all():
+        raise ArtifactError(f"{path}: {key} holds NaN or infinite values")
