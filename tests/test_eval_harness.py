@@ -116,6 +116,21 @@ def test_hellaswag_jsonl_goes_through_the_stock_preprocessing(model, tokenizer):
     assert task.doc_to_target(doc) == 2
 
 
+def test_llamacpp_hellaswag_is_scored_as_written(tmp_path):
+    # Published numbers come from this file as it stands: its ctx_b stays lower-case and its "[...]" text
+    # stays, where the stock preprocessing would capitalise and remove them.
+    prompt = "Painting a fence: A man dips a brush in paint. he [title] starts at the gate."
+    endings = ["paints the [step] boards white.", "eats the brush.", "flies away.", "sings to the fence."]
+    file = tmp_path / "hellaswag_val_full.txt"
+    file.write_text("\n".join([prompt, "0", *endings]) + "\n")
+    data = load_task("hellaswag", tmp_path)
+    assert data.format == "llamacpp"
+    task = build_task(data)
+    doc = list(task.test_docs())[0]
+    assert task.doc_to_text(doc) == prompt
+    assert task.doc_to_choice(doc) == endings and task.doc_to_target(doc) == 0
+
+
 def test_routed_model_scores_and_sparsity_exclude_pads(model, tokenizer):
     routed = RoutedModel(model, SkipConfig())
     try:
@@ -271,6 +286,7 @@ def test_evaluate_shape_and_average(model, tokenizer):
     assert out["mode"] == "masked" and out["routers"] is None and list(out["tasks"]) == list(tasks)
     piqa, hs, wt = (out["tasks"][k] for k in tasks)
     assert piqa["n"] == 2 and hs["n"] == 2
+    assert hs["format"] == "llamacpp" and piqa["format"] == "release"  # the text file's prompts are not stock
     assert out["average_acc"] == pytest.approx((piqa["acc"] + hs["acc_norm"]) / 2)
     assert wt["seq_len"] == 8 and wt["tokens"] == wt["windows"] * 7 and wt["windows"] <= 2
     for row in out["tasks"].values():

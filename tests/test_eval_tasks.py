@@ -147,3 +147,107 @@ def test_empty_and_missing_files(tmp_path):
 def test_perplexity_and_mc_tasks_not_mixed_up():
     assert "perplexity task" in one_line_error(load_task, "wikitext2", FIX / "wikitext2")
     assert "not a perplexity task" in one_line_error(load_perplexity_text, "piqa", FIX / "piqa")
+
+
+# -- a folder's lone file must be the task and split asked for ----------------------------------------------
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+ARC_ITEM = {"id": "q1", "question": {"stem": "Which is a liquid?", "choices": [
+    {"text": "water", "label": "A"}, {"text": "stone", "label": "B"}]}, "answerKey": "A"}
+
+
+@pytest.mark.parametrize("name, file, why", [
+    ("arc_challenge", "ARC-Easy-Test.jsonl", "the release file of arc_easy"),
+    ("openbookqa", "ARC-Easy-Test.jsonl", "the release file of arc_easy"),
+    ("arc_easy", "ARC-Challenge-Test.jsonl", "the release file of arc_challenge"),
+    ("arc_easy", "ARC-Easy-Dev.jsonl", "a dev split, but arc_easy is scored on the test split"),
+    ("arc_easy", "dev.jsonl", "the release file of boolq/winogrande"),
+    ("arc_easy", "validation.jsonl", "a validation split, but arc_easy is scored on the test split"),
+    ("openbookqa", "train/0000.jsonl", "a train split"),
+    ("piqa", "hellaswag_val.jsonl", "the release file of hellaswag"),
+    ("piqa", "test.jsonl", "the release file of openbookqa"),
+])
+def test_lone_file_of_another_task_or_split_is_refused(tmp_path, name, file, why):
+    from skipgpt.cli.eval import parse_tasks
+
+    write_jsonl(tmp_path / file, [ARC_ITEM])
+    msg = one_line_error(find_file, name, tmp_path)
+    assert f"{tmp_path}: holds only {file}, {why}" in msg
+    assert "expected " + {"arc_easy": "ARC-Easy-Test.jsonl", "arc_challenge": "ARC-Challenge-Test.jsonl",
+                          "openbookqa": "test.jsonl", "piqa": "valid.jsonl"}[name] in msg
+    with pytest.raises(DataError, match="holds only"):  # the CLI's check before the model loads
+        parse_tasks([f"{name}={tmp_path}"])
+
+
+def test_lone_file_of_the_task_or_unmarked_is_still_read(tmp_path):
+    own = write_jsonl(tmp_path / "own" / "ARC-Challenge-Test.jsonl", [ARC_ITEM])
+    assert find_file("arc_challenge", own.parent) == own
+    plain = write_jsonl(tmp_path / "plain" / "arc.jsonl", [ARC_ITEM])
+    assert find_file("arc_easy", plain.parent) == plain
+    split = write_jsonl(tmp_path / "hf" / "test-00000-of-00001.jsonl", [ARC_ITEM])
+    assert find_file("arc_easy", split.parent) == split
+
+
+# -- malformed items: one line naming the file and the item ---------------------------------------------------
+
+
+PIQA_ITEM = {"goal": "Open a jar.", "sol1": "Twist the lid.", "sol2": "Paint the lid.", "label": 0}
+WINO_ITEM = {"sentence": "The cup fell off the shelf because _ was wobbly.", "option1": "the cup",
+             "option2": "the shelf", "answer": "2"}
+HF_ARC_ITEM = {"id": "q1", "question": "Which is a liquid?", "choices": {"text": ["water", "stone"],
+               "label": ["A", "B"]}, "answerKey": "A"}
+
+
+@pytest.mark.parametrize("name, good, bad, why", [
+    ("arc_easy", ARC_ITEM, {**ARC_ITEM, "question": {"stem": "q", "choices": [{"label": "A"}, {"text": "b"}]}},
+     "a choice without text and label"),
+    ("arc_easy", ARC_ITEM, {**ARC_ITEM, "question": {"stem": "q", "choices": ["water", "stone"]}},
+     "a choice without text and label"),
+    ("arc_easy", HF_ARC_ITEM, {**HF_ARC_ITEM, "choices": ["water", "stone"]}, "choices that are not"),
+    ("arc_easy", HF_ARC_ITEM, {**HF_ARC_ITEM, "choices": {"text": "ws", "label": "AB"}}, "choices that are not"),
+    ("arc_easy", HF_ARC_ITEM, {**HF_ARC_ITEM, "choices": {"text": ["water"], "label": ["A", "B"]}},
+     "1 choice texts and 2 labels"),
+    ("arc_easy", HF_ARC_ITEM, {**HF_ARC_ITEM, "choices": {"text": ["water", 7], "label": ["A", "B"]}},
+     "not text"),
+    ("winogrande", WINO_ITEM, {**WINO_ITEM, "sentence": 5}, "sentence that is not text"),
+    ("winogrande", WINO_ITEM, {**WINO_ITEM, "option1": ["a", "_"]}, "option1 that is not text"),
+    ("piqa", PIQA_ITEM, {**PIQA_ITEM, "label": 1.9}, "label 1.9, not an integer"),
+    ("piqa", PIQA_ITEM, {**PIQA_ITEM, "label": float("inf")}, "label inf, not an integer"),
+    ("piqa", PIQA_ITEM, {**PIQA_ITEM, "label": True}, "label True, not an integer"),
+    ("piqa", PIQA_ITEM, {**PIQA_ITEM, "sol2": None}, "sol2 that is not text"),
+])
+def test_malformed_item_names_file_and_item(tmp_path, name, good, bad, why):
+    from skipgpt.cli.eval import parse_tasks
+
+    bad_file = write_jsonl(tmp_path / "data.jsonl", [good, bad])
+    if bad.get("label") == float("inf"):  # json.dumps writes Infinity; a file says 1e999, read as inf
+        bad_file.write_text(bad_file.read_text().replace("Infinity", "1e999"))
+    msg = one_line_error(load_task, name, bad_file)
+    assert f"{bad_file}: item 2 " in msg and why in msg
+    with pytest.raises(DataError, match="item 2"):  # the CLI's check before the model loads
+        parse_tasks([f"{name}={bad_file}"])
+
+
+def test_whole_number_labels_still_read(tmp_path):
+    rows = [{**PIQA_ITEM, "label": 1.0}, {**PIQA_ITEM, "label": "1"}, {**PIQA_ITEM, "label": 0}]
+    data = load_task("piqa", write_jsonl(tmp_path / "validation.jsonl", rows))
+    assert [d["label"] for d in data.docs] == [1, 1, 0]
+
+
+def test_cli_refuses_a_bad_item_before_the_model_loads(tmp_path, capfd):
+    from conftest import one_error_line, run_cli
+
+    bad = write_jsonl(tmp_path / "wino" / "dev.jsonl", [WINO_ITEM, {**WINO_ITEM, "sentence": 5}])
+    out = tmp_path / "results.json"
+    capfd.readouterr()
+    argv = ["eval", "--model", str(tmp_path / "no-model"), "--task", f"winogrande={bad.parent}", "--output", str(out)]
+    assert run_cli(argv) == 2
+    line = one_error_line(capfd.readouterr().err, "eval")
+    assert f"{bad}: item 2 has sentence that is not text" in line
+    assert not out.exists()

@@ -12,7 +12,7 @@ import argparse
 
 from ..artifact import check_adapter, read_config
 from ..errors import ConfigError
-from ..evaluation.tasks import TASKS, find_file
+from ..evaluation.tasks import PPL_TASKS, TASKS, load_perplexity_text, load_task
 from ..io import check_output
 from .common import add_command, add_model_flags, add_output, int_at_least, model_options, positive_int, write_results
 
@@ -61,8 +61,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def parse_tasks(specs: list[str]) -> dict[str, str | None]:
-    """--task NAME[=PATH] specs -> {name: path or None}; an unknown task or a path that holds no data for it
-    fails here, before a model loads."""
+    """--task NAME[=PATH] specs -> {name: path or None}; an unknown task, a path that holds no data for it or
+    a malformed item fails here, before a model loads."""
     tasks: dict[str, str | None] = {}
     for spec in specs:
         name, _, path = spec.partition("=")
@@ -72,7 +72,11 @@ def parse_tasks(specs: list[str]) -> dict[str, str | None]:
         if name in tasks:
             raise ConfigError(f"--task {name} given twice")
         if path:
-            find_file(name, path)
+            # Reading every item now takes well under a second and saves loading a model only to find a bad one.
+            if name in PPL_TASKS:
+                load_perplexity_text(name, path)
+            else:
+                load_task(name, path)
         tasks[name] = path or None
     return tasks
 

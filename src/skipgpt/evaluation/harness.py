@@ -171,7 +171,7 @@ def build_task(data: TaskData | None, name: str | None = None):
             raise DataError(f"{name}: no PATH given and the hub dataset could not be loaded ({why})") from None
     docs = data.docs
     if data.format == "llamacpp":
-        # The text file's first line is already "activity_label: ctx" with brackets removed.
+        # The text file's first line is the prompt, "activity_label: ctx", scored as written (see tasks.py).
         config.update(process_docs=None, doc_to_text="{{query}}", doc_to_choice="choices", doc_to_target="{{label}}")
     dataset = datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
     config.update(

@@ -2,13 +2,19 @@
 
 Multiple-choice items come out in the schema of the Hugging Face dataset that lm-evaluation-harness's
 stock task reads, so the harness's own prompts, choices and targets apply unchanged. The one exception
-is HellaSwag from the llama.cpp text file, whose first line is already the preprocessed prompt.
+is HellaSwag from llama.cpp's text file (hellaswag_val_full.txt), whose first line is scored as the prompt
+as it stands (format "llamacpp" in the results; published numbers depend on it). That is close to, but
+not, the stock preprocessing: the file keeps ctx_b lower-case where the stock task capitalises it
+(ctx_a + " " + ctx_b.capitalize(), so ". he" where the stock prompt has ". He"), and
+it keeps the "[...]" text the stock preprocess removes in 2 prompts and 11 endings (and one ending's
+double space). The official hellaswag_val.jsonl gives the stock prompts exactly.
 Perplexity tasks come out as the joined test text, the way the pruning literature builds it.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +38,9 @@ RELEASE_FILES = {
 }
 # The split each task is scored on (as the harness does), for folders in the Hugging Face layout.
 EVAL_SPLIT = {"arc_easy": "test", "arc_challenge": "test", "openbookqa": "test", "wikitext2": "test", "ptb": "test"}
+# How a file or folder name marks each split; a file marked as another split is never read in its place.
+SPLIT_NAMES = {"test": ("test",), "validation": ("validation", "dev", "val", "valid")}
+SPLIT_WORDS = {"train", "test", "validation", "dev", "val", "valid"}
 HF_EXTENSIONS = (".parquet", ".jsonl", ".json")
 
 
@@ -51,18 +60,39 @@ def check_name(name: str) -> None:
 # -- finding the file ---------------------------------------------------------------------------------------
 
 
+def _not_for(name: str, file: Path) -> str | None:
+    """Why a lone data file named `file` (relative to its folder) is some other data than `name`'s, or None."""
+    owners = [task for task, names in RELEASE_FILES.items() if task != name and file.name in names]
+    if owners:
+        return f"the release file of {'/'.join(owners)}"
+    split = EVAL_SPLIT.get(name, "validation")
+    words = set(re.split(r"[^a-z]+", str(file.with_suffix("")).lower()))
+    other = sorted((words & SPLIT_WORDS) - set(SPLIT_NAMES[split]))
+    if other:
+        return f"a {other[0]} split, but {name} is scored on the {split} split"
+    return None
+
+
 def _hf_file(name: str, folder: Path) -> Path | None:
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(HF_EXTENSIONS))
     if not files:
         return None
     split = EVAL_SPLIT.get(name, "validation")
-    for wanted in (split, "validation" if split == "test" else "test", "dev", "val"):
+    for wanted in SPLIT_NAMES[split]:
         hits = [p for p in files if p.name.startswith(wanted) or p.parent.name == wanted]
         if hits:
             if len(hits) > 1 and hits[0].suffix == ".parquet":
                 raise DataError(f"{folder}: split {wanted!r} is sharded over {len(hits)} files; pass one file")
             return hits[0]
     if len(files) == 1:
+        # A lone file of unmarked name is taken as the split asked for; one that names another task's
+        # release or another split would silently score the wrong data.
+        lone = files[0].relative_to(folder)
+        why = _not_for(name, lone)
+        if why:
+            expected = ", ".join(RELEASE_FILES[name])
+            raise DataError(f"{folder}: holds only {lone}, {why} (expected {expected}, or a {split} split file "
+                            f"in the HF layout)")
         return files[0]
     raise DataError(f"{folder}: cannot tell which of {len(files)} data files holds the {split} split of {name}")
 
@@ -151,13 +181,26 @@ def _need(path: Path, row: dict, keys: tuple[str, ...], index: int, what: str) -
         raise DataError(f"{path}: item {index + 1} lacks {', '.join(missing)}; not {what}")
 
 
+def _need_text(path: Path, row: dict, keys: tuple[str, ...], index: int) -> None:
+    # The harness joins these into prompts; anything but a string fails there, after the model loaded.
+    bad = [k for k in keys if not isinstance(row[k], str)]
+    if bad:
+        raise DataError(f"{path}: item {index + 1} has {', '.join(bad)} that is not text")
+
+
 # -- multiple-choice tasks: convert to the HF schema the stock harness task reads ---------------------------
 
 
 def _gold_index(path: Path, index: int, value, n: int) -> int:
+    # int() would truncate 1.9 to 1, overflow on 1e999 (inf) and take true as 1: only whole numbers and
+    # strings of digits are labels.
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise DataError(f"{path}: item {index + 1} has label {value!r}, not an integer")
     try:
         gold = int(value)
-    except (TypeError, ValueError):
+    except ValueError:
         raise DataError(f"{path}: item {index + 1} has label {value!r}, not an integer") from None
     if not 0 <= gold < n:
         raise DataError(f"{path}: item {index + 1} has label {gold}, out of range for {n} choices")
@@ -167,6 +210,7 @@ def _gold_index(path: Path, index: int, value, n: int) -> int:
 def _piqa(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
     for i, r in enumerate(rows):
         _need(path, r, ("goal", "sol1", "sol2"), i, "PIQA (goal, sol1, sol2)")
+        _need_text(path, r, ("goal", "sol1", "sol2"), i)
     labels_file = path.with_name(path.stem + "-labels.lst")
     hf = all("label" in r for r in rows)
     if not hf:
@@ -189,6 +233,7 @@ def _boolq(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
         if "answer" in r:  # release: title and passage apart, answer true/false
             fmt = "release"
             _need(path, r, ("question", "passage"), i, "BoolQ (question, passage, answer)")
+            _need_text(path, r, ("question", "passage"), i)
             if not isinstance(r["answer"], bool):
                 raise DataError(f"{path}: item {i + 1} has answer {r['answer']!r}, expected true or false")
             # SuperGLUE, which the stock task reads, writes the passage as "title -- passage".
@@ -196,6 +241,7 @@ def _boolq(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
             docs.append({"question": r["question"], "passage": passage, "label": int(r["answer"])})
         else:
             _need(path, r, ("question", "passage", "label"), i, "BoolQ (question, passage, label)")
+            _need_text(path, r, ("question", "passage"), i)
             label = _gold_index(path, i, r["label"], 2)
             docs.append({"question": r["question"], "passage": r["passage"], "label": label})
     return fmt, docs
@@ -205,11 +251,13 @@ def _hellaswag_jsonl(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
     docs = []
     for i, r in enumerate(rows):
         _need(path, r, ("activity_label", "ctx_a", "ctx_b", "endings", "label"), i, "HellaSwag")
-        if not isinstance(r["endings"], list) or len(r["endings"]) < 2:
-            raise DataError(f"{path}: item {i + 1} has no list of endings")
-        gold = _gold_index(path, i, r["label"], len(r["endings"]))
+        _need_text(path, r, ("activity_label", "ctx_a", "ctx_b"), i)
+        endings = r["endings"]
+        if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
+            raise DataError(f"{path}: item {i + 1} has no list of text endings")
+        gold = _gold_index(path, i, r["label"], len(endings))
         docs.append({"activity_label": r["activity_label"], "ctx_a": r["ctx_a"], "ctx_b": r["ctx_b"],
-                     "endings": list(r["endings"]), "label": str(gold)})
+                     "endings": list(endings), "label": str(gold)})
     return ("release" if isinstance(rows[0]["label"], int) else "hf"), docs
 
 
@@ -235,12 +283,23 @@ def _arc(path: Path, rows: list[dict], stem_key: str) -> tuple[str, list[dict]]:
             fmt = "release"
             if "stem" not in q or not isinstance(q.get("choices"), list):
                 raise DataError(f"{path}: item {i + 1} has no question.stem / question.choices")
+            if not all(isinstance(c, dict) and "text" in c and "label" in c for c in q["choices"]):
+                raise DataError(f"{path}: item {i + 1} has a choice without text and label")
             stem = q["stem"]
             texts = [c["text"] for c in q["choices"]]
             labels = [c["label"] for c in q["choices"]]
         else:
             _need(path, r, (stem_key, "choices"), i, "ARC/OpenBookQA in the HF layout")
-            stem, texts, labels = r[stem_key], list(r["choices"]["text"]), list(r["choices"]["label"])
+            choices = r["choices"]
+            if not (isinstance(choices, dict) and isinstance(choices.get("text"), list)
+                    and isinstance(choices.get("label"), list)):
+                raise DataError(f"{path}: item {i + 1} has choices that are not {{text: [...], label: [...]}}")
+            stem, texts, labels = r[stem_key], list(choices["text"]), list(choices["label"])
+        if not isinstance(stem, str) or not all(isinstance(x, str) for x in texts + labels):
+            raise DataError(f"{path}: item {i + 1} has a question, choice text or choice label that is not text")
+        if len(texts) != len(labels) or len(texts) < 2:
+            raise DataError(f"{path}: item {i + 1} has {len(texts)} choice texts and {len(labels)} labels; "
+                            "expected one label per choice, at least 2 choices")
         key = str(r["answerKey"]).strip()
         if key not in labels:
             raise DataError(f"{path}: item {i + 1} has answerKey {key!r}, not among its choice labels {labels}")
@@ -253,6 +312,7 @@ def _winogrande(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
     docs = []
     for i, r in enumerate(rows):
         _need(path, r, ("sentence", "option1", "option2", "answer"), i, "WinoGrande")
+        _need_text(path, r, ("sentence", "option1", "option2"), i)
         if str(r["answer"]) not in ("1", "2"):
             raise DataError(f"{path}: item {i + 1} has answer {r['answer']!r}, expected 1 or 2")
         if "_" not in r["sentence"]:
