@@ -113,3 +113,24 @@ def test_micro_batches_cover_each_epoch_once_and_are_reproducible():
     ranks = [torch.cat(list(micro_batches(data, 0, 1, 2, seed=3, rank=r, world=2))) for r in range(2)]
     assert torch.equal(torch.cat([ranks[0][:1], ranks[1][:1], ranks[0][1:], ranks[1][1:]]).flatten(),
                        torch.cat(list(micro_batches(data, 0, 4, 1, seed=3))).flatten())
+
+
+def test_self_data_holds_out_rows_of_several_seed_prompts(tmp_path, monkeypatch):
+    """sample_self draws 16 rows per seed prompt; held out as drawn, the last rows would all come from one prompt
+    that no training row starts from. A seeded shuffle after the cache mixes them."""
+    from skipgpt.training import data as data_module
+    from skipgpt.training.config import TrainConfig
+
+    # every token of sample row i holds i, so a row names its seed prompt: i // 16
+    monkeypatch.setattr(data_module, "load_self", lambda routed, tok, count, seq_len, *a: torch.arange(count)[:, None]
+                        .repeat(1, seq_len))
+    cfg = TrainConfig(data="self", self_sequences=64, val_sequences=8, seq_len=4)
+    packed = data_module.load_data(cfg, None, None, tmp_path)
+    prompts = lambda rows: {int(r[0]) // 16 for r in rows}  # noqa: E731
+    assert len(prompts(packed.val)) > 1 and prompts(packed.val) <= prompts(packed.train)
+    assert sorted(torch.cat([packed.train, packed.val])[:, 0].tolist()) == list(range(72))  # a permutation
+    again = data_module.load_data(cfg, None, None, tmp_path)
+    assert torch.equal(again.val, packed.val)  # seeded: a resumed run holds out the same rows
+    other = data_module.load_data(TrainConfig(data="self", self_sequences=64, val_sequences=8, seq_len=4, seed=1),
+                                  None, None, tmp_path)
+    assert not torch.equal(other.val, packed.val)

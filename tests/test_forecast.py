@@ -273,3 +273,36 @@ def test_tuning_is_kept_only_when_held_out_text_agrees(spoil, tmp_path, monkeypa
     # the final model is the one whose held-out perplexity was measured: forecasters and threshold restored
     chosen = record["held_out_ppl_fitted" if spoil else "held_out_ppl_tuned"]
     assert result.summary["held_out_ppl"] == pytest.approx(chosen, rel=1e-6)
+
+
+def test_fit_moments_take_rows_from_a_gpu_model():
+    """A model on a GPU hands the fit GPU rows; the moments stay on the CPU. Fake tensors stand in for CUDA
+    ones on any machine: they keep the device and refuse to mix two in one op (before: torch.cat of the GPU
+    rows with a CPU column of ones)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from skipgpt.training.forecast import Moments
+
+    with FakeTensorMode():
+        m = Moments(8)
+        m.add(torch.randn(5, 8, device="cuda"), torch.randn(5, 8, device="cuda"))
+        assert m.xx.device.type == m.xy.device.type == "cpu"
+        assert m.xx.shape == (9, 9) and m.xy.shape == (9, 8) and m.rows == 5
+
+
+def test_no_calibrate_keeps_the_threshold_through_forecaster_tuning(tmp_path, monkeypatch):
+    """--no-calibrate with informed skipping: the forecasters are still tuned (at the trained threshold), and the
+    threshold is never calibrated (before: tuning calibrated it whatever --calibrate said)."""
+    from skipgpt.training import trainer
+    from skipgpt.training.config import TrainConfig
+    from skipgpt.training.data import PackedData
+
+    monkeypatch.setattr(trainer, "calibrate_threshold", lambda *a, **k: pytest.fail("calibrated under --no-calibrate"))
+    ids = torch.randint(0, 128, (12, 16), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(output=str(tmp_path / "out"), steps=2, seq_len=16, batch_size=2, checkpoint_every=0,
+                      progress=False, val_sequences=4, forecaster_rank=2, forecaster_steps=2, calibrate=False)
+    routed = RoutedModel(make_tiny("llama"), SkipConfig(forecaster_rank=2))
+    before = routed.threshold
+    result = trainer.train(cfg, routed=routed, data=PackedData(ids, ids[:4], "t"))
+    assert result.routed.threshold == before
+    assert "forecaster_tuning" in result.routed.config.extra

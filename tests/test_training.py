@@ -25,7 +25,7 @@ from skipgpt.training.data import PackedData, load_self
 from skipgpt.training.lora import attach_lora
 from skipgpt.training.trainer import _setup_parameters, learning_rate, step_gradients
 
-from conftest import make_tiny, run_cli, varied_routers
+from conftest import make_tiny, one_error_line, run_cli, varied_routers
 
 
 def packed(seed: int = 0, n: int = 12, seq: int = 16, vocab: int = 128) -> PackedData:
@@ -247,6 +247,30 @@ def test_stage2_cli_from_stage1_routers(tmp_path, tiny_dir):
     assert (tmp_path / "s2" / "train_summary.json").exists()
 
 
+def test_stage2_refuses_a_target_other_than_its_frozen_routers(tmp_path, tiny_dir, capsys):
+    """Stage lora keeps the routers' target and accounting; another one given on the command line or in --config
+    is refused in one line before the model loads (before: ignored without a word)."""
+    from skipgpt import load_model, save_routers
+
+    model, _ = load_model(str(tiny_dir / "model"))
+    save_routers(RoutedModel(model, SkipConfig(target_sparsity=0.4)), tmp_path / "r")
+    out = tmp_path / "s2"
+    argv = ["train", "--stage", "lora", "--routers", str(tmp_path / "r"), "--model", str(tiny_dir / "model"),
+            "--data", str(tiny_dir / "text.txt"), "--seq-len", "16", "--batch-size", "2", "--val-sequences", "4",
+            "--no-progress", "--checkpoint-every", "0", "--steps", "1", "--output", str(out)]
+    (tmp_path / "c.yaml").write_text("target-sparsity: 0.25\n")
+    cases = [(["--target-sparsity", "0.25"], "target_sparsity"), (["--accounting", "flop"], "accounting"),
+             (["--config", str(tmp_path / "c.yaml")], "target_sparsity")]
+    for extra, name in cases:
+        capsys.readouterr()
+        assert run_cli([*argv, *extra]) == 2
+        line = one_error_line(capsys.readouterr().err, "train")
+        assert name in line and "frozen routers" in line and "--stage router" in line, line
+        assert not out.exists()
+    # The routers' own values may be given.
+    assert run_cli([*argv, "--target-sparsity", "0.4", "--accounting", "param"]) == 0
+
+
 def test_self_data_is_sampled_once_and_cached(tmp_path, tiny_dir, monkeypatch):
     from skipgpt import load_model
     from skipgpt.training import data as data_module
@@ -360,6 +384,16 @@ def test_bad_forecaster_tuning_settings_are_refused(flags, message, tmp_path, ca
     assert run_cli(["train", *flags, "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("skipgpt train: error:") and message in err and "\n" not in err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("alpha", ["0", "-16"])
+def test_lora_alpha_must_be_positive(alpha, tmp_path, capsys):
+    """0 would train nothing, a negative alpha flips the sign of LoRA's update (before: both accepted)."""
+    with pytest.raises(ConfigError, match="lora_alpha must be a positive integer"):
+        TrainConfig(lora_alpha=int(alpha))
+    assert run_cli(["train", "--stage", "joint", f"--lora-alpha={alpha}", "--output", str(tmp_path / "o")]) == 2
+    assert "lora_alpha" in one_error_line(capsys.readouterr().err, "train")
     assert not (tmp_path / "o").exists()
 
 

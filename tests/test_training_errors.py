@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -104,7 +105,7 @@ def with_tensor(key, make):
 def with_meta(key, value):
     """An edit of the checkpoint's JSON metadata: `key` set to `value`, or removed when value is None."""
     def edit(tensors: dict, meta: dict) -> None:
-        meta.pop(key)
+        meta.pop(key, None)
         if value is not None:
             meta[key] = value
     return edit
@@ -137,7 +138,11 @@ BAD_CHECKPOINTS = {
     "step not a number": (with_meta("step", "x"), "step 'x' is not a whole number"),
     "history not a list": (with_meta("history", 5), "history is not a list"),
     "infinite threshold": (with_meta("threshold", float("inf")), "threshold inf is not a finite number"),
+    # before: resumed, re-reading data the two processes had trained on (each step reads world x batch rows)
+    "written by 2 processes": (with_meta("world", 2), "written by 2"),
 }
+# Checkpoints written before the process count was recorded resume as one process's.
+ACCEPTED = {"as written": lambda tensors, meta: None, "no process count": with_meta("world", None)}
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +153,7 @@ def checkpoint(tiny_dir, tmp_path_factory) -> Path:
     return out / CHECKPOINT_NAME
 
 
-@pytest.mark.parametrize("case", ["as written", *BAD_CHECKPOINTS, "metadata not an object"])
+@pytest.mark.parametrize("case", [*ACCEPTED, *BAD_CHECKPOINTS, "metadata not an object"])
 def test_a_checkpoint_that_does_not_fit_this_run_is_refused_in_one_line(case, checkpoint, tiny_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
@@ -156,7 +161,8 @@ def test_a_checkpoint_that_does_not_fit_this_run_is_refused_in_one_line(case, ch
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["state"])  # noqa: SIM118
     meta["step"], meta["history"] = 1, meta["history"][:1]  # so that the resumed run has a step to train
     argv = [*common(tiny_dir, out), "--steps", "2", "--checkpoint-every", "1", "--resume"]
-    if case == "as written":
+    if case in ACCEPTED:
+        ACCEPTED[case](tensors, meta)
         save_file(tensors, str(out / CHECKPOINT_NAME), metadata={"format": "skipgpt-train-state",
                                                                  "state": json.dumps(meta)})
         assert run_cli(argv) == 0
@@ -175,3 +181,77 @@ def test_a_checkpoint_that_does_not_fit_this_run_is_refused_in_one_line(case, ch
     line = one_error_line(capsys.readouterr().err, "train", model_loaded=True)
     assert message in line and str(out / CHECKPOINT_NAME) in line
     assert snapshot(out) == before
+
+
+def test_a_checkpoint_records_the_process_count(checkpoint):
+    from skipgpt.training.checkpoint import read_metadata
+
+    assert read_metadata(checkpoint)["world"] == 1
+
+
+def test_a_fresh_run_into_an_unfinished_runs_folder_is_refused(checkpoint, tiny_dir, tmp_path, capsys):
+    """Without --resume, a run into a folder whose checkpoint has steps left would overwrite its log at once and
+    the checkpoint at its first save (before: it did); a finished run's folder may be trained into again."""
+    finished = tmp_path / "finished"
+    shutil.copytree(checkpoint.parent, finished)
+    out = tmp_path / "out"
+    out.mkdir()
+    with safe_open(str(checkpoint), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["state"])  # noqa: SIM118
+    meta["step"], meta["history"] = 1, meta["history"][:1]
+    save_file(tensors, str(out / CHECKPOINT_NAME), metadata={"format": "skipgpt-train-state",
+                                                             "state": json.dumps(meta)})
+    (out / "train_log.csv").write_text("step,loss\n1,5.0\n")
+    before = snapshot(out)
+    argv = [*common(tiny_dir, out), "--steps", "2", "--checkpoint-every", "1"]
+    capsys.readouterr()
+    assert run_cli(argv) == 2
+    line = one_error_line(capsys.readouterr().err, "train")
+    assert "unfinished run (step 1 of 2)" in line and "--resume" in line and str(out) in line
+    assert snapshot(out) == before
+    assert run_cli([*common(tiny_dir, finished), "--steps", "2", "--checkpoint-every", "1"]) == 0
+
+
+def test_resume_may_change_the_forecaster_tuning_options(checkpoint, tiny_dir, tmp_path):
+    """They act after the last router step, past every checkpoint; the forecaster NaN error says to lower
+    --forecaster-lr (before: --resume refused both)."""
+    out = tmp_path / "out"
+    shutil.copytree(checkpoint.parent, out)
+    argv = [*common(tiny_dir, out), "--steps", "2", "--checkpoint-every", "1", "--resume"]
+    assert run_cli([*argv, "--forecaster-lr", "1e-4", "--forecaster-steps", "5"]) == 0
+
+
+def test_resume_refuses_routers_whose_content_changed(tiny_dir, tmp_path, capsys):
+    """Stage lora resumes under the routers it trained under: the checkpoint holds a digest of the --routers
+    folder's files (before: only the path was compared)."""
+    model, _ = load_model(str(tiny_dir / "model"))
+    routers, out = tmp_path / "routers", tmp_path / "out"
+    save_routers(RoutedModel(model), routers)
+    argv = [*common(tiny_dir, out), "--stage", "lora", "--routers", str(routers), "--steps", "2",
+            "--checkpoint-every", "1", "--no-calibrate"]
+    assert run_cli(argv) == 0
+    assert run_cli([*argv, "--resume"]) == 0  # the same routers
+    retuned = RoutedModel(load_model(str(tiny_dir / "model"))[0])
+    retuned.threshold = 1.5
+    save_routers(retuned, routers)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run_cli([*argv, "--resume"]) == 2
+    line = one_error_line(capsys.readouterr().err, "train")
+    assert "routers" in line and "changed" in line and str(routers) in line
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("option, value", [("seed", 5_000_000_000), ("seed", 2**64), ("seed", -1),
+                                           ("lr", 10**400), ("target_sparsity", 10**400)],
+                         ids=["seed 5e9", "seed 2**64", "seed -1", "lr of 401 digits", "target of 401 digits"])
+def test_out_of_range_numbers_are_one_line_before_anything_is_written(option, value, tiny_dir, tmp_path, capsys):
+    """Before: a traceback (OverflowError in validate, or in torch's seeding after the output was written)."""
+    out = tmp_path / "out"
+    (tmp_path / "c.yaml").write_text(f"{option}: {value}\n")
+    for extra in (["--config", str(tmp_path / "c.yaml")], [f"--{option.replace('_', '-')}={value}"]):
+        capsys.readouterr()
+        assert run_cli([*common(tiny_dir, out), "--steps", "1", *extra]) == 2
+        line = one_error_line(capsys.readouterr().err, "train")
+        assert option.replace("_", " " if option == "target_sparsity" else "_") in line and len(line) < 300
+        assert not out.exists()

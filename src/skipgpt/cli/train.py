@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Any
 
 from accelerate import PartialState
 
 from ..artifact import read_config
+from ..config import SkipConfig
+from ..errors import ConfigError
 from ..io import check_output
 from ..training import TrainConfig, train
+from ..training.config import read_options
 from .common import add_command, add_field_flag, write_results
 
 
@@ -34,19 +38,46 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def explicit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given on the command line (a flag left out is None there)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if getattr(args, f.name, None) is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    explicit = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-                if getattr(args, f.name, None) is not None}
+    explicit = explicit_options(args)
     if args.config:
         return TrainConfig.load(args.config, overrides=explicit)
     return TrainConfig.from_dict(explicit, source="command line")
+
+
+def given_options(args: argparse.Namespace) -> set[str]:
+    """Names of the options the user set, as flags or in --config FILE (the others hold their defaults)."""
+    names = set(explicit_options(args))
+    if args.config:
+        names |= {str(k).replace("-", "_") for k in read_options(args.config)}
+    return names
+
+
+def check_frozen_target(cfg: TrainConfig, given: set[str], routers: SkipConfig) -> None:
+    """Stage lora keeps its frozen routers' target and accounting (calibration, --threshold-gain and the
+    summary use theirs): another one set by the user would be ignored without a word, so it is refused."""
+    for name in ("target_sparsity", "accounting"):
+        value, theirs = getattr(cfg, name), getattr(routers, name)
+        if name in given and value != theirs:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"stage lora keeps the {name} of its frozen routers ({theirs!r} in {cfg.routers}), "
+                              f"not the {value!r} given: leave out {flag} (or give {theirs!r}), or tune routers "
+                              f"for {value!r} first with --stage router")
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     check_output(cfg.output, folder=True)  # before minutes of model loading
     if cfg.routers:
-        read_config(cfg.routers)
+        skip = read_config(cfg.routers)
+        if cfg.stage == "lora":
+            check_frozen_target(cfg, given_options(args), skip)
     result = train(cfg)
     s = result.summary
     print(f"saved routers to {result.output_dir}" + (" (+ adapter/)" if cfg.trains_lora else ""))

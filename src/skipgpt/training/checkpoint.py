@@ -7,6 +7,7 @@ reproduce an uninterrupted one bit for bit (CPU, fp32, same thread count).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -15,15 +16,19 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
+from ..artifact import CONFIG_NAME, FORECASTERS_NAME, WEIGHTS_NAME
 from ..errors import ArtifactError, ConfigError
-from ..io import save_safetensors_atomic
+from ..io import file_sha256, save_safetensors_atomic
 from .data import data_digest
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 RNG_KEY = "rng.torch"
 # Options that do not change what a resumed run computes; every other option must match the checkpoint's,
 # or the resumed steps would silently follow another recipe (other data order, schedule, loss...).
-RESUME_MAY_CHANGE = frozenset({"resume", "progress", "report_to", "checkpoint_every", "output", "calibrate"})
+# The forecaster options act only after the last router step, past every checkpoint (so the NaN error's advice,
+# a lower --forecaster-lr, can be followed with --resume).
+RESUME_MAY_CHANGE = frozenset({"resume", "progress", "report_to", "checkpoint_every", "output", "calibrate",
+                               "forecaster_steps", "forecaster_lr"})
 # Options naming local files: the same file under another spelling (relative, absolute, ~) is the same option.
 PATH_OPTIONS = frozenset({"data", "model", "routers"})
 
@@ -59,9 +64,38 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return meta
 
 
-def check_resume_config(path: Path, config: dict[str, Any]) -> None:
-    """Refuse to resume from `path` with a config other than the one that wrote it (naming what differs), or
-    with training data whose content changed since (the resumed steps would train on other text)."""
+def routers_digest(folder: str) -> str:
+    """sha256 of what a run reads from its --routers folder: config, routers and forecasters (a missing
+    file counts as missing). The stage-2 adapter beside them is not loaded, so it is not part of it."""
+    root = Path(folder).expanduser()
+    h = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME, FORECASTERS_NAME):
+        f = root / name
+        h.update(f"{name}\0{file_sha256(f) if f.is_file() else '-'}\n".encode())
+    return h.hexdigest()
+
+
+def check_fresh_start(path: Path) -> None:
+    """Refuse a run without --resume into a folder whose checkpoint `path` belongs to an unfinished run (steps
+    left, or the final save not done): the new run would overwrite its log at once and the checkpoint at its
+    first save. An unreadable file is no run anyone could resume."""
+    try:
+        meta = read_metadata(path)
+    except ArtifactError:
+        return
+    config = meta.get("config")
+    step, steps = meta.get("step"), config.get("steps") if isinstance(config, dict) else None
+    if _is_int(step) and _is_int(steps) and step >= steps and (path.parent / CONFIG_NAME).exists():
+        return  # a finished run: a new one replaces its results, as a run into any used folder does
+    where = f" (step {step} of {steps})" if _is_int(step) and _is_int(steps) else ""
+    raise ConfigError(f"output {path.parent} holds a checkpoint of an unfinished run{where}: pass --resume to "
+                      f"continue it, or choose another --output")
+
+
+def check_resume_config(path: Path, config: dict[str, Any], world: int = 1) -> None:
+    """Refuse to resume from `path` with a config other than the one that wrote it (naming what differs), on
+    another number of processes `world` (each step reads world x batch sequences: the resumed steps would
+    skip or repeat data), or with training data or --routers whose content changed since."""
     meta = read_metadata(path)
     saved = meta.get("config")
     if not isinstance(saved, dict):
@@ -77,6 +111,15 @@ def check_resume_config(path: Path, config: dict[str, Any]) -> None:
     if digest and data_digest(config["data"]) != digest:
         raise ConfigError(f"{path}: cannot --resume, the content of the training data {config['data']} changed "
                           f"since this checkpoint; restore the original data, or start afresh with another --output")
+    saved_world = meta.get("world", 1)  # written before the process count was recorded: by one process
+    if saved_world != world:
+        raise ConfigError(f"{path}: cannot --resume on {world} process(es), this checkpoint was written by "
+                          f"{saved_world} (the data of each step depends on the count); launch {saved_world}, "
+                          f"or start afresh with another --output")
+    routers = meta.get("routers_sha256")
+    if routers and config.get("routers") and routers_digest(config["routers"]) != routers:
+        raise ConfigError(f"{path}: cannot --resume, the routers in {config['routers']} changed since this "
+                          f"checkpoint; restore them, or start afresh with another --output")
 
 
 def _same_file(a: Any, b: Any) -> bool:

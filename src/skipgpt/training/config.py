@@ -20,11 +20,22 @@ STAGES = ("router", "lora", "joint")
 SCHEDULES = ("auto", "constant", "cosine")
 REPORTERS = ("none", "tensorboard", "wandb")
 PRECISIONS = ("no", "bf16", "fp16")
+SEED_LIMIT = 2**32  # micro_seed multiplies the seed by about 4e9: a larger one overflows torch's 64-bit seeds
+
+
+def _finite(v: Any) -> bool:
+    """A number a float can hold: not inf or NaN, nor an int too large to convert (a YAML/JSON file can hold
+    a 400-digit integer, which math.isfinite and float() refuse with OverflowError)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 # What each field annotation accepts (a YAML file can hold anything); inf and NaN are no option's value.
 FIELD_TYPES = {
     "int": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "float": ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-              and math.isfinite(v)),
+    "float": ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)),
     "str": ("a string", lambda v: isinstance(v, str)),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
     "list[str]": ("a list of names", lambda v: isinstance(v, str)
@@ -136,7 +147,7 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": (
         "continue from OUTPUT/checkpoint.safetensors if present (identical result to an uninterrupted run); "
         "every other option must match the run that wrote it, except --checkpoint-every, --progress, "
-        "--report-to and --calibrate")})
+        "--report-to, --calibrate, --forecaster-steps and --forecaster-lr, and so must the number of processes")})
     report_to: str = field(default="none", metadata={"choices": REPORTERS, "help": (
         "also log to tensorboard or wandb (the CSV log is always written)")})
     mixed_precision: str = field(default="no", metadata={"choices": PRECISIONS, "help": (
@@ -153,19 +164,25 @@ class TrainConfig:
             if getattr(self, name) not in options:
                 raise ConfigError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
 
+        if isinstance(self.target_sparsity, int) and not _finite(self.target_sparsity):
+            raise ConfigError("target sparsity must be in [0, 1) as a fraction, got an integer too large")
         check_sparsity(self.target_sparsity)  # first: its own message, for NaN too
         for f in dataclasses.fields(self):  # every value of its annotated type (None where the annotation allows)
             value, kind = getattr(self, f.name), str(f.type).removesuffix(" | None")
             what, ok = FIELD_TYPES.get(kind, ("", lambda v: True))
             if not ok(value) and not (value is None and kind != str(f.type)):
-                raise ConfigError(f"{f.name} must be {what}, got {value!r}")
+                huge = isinstance(value, int) and not _finite(value)  # hundreds of digits are no help in the line
+                raise ConfigError(f"{f.name} must be {what}, got {'an integer too large' if huge else repr(value)}")
         for f in dataclasses.fields(self):  # stage, accounting, schedule, router, ...: the choices in the metadata
             if "choices" in f.metadata:
                 choice(f.name, f.metadata["choices"])
-        for name in ("steps", "seq_len", "batch_size", "grad_accum", "val_sequences", "lora_r", "self_sequences"):
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "val_sequences", "lora_r", "lora_alpha",
+                     "self_sequences"):  # lora_alpha 0 would train nothing, a negative one flip LoRA's sign
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ConfigError(f"seed must be a whole number in [0, 2**32), got {self.seed}")
         if self.seq_len < 2:
             raise ConfigError("seq_len must be at least 2 (one token predicts the next)")
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -254,26 +271,31 @@ class TrainConfig:
     @classmethod
     def load(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
         """Read a .yaml/.yml/.json file; `overrides` (e.g. explicit CLI flags) win over the file."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a UTF-8 text file (expected YAML or JSON options)") from None
-        try:
-            if path.suffix == ".json":
-                data = json.loads(text)
-            else:
-                import yaml
-
-                data = yaml.safe_load(text)
-        except Exception as e:  # noqa: BLE001 - any parser error is a bad file
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({first})") from None
-        data = {} if data is None else data
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of option names to values")
-        data = dict(data)
+        data = read_options(path)
         data.update(overrides or {})
         return cls.from_dict(data, source=str(path))
+
+
+def read_options(path: str | Path) -> dict[Any, Any]:
+    """The options of a .yaml/.yml/.json file as written (TrainConfig.from_dict checks names and values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file (expected YAML or JSON options)") from None
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - any parser error is a bad file
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({first})") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    return dict(data)

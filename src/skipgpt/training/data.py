@@ -233,7 +233,10 @@ def load_data(cfg, routed, tokenizer, cache_dir: Path) -> PackedData:
     """The packed train/validation split that `cfg` asks for."""
     if cfg.data == "self":
         ids = load_self(routed, tokenizer, cfg.self_sequences + cfg.val_sequences, cfg.seq_len, cfg.seed, cache_dir)
-        return split(ids, cfg.val_sequences, "self")
+        # The samples come in batches of one seed prompt each, so the last rows would all share one prompt that
+        # no training row starts from: shuffle (seeded, after the cache) so held-out rows mix the prompts.
+        order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(cfg.seed))
+        return split(ids[order], cfg.val_sequences, "self")
     digest = data_digest(cfg.data)
     texts = read_texts(cfg.data, cfg.text_field)
     packed = split(tokenize_and_pack(texts, tokenizer, cfg.seq_len, cfg.max_tokens), cfg.val_sequences, cfg.data)

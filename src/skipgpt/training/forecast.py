@@ -38,9 +38,12 @@ class Moments:
         self.rows = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x1 = torch.cat([x.double(), torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1).cpu()
+        # The moments live on the CPU: move the rows there before joining them with the CPU column of ones
+        # (a model on a GPU hands over GPU rows).
+        x, y = x.cpu().double(), y.cpu().double()
+        x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
         self.xx += x1.T @ x1
-        self.xy += x1.T @ y.double().cpu()
+        self.xy += x1.T @ y
         self.rows += x.shape[0]
 
 

@@ -41,7 +41,14 @@ from ..models.loading import load_model
 from ..models.routed import RoutedModel
 from ..routing.calibrate import calibrate_threshold
 from . import loss as L
-from .checkpoint import CHECKPOINT_NAME, check_resume_config, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    check_fresh_start,
+    check_resume_config,
+    load_checkpoint,
+    routers_digest,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data import PackedData, data_files, load_data, micro_batches
 from .forecast import fit_forecasters
@@ -273,8 +280,12 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
     if cfg.routers and output.exists() and output.resolve() == Path(cfg.routers).expanduser().resolve():
         raise ConfigError(f"output {cfg.output} is the routers folder this stage starts from; saving there would "
                           "replace them: give another output folder")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))  # the process count, before accelerate starts
     if cfg.resume and ckpt.exists():
-        check_resume_config(ckpt, cfg.to_dict())
+        check_resume_config(ckpt, cfg.to_dict(), world=launched)
+    elif ckpt.exists():
+        check_fresh_start(ckpt)
+    routers_sha = routers_digest(cfg.routers) if cfg.routers else None  # what was loaded, for --resume to compare
     if data is None and cfg.data != "self":
         data_files(cfg.data)
     if routed is None:
@@ -285,7 +296,6 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         check_lora_targets(routed.model, cfg.lora_targets)
     # Under torchrun on a machine without an accelerator, Accelerator() runs every process alone unless told
     # to use the CPU (then it joins them over gloo): each would train on its own shard and write its own result.
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=launched > 1 and not _has_accelerator(),
                               log_with=None if cfg.report_to == "none" else cfg.report_to, project_dir=str(output))
     if launched > 1 and accelerator.num_processes == 1:
@@ -374,7 +384,8 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
                 save_checkpoint(ckpt, routed, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
                                 done, {"history": history, "config": cfg.to_dict(), "threshold": routed.threshold,
                                        "data_sha256": data.digest, "train_seconds": time.perf_counter() - t_start,
-                                       "tokens": tokens_seen})
+                                       "tokens": tokens_seen, "world": accelerator.num_processes,
+                                       "routers_sha256": routers_sha})
     bar.close()
     elapsed = time.perf_counter() - t_start
     summary = _finish(routed, cfg, data, history, elapsed, tokens_seen, accelerator)
@@ -404,12 +415,15 @@ def _finish(routed, cfg: TrainConfig, data: PackedData, history: list, elapsed: 
             fit = fit_forecasters(routed, _fit_batches(data, cfg, device), on_policy=True)
             extra["forecaster_fit_tokens"] = extra.get("forecaster_fit_tokens", 0) + fit["tokens"]
         if cfg.forecaster_steps:
-            # Tune them on the loss at the decisions they will serve: calibrate first, tune, calibrate again.
-            calibrate_threshold(routed, val, routed.config.target_sparsity, routed.config.accounting)
+            # Tune them on the loss at the decisions they will serve: calibrate first, tune, calibrate again
+            # (with --no-calibrate they serve the trained threshold: tuned and compared there).
+            if cfg.calibrate:
+                calibrate_threshold(routed, val, routed.config.target_sparsity, routed.config.accounting)
             fitted = {k: v.clone() for k, v in routed.forecasters.state_dict().items()}
             fitted_threshold, fitted_nll = routed.threshold, held_out_nll(routed, data.val, cfg.batch_size)
             extra["forecaster_tune_tokens"] = tune_forecasters(routed, data, cfg, accelerator)
-            calibrate_threshold(routed, val, routed.config.target_sparsity, routed.config.accounting)
+            if cfg.calibrate:
+                calibrate_threshold(routed, val, routed.config.target_sparsity, routed.config.accounting)
             tuned_nll = held_out_nll(routed, data.val, cfg.batch_size)
             # A guard, not a search: on a few thousand tokens tuning overfits (the demo's setting measured
             # held-out 85.90 tuned against 27.81 fitted), so it is kept only if held-out text agrees.
@@ -422,7 +436,7 @@ def _finish(routed, cfg: TrainConfig, data: PackedData, history: list, elapsed: 
                           f"{math.exp(tuned_nll):.2f}): kept the fitted forecasters")
             extra["forecaster_tuning"] = {"held_out_ppl_fitted": math.exp(fitted_nll),
                                           "held_out_ppl_tuned": math.exp(tuned_nll), "kept": kept}
-            calibrated = True  # both candidates were calibrated (bisection from fixed bounds: repeatable)
+            calibrated = True  # both candidates calibrated, or neither (bisection from fixed bounds: repeatable)
     if cfg.calibrate and routed.policy is None and not calibrated:
         # Recalibrate onto the routers' own target: LoRA shifts the hidden states the routers read.
         calibrate_threshold(routed, val, routed.config.target_sparsity, routed.config.accounting)
