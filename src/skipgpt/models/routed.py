@@ -1,5 +1,6 @@
-"""The SkipGPT routing core, top to bottom: routers, gate decisions, the per-forward state, the
-RoutedModel that owns them, and the routed decoder-layer forward.
+"""The SkipGPT routing core, top to bottom: the per-forward state, the RoutedModel that owns the routers
+and makes the gate decisions, and the routed decoder-layer forward. The routers, forecasters and Gumbel
+gates themselves are in skipgpt.models.routers.
 
 The Hugging Face model object is kept as it is: its decoder layers get a routed `forward` on the
 instance and the routers live in a separate RouterBank, so `routed.model.state_dict()` keys, PEFT
@@ -16,200 +17,27 @@ import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import SkipConfig
 from ..errors import ConfigError
 from ..routing import policies
-from ..routing.policies import EXECUTE, KIND_INDEX, SKIP, Policy
+from ..routing.policies import KIND_INDEX, Policy
 from ..routing.sparsity import SparsityMeter, SparsityReport, ratios, skip_totals
 from .adapters import LayerParts, find_decoder, find_layers, fingerprint, module_costs, unwrap
+from .routers import Fold, Forecaster, ForecasterBank, Router, RouterBank, sample_gate, straight_through_gumbel
 from .sparse import gated, run_attention, run_mlp, sparse_attention, sparse_mlp
 
+# The router names lived here before routers.py split off; scripts still import them from this module.
+__all__ = [
+    "MODES", "ForwardState", "RoutedModel",
+    "Fold", "Forecaster", "ForecasterBank", "Router", "RouterBank", "sample_gate", "straight_through_gumbel",
+]
+
 MODES = ("masked", "sparse")
-
-# -- routers -----------------------------------------------------------------------------------------------
-
-
-class Router(nn.Module):
-    """Maps a token's hidden state to two logits, (execute, skip): linear (the paper) or a 2-layer MLP
-    (hidden -> hidden/4 -> ReLU -> 2, the published code)."""
-
-    def __init__(self, hidden_size: int, kind: str = "linear", execute_bias: float = 2.0):
-        super().__init__()
-        if kind == "linear":
-            self.net = nn.Linear(hidden_size, 2)
-            last = self.net
-        else:
-            inner = hidden_size // 4
-            self.net = nn.Sequential(nn.Linear(hidden_size, inner), nn.ReLU(), nn.Linear(inner, 2))
-            last = self.net[-1]
-        self.linear = kind == "linear"
-        # Zero weights + an execute bias: training starts at "execute everything" whatever the
-        # scale of the hidden state (random weights on LLaMA outliers give near-random routing).
-        with torch.no_grad():
-            last.weight.zero_()
-            last.bias.copy_(torch.tensor([execute_bias, 0.0]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.net.weight if self.linear else self.net[0].weight
-        # The model may sit on other devices (device_map) or in bf16; routers stay fp32.
-        return self.net(x.to(weight.device, weight.dtype))
-
-    def fold(self, threshold: float = 0.0) -> Fold:
-        """The last layer's two rows folded into one skip-minus-execute vector and bias: an inference
-        decision is then one matrix-vector product and a comparison with a ready tensor (measured 10 us
-        against 17 for the two-logit linear on one token). RouterBank.folds() keeps them between weight
-        changes."""
-        last = self.net if self.linear else self.net[-1]
-        with torch.no_grad():
-            weight = (last.weight[SKIP] - last.weight[EXECUTE]).contiguous()
-            bias = float(last.bias[SKIP] - last.bias[EXECUTE])
-        # a 0-dim tensor: comparing with a Python float costs a scalar conversion on every call
-        limit = torch.tensor(threshold - bias, dtype=weight.dtype, device=weight.device)
-        return Fold(weight, bias, threshold, limit, None if self.linear else self.net[:-1])
-
-    def margin(self, x: torch.Tensor, fold: Fold | None = None) -> torch.Tensor:
-        """Skip logit minus execute logit (...,), without gradient."""
-        return (fold or self.fold()).margin(x)
-
-    def executes(self, x: torch.Tensor, threshold: float, fold: Fold | None = None) -> torch.Tensor:
-        """Bool execute decision (...,): execute unless the skip logit beats the execute logit by more than
-        `threshold` (the inference argmax, shifted by the calibrated threshold)."""
-        if fold is None or fold.threshold != threshold:
-            fold = self.fold(threshold)
-        return fold.executes(x)
-
-
-class Fold(NamedTuple):
-    """A router's last layer as one skip-minus-execute row: execute while weight . features <= limit.
-    Its methods are the whole inference decision, so a decode step pays one Python call per module."""
-
-    weight: torch.Tensor  # (features,)
-    bias: float
-    threshold: float  # the threshold `limit` was made for
-    limit: torch.Tensor  # 0-dim: threshold - bias
-    hidden: nn.Module | None  # the layers before the last (MLP routers); None for a linear router
-
-    def dot(self, x: torch.Tensor) -> torch.Tensor:
-        """weight . features(x), (..., hidden) -> (...). One matmul: it runs more aten operators than an
-        explicit reshape, mv and view, but it is one Python call instead of three: 8 us against 13 on one token."""
-        w = self.weight
-        # the checks cost less than a no-op .to() on every decision (routers stay fp32 beside a bf16 model)
-        h = x if x.dtype is w.dtype and x.device == w.device else x.to(w.device, w.dtype)
-        if self.hidden is not None:
-            h = self.hidden(h)
-        return h @ w
-
-    def margin(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dot(x) + self.bias
-
-    def executes(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dot(x) <= self.limit
-
-
-class RouterBank(nn.Module):
-    """All routers of a model, kept outside the base model so its state-dict keys stay stock."""
-
-    def __init__(self, num_layers: int, hidden_size: int, config: SkipConfig):
-        super().__init__()
-        self.attn = nn.ModuleList(Router(hidden_size, config.router, config.execute_bias) for _ in range(num_layers))
-        self.mlp = nn.ModuleList(Router(hidden_size, config.router, config.execute_bias) for _ in range(num_layers))
-        self._folds: list[list[Fold]] = []
-        self._folds_key: tuple | None = None  # the weights' storage and version, and the threshold
-        # Every submodule's parameter dict (updated in place by a reassignment): walking the module tree
-        # on every forward pass measured 0.6 ms per decode step.
-        self._parameter_dicts = [m._parameters for m in self.modules() if m._parameters]
-        self._routers = (*self.attn, *self.mlp)
-
-    def get(self, layer: int, kind: str) -> Router:
-        return (self.attn if kind == "attn" else self.mlp)[layer]
-
-    def folds(self, threshold: float = 0.0) -> list[list[Fold]]:
-        """Every router's fold for `threshold`, [layer][kind], rebuilt only when a weight changed (an
-        optimizer step, a load, an in-place edit, a reassignment of a weight or of a whole router) or the
-        threshold did since the last call; read once per inference forward pass. An edit through `.data`
-        bypasses the version counter this keys on: edit router weights under torch.no_grad() instead."""
-        routers = (*self.attn, *self.mlp)
-        if routers != self._routers:  # a router module replaced: its parameters are other objects
-            self._routers = routers
-            self._parameter_dicts = [m._parameters for m in self.modules() if m._parameters]
-        key = (threshold, *((p.data_ptr(), p._version) for d in self._parameter_dicts for p in d.values()))
-        if self._folds_key != key:
-            self._folds = [[a.fold(threshold), m.fold(threshold)] for a, m in zip(self.attn, self.mlp)]
-            self._folds_key = key
-        return self._folds
-
-
-# -- forecasters (informed skipping) -----------------------------------------------------------------------
-
-
-class Forecaster(nn.Module):
-    """Predicts a module's output from its normalised input through a rank-R bottleneck: a skipped token
-    gets x + forecast instead of x. Zero-initialised, so an unfitted forecaster is the plain skip."""
-
-    def __init__(self, hidden_size: int, rank: int):
-        super().__init__()
-        self.down = nn.Linear(hidden_size, rank, bias=False)
-        self.up = nn.Linear(rank, hidden_size)
-        nn.init.zeros_(self.down.weight)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
-
-    def forward(self, xn: torch.Tensor) -> torch.Tensor:
-        w = self.down.weight
-        return self.up(self.down(xn.to(w.device, w.dtype))).to(xn.device, xn.dtype)
-
-
-class ForecasterBank(nn.Module):
-    """One forecaster per attention and per MLP module."""
-
-    def __init__(self, num_layers: int, hidden_size: int, rank: int):
-        super().__init__()
-        if rank > hidden_size:
-            raise ConfigError(f"forecaster_rank {rank} is above the hidden size {hidden_size}; a full-rank map "
-                              f"has rank {hidden_size}")
-        self.attn = nn.ModuleList(Forecaster(hidden_size, rank) for _ in range(num_layers))
-        self.mlp = nn.ModuleList(Forecaster(hidden_size, rank) for _ in range(num_layers))
-
-    def get(self, layer: int, kind: str) -> Forecaster:
-        return (self.attn if kind == "attn" else self.mlp)[layer]
-
-    def params_per_module(self) -> int:
-        return sum(p.numel() for p in self.attn[0].parameters())
-
-
-# -- gate decisions ----------------------------------------------------------------------------------------
-
-
-def _gumbel(like: torch.Tensor) -> torch.Tensor:
-    u = torch.rand_like(like, dtype=torch.float32).clamp_(1e-10, 1.0 - 1e-7)
-    return -torch.log(-torch.log(u))
-
-
-def straight_through_gumbel(logits: torch.Tensor, temperature: float, noise: float = 1.0) -> torch.Tensor:
-    """Execute gate in {0, 1} forward, softmax((logits + noise * g) / t) gradient backward.
-
-    noise = 1 is the standard Gumbel-softmax; noise = 0 makes the forward decision the inference-time argmax
-    while the gradient stays the tempered softmax's (a deterministic straight-through estimator).
-    """
-    soft = F.softmax((logits.float() + noise * _gumbel(logits)) / temperature, dim=-1)[..., EXECUTE]
-    hard = (soft > 0.5).to(soft.dtype)
-    return hard - soft.detach() + soft
-
-
-def sample_gate(margin: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
-    """Hard Gumbel sample without gradient (the published code's stochastic evaluation), as a bool execute
-    gate, from the skip-minus-execute margin."""
-    noise = _gumbel(margin.unsqueeze(-1).expand(*margin.shape, 2))
-    return margin.float() + noise[..., SKIP] - noise[..., EXECUTE] <= threshold
-
-
 
 # -- the state of one forward pass -------------------------------------------------------------------------
 
@@ -406,13 +234,15 @@ class RoutedModel(nn.Module):
         return g if g.device == x.device else g.to(x.device)
 
     def decide(self, router: Router, x: torch.Tensor, fold: Fold | None = None) -> torch.Tensor:
-        """Gate from one router: straight-through Gumbel in training, else argmax of the margin (or a sample).
-        `fold` is the router's folded last layer when the caller has it (see RouterBank.folds)."""
+        """Gate from one router: a straight-through Gumbel sample while routers train, else a bool decision from
+        its fold (`fold`: this pass's, from RouterBank.folds, when the caller has it), the argmax shifted by the
+        threshold or with `sample` a Gumbel sample. gate's `_argmax` shortcut is the last line, taken directly."""
         if self.training_routers:
             return straight_through_gumbel(router(x), self.temperature, self.noise)
+        fold = fold or router.fold(self.config.threshold)
         if self.sample:
-            return sample_gate(router.margin(x, fold), self.config.threshold)
-        return router.executes(x, self.config.threshold, fold)
+            return sample_gate(fold.margin(x), self.config.threshold)
+        return fold.executes(x)
 
     # -- user API ----------------------------------------------------------------------------------------
 
@@ -506,9 +336,6 @@ class RoutedModel(nn.Module):
     def decisions(self) -> torch.Tensor:
         """Execute decisions of the last forward pass as a (L, 2, B, T) bool tensor."""
         return self.state.stacked()[0] > 0.5
-
-    def router_parameters(self):
-        return self.routers.parameters()
 
     def freeze_base(self) -> None:
         for p in self.model.parameters():
