@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accelerate import Accelerator
 from torch import nn
 from transformers import DynamicCache
 
 from skipgpt import RoutedModel, SkipConfig
 from skipgpt.errors import ConfigError
 from skipgpt.routing import policies
-from skipgpt.training.forecast import fit_forecasters, solve
+from skipgpt.training import forecast, trainer
+from skipgpt.training.config import TrainConfig
+from skipgpt.training.data import PackedData
+from skipgpt.training.forecast import fit_forecasters, solve, tune_forecasters
+from skipgpt.training.step import held_out_nll
 
 from conftest import make_tiny, varied_routers, with_random_forecasters
 
@@ -205,12 +210,6 @@ def test_bad_ranks_on_the_command_line_are_one_line_and_write_nothing(rank, tmp_
 
 
 def test_tuning_trains_only_the_forecasters_of_skipped_modules_and_lowers_the_loss():
-    from accelerate import Accelerator
-
-    from skipgpt.training.config import TrainConfig
-    from skipgpt.training.data import PackedData
-    from skipgpt.training.trainer import held_out_nll, tune_forecasters
-
     routed = RoutedModel(make_tiny("llama"), SkipConfig(forecaster_rank=2))
     routed.force(policies.static(torch.tensor([[True, True], [True, False], [False, True]])))  # 2 modules skip
     ids = torch.randint(0, 128, (8, 12), generator=torch.Generator().manual_seed(0))
@@ -235,11 +234,7 @@ def test_tuning_trains_only_the_forecasters_of_skipped_modules_and_lowers_the_lo
 
 @pytest.mark.parametrize("spoil", [False, True])
 def test_tuning_is_kept_only_when_held_out_text_agrees(spoil, tmp_path, monkeypatch):
-    from skipgpt.training import trainer
-    from skipgpt.training.config import TrainConfig
-    from skipgpt.training.data import PackedData
-
-    real, seen = trainer.tune_forecasters, {}
+    real, seen = forecast.tune_forecasters, {}
 
     def tune(routed, data, cfg, accelerator):
         seen["fitted"] = {k: v.clone() for k, v in routed.forecasters.state_dict().items()}
@@ -257,7 +252,7 @@ def test_tuning_is_kept_only_when_held_out_text_agrees(spoil, tmp_path, monkeypa
         seen["tuned"] = {k: v.clone() for k, v in routed.forecasters.state_dict().items()}
         return tokens
 
-    monkeypatch.setattr(trainer, "tune_forecasters", tune)
+    monkeypatch.setattr(forecast, "tune_forecasters", tune)  # where fit_and_tune looks it up
     ids = torch.randint(0, 128, (12, 16), generator=torch.Generator().manual_seed(0))
     data = PackedData(ids, ids[:4], "t")  # held-out = training text: honest tuning lowers its loss
     cfg = TrainConfig(output=str(tmp_path / "out"), steps=4, seq_len=16, batch_size=2, checkpoint_every=0,
@@ -293,11 +288,9 @@ def test_fit_moments_take_rows_from_a_gpu_model():
 def test_no_calibrate_keeps_the_threshold_through_forecaster_tuning(tmp_path, monkeypatch):
     """--no-calibrate with informed skipping: the forecasters are still tuned (at the trained threshold), and the
     threshold is never calibrated (before: tuning calibrated it whatever --calibrate said)."""
-    from skipgpt.training import trainer
-    from skipgpt.training.config import TrainConfig
-    from skipgpt.training.data import PackedData
-
-    monkeypatch.setattr(trainer, "calibrate_threshold", lambda *a, **k: pytest.fail("calibrated under --no-calibrate"))
+    for module in (forecast, trainer):  # the forecaster phase calibrates in forecast, the final step in trainer
+        monkeypatch.setattr(module, "calibrate_threshold",
+                            lambda *a, **k: pytest.fail("calibrated under --no-calibrate"))
     ids = torch.randint(0, 128, (12, 16), generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(output=str(tmp_path / "out"), steps=2, seq_len=16, batch_size=2, checkpoint_every=0,
                       progress=False, val_sequences=4, forecaster_rank=2, forecaster_steps=2, calibrate=False)

@@ -18,12 +18,13 @@ from safetensors.torch import load_file
 
 from skipgpt import RoutedModel, SkipConfig
 from skipgpt.errors import ConfigError
-from skipgpt.training import TrainConfig, TrainingError, merge_lora, train
+from skipgpt.training import TrainConfig, TrainingError, merge_lora, train, trainer
 from skipgpt.training import loss as L
 from skipgpt.training.checkpoint import CHECKPOINT_NAME
 from skipgpt.training.data import PackedData, load_self
 from skipgpt.training.lora import attach_lora
-from skipgpt.training.trainer import _setup_parameters, learning_rate, step_gradients
+from skipgpt.training.step import learning_rate, step_gradients
+from skipgpt.training.trainer import _setup_parameters
 
 from conftest import make_tiny, one_error_line, run_cli, varied_routers
 
@@ -231,14 +232,17 @@ def test_joint_artifact_reloads_exactly_and_merges(tmp_path, tiny_dir):
     assert torch.equal(routed.decisions(), want_decisions)  # the layers are still routed after merging
 
 
-def test_stage2_cli_from_stage1_routers(tmp_path, tiny_dir):
+def test_stage2_cli_from_stage1_routers(tmp_path, tiny_dir, capsys):
     common = ["--model", str(tiny_dir / "model"), "--data", str(tiny_dir / "text.txt"), "--seq-len", "16",
               "--batch-size", "2", "--val-sequences", "4", "--no-progress", "--checkpoint-every", "0"]
-    assert run_cli(["train", *common, "--steps", "3", "--target-sparsity", "0.4",
+    assert run_cli(["train", *common, "--steps", "3", "--target-sparsity", "0.4", "--accounting", "flop",
                     "--output", str(tmp_path / "s1")]) == 0
     s1 = load_file(tmp_path / "s1" / "routers.safetensors")
+    capsys.readouterr()
     assert run_cli(["train", *common, "--stage", "lora", "--routers", str(tmp_path / "s1"), "--steps", "2",
                     "--output", str(tmp_path / "s2")]) == 0
+    # The summary line names the frozen routers' accounting, not the --accounting default (param).
+    assert "held-out: flop sparsity" in capsys.readouterr().out
     s2 = load_file(tmp_path / "s2" / "routers.safetensors")
     assert all(torch.equal(s1[k], s2[k]) for k in s1)  # routers frozen in stage 2
     # Stage 2 keeps the routers' own target (no --target-sparsity given: not the 0.25 default).
@@ -446,6 +450,21 @@ def test_yaml_config_roundtrip_and_flags_override(tmp_path):
         TrainConfig.load(path)
 
 
+def test_trainer_still_exports_what_moved_to_step_and_forecast():
+    """benchmarks/, the demo, compare and docs/RESULTS.md import these from trainer."""
+    for name in ("held_out_nll", "FIT_SEQUENCES", "step_gradients", "_setup_parameters", "build_routed", "train",
+                 "TrainResult", "TrainingError", "learning_rate", "anneal", "micro_seed"):
+        assert hasattr(trainer, name), name
+
+
+def test_new_routers_get_the_router_design_of_the_train_config():
+    cfg = TrainConfig(router="mlp", router_input="layer", execute_bias=1.5, target_sparsity=0.4, accounting="flop",
+                      forecaster_rank=3)
+    want = SkipConfig(router="mlp", router_input="layer", execute_bias=1.5, target_sparsity=0.4, accounting="flop",
+                      forecaster_rank=3)
+    assert cfg.skip_config() == want
+
+
 # -- stage 2 threshold steering -------------------------------------------------------------------------
 
 
@@ -472,8 +491,6 @@ def test_threshold_gain_steers_stage2_sparsity_to_the_target(tmp_path):
 
 
 def test_threshold_gain_needs_frozen_routers_and_is_restored_on_resume(tmp_path, monkeypatch):
-    from skipgpt.training import trainer
-
     with pytest.raises(ConfigError, match="threshold_gain"):
         tiny_cfg(tmp_path, stage="router", threshold_gain=1.0)
     data = packed(n=20)
@@ -490,7 +507,7 @@ def test_threshold_gain_needs_frozen_routers_and_is_restored_on_resume(tmp_path,
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "step_gradients", dies_at_step_5)
+    monkeypatch.setattr(trainer, "step_gradients", dies_at_step_5)  # where the training loop looks it up
     cfg = _lora_steer_cfg(tmp_path, "resumed", steps=6, threshold_gain=4.0, checkpoint_every=3)
     first = varied_routers()
     first.threshold = -3.0

@@ -81,8 +81,8 @@ def run(args: argparse.Namespace) -> int:
     result = train(cfg)
     s = result.summary
     print(f"saved routers to {result.output_dir}" + (" (+ adapter/)" if cfg.trains_lora else ""))
-    hs = s["held_out_sparsity"]
-    print(f"held-out: {cfg.accounting} sparsity {hs[cfg.accounting]:.1%} (attention {hs['attention']:.1%}, "
+    hs, accounting = s["held_out_sparsity"], s["accounting"]  # stage lora: the frozen routers', not the flag's
+    print(f"held-out: {accounting} sparsity {hs[accounting]:.1%} (attention {hs['attention']:.1%}, "
           f"mlp {hs['mlp']:.1%}) at threshold {s['threshold']:+.3f}; perplexity {s['held_out_ppl']:.2f} "
           f"vs dense {s['held_out_dense_ppl']:.2f}; {s['tokens_per_s']:.0f} tokens/s")
     # Under torchrun every process gets here; one writer, or a rank could lose its temporary file to the

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ACCOUNTINGS, DTYPES, ROUTER_INPUTS, ROUTER_KINDS, check_sparsity
+from ..config import ACCOUNTINGS, DTYPES, ROUTER_INPUTS, ROUTER_KINDS, SkipConfig, check_sparsity
 from ..errors import ConfigError
 
 STAGES = ("router", "lora", "joint")
@@ -179,7 +179,7 @@ class TrainConfig:
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "val_sequences", "lora_r", "lora_alpha",
                      "self_sequences"):  # lora_alpha 0 would train nothing, a negative one flip LoRA's sign
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if value < 1:  # (whole numbers: checked with the types above)
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not 0 <= self.seed < SEED_LIMIT:
             raise ConfigError(f"seed must be a whole number in [0, 2**32), got {self.seed}")
@@ -188,13 +188,13 @@ class TrainConfig:
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive integer (or unset: all the data), got {self.max_tokens}")
         rank = self.forecaster_rank
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        if rank < 0:  # (a whole number: checked with the types above)
             raise ConfigError(f"forecaster_rank must be a whole number >= 0 (0 = plain skip), got {rank!r}")
         if self.forecaster_steps < 0:  # (a whole number: checked with the types above)
             raise ConfigError(f"forecaster_steps must be >= 0 (0 = closed-form fit only), got {self.forecaster_steps}")
         for name in ("alpha", "lr", "lora_lr", "forecaster_lr", "weight_decay", "threshold_gain"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value != value or value < 0:
+            if value < 0:  # (finite numbers: checked with the types above)
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
         if not 0.0 <= self.distill <= 1.0:
             raise ConfigError(f"distill must be in [0, 1] (0 = LM loss, 1 = KL to the dense model), got {self.distill}")
@@ -225,6 +225,12 @@ class TrainConfig:
     @property
     def trains_lora(self) -> bool:
         return self.stage in ("lora", "joint")
+
+    def skip_config(self) -> SkipConfig:
+        """The router design of fresh routers (routers loaded with --routers keep their own)."""
+        return SkipConfig(router=self.router, router_input=self.router_input, execute_bias=self.execute_bias,
+                          target_sparsity=self.target_sparsity, accounting=self.accounting,
+                          forecaster_rank=self.forecaster_rank)
 
     def effective_schedule(self) -> tuple[str, float]:
         """(schedule, warmup ratio) after resolving "auto"."""
@@ -263,9 +269,7 @@ class TrainConfig:
                     data[name] = float(value)
         try:
             return cls(**data)
-        except ConfigError as e:
-            raise ConfigError(f"{source}: {e}") from None
-        except TypeError as e:
+        except (ConfigError, TypeError) as e:
             raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
