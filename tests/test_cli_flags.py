@@ -110,6 +110,26 @@ def test_command_specific_defaults_are_unchanged():
     assert (args.seq_len, args.max_windows, args.heatmap_tokens) == (256, 16, 48)
 
 
+def test_compare_flags_default_to_its_settings_and_train_config():
+    """compare's settings are its flags of the same names; the training ones are TrainConfig's, defaults included."""
+    from skipgpt.baselines.compare import CompareSettings
+
+    args, settings, train = parse("compare"), CompareSettings(), TrainConfig()
+    for f in dataclasses.fields(CompareSettings):
+        if f.name not in ("tasks", "methods", "workdir"):  # read from --task, --methods and --output
+            assert getattr(args, f.name) == getattr(settings, f.name), f.name
+    for name in ("model", "dtype", "data", "seq_len", "batch_size", "alpha", "lr", "distill", "seed"):
+        assert getattr(settings, name) == getattr(train, name), name
+    assert options("compare")["--seq-len"].type is common.positive_int  # refused at parse time, as before
+
+
+def test_routers_flag_keeps_each_commands_help():
+    for name in ("eval", "bench", "generate", "analyze", "info"):
+        action = options(name)["--routers"]
+        assert action.default is None and action.required == (name == "analyze"), name
+    assert "omit for the dense model" in options("eval")["--routers"].help
+
+
 # -- bad numbers: argparse's one line, exit status 2 ------------------------------------------------------
 
 
@@ -131,6 +151,7 @@ def test_zero_is_refused_in_one_line(argv, flag, tmp_path):
     ["eval", "--task", "piqa", "--batch-size", "0"], ["eval", "--task", "piqa", "--seq-len", "1"],
     ["compare", "--task", "piqa", "--output", "c.json", "--limit", "0"],
     ["compare", "--task", "piqa", "--output", "c.json", "--sparsity", "0.25,1.5"],
+    ["compare", "--task", "piqa", "--output", "c.json", "--seq-len", "0"],
     ["bench", "--output", "b.json", "--seq-len", "x"], ["bench", "--output", "b.json", "--threads", "0"],
     ["bench", "--output", "b.json", "--sparsity", "1.0"], ["demo", "--steps", "0"],
     ["analyze", "--routers", "r", "--text", "t", "--output", "o", "--max-windows", "0"],

@@ -9,7 +9,14 @@ from pathlib import Path
 import pytest
 
 from skipgpt.errors import DataError
-from skipgpt.evaluation.tasks import choices_and_gold, find_file, load_perplexity_text, load_task
+from skipgpt.evaluation.tasks import (
+    MC_TASKS,
+    choices_and_gold,
+    find_file,
+    load_perplexity_text,
+    load_task,
+    paper_metric,
+)
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "eval"
 
@@ -251,3 +258,16 @@ def test_cli_refuses_a_bad_item_before_the_model_loads(tmp_path, capfd):
     line = one_error_line(capfd.readouterr().err, "eval")
     assert f"{bad}: item 2 has sentence that is not text" in line
     assert not out.exists()
+
+
+def test_paper_metric_is_stated_once():
+    """The evaluator's "metric", the comparison table's columns and its cells all ask paper_metric."""
+    from skipgpt.baselines.table import markdown_table, task_metric
+
+    assert {n for n in MC_TASKS if paper_metric(n) == "acc_norm"} == {"hellaswag", "openbookqa"}
+    assert task_metric("hellaswag", {"acc": 0.1, "acc_norm": 0.2}) == ("acc_norm", 0.2)
+    assert task_metric("hellaswag", {"acc": 0.1}) == ("acc", 0.1)  # no acc_norm scored: acc
+    assert task_metric("piqa", {"acc": 0.1, "acc_norm": 0.2}) == ("acc", 0.1)
+    row = {"method": "dense", "sparsity": {"param": 0.0, "attention": 0.0, "mlp": 0.0},
+           "tasks": {"openbookqa": {"acc": 0.1, "acc_norm": 0.2}, "piqa": {"acc": 0.5}}}
+    assert "| openbookqa acc_norm | piqa acc |" in markdown_table([row])

@@ -36,16 +36,11 @@ def text_windows(tokenizer, text: str, seq_len: int = 256, max_windows: int = 16
 def collect_decisions(routed, windows: torch.Tensor) -> torch.Tensor:
     """Execute decisions (windows, L, 2, T) of `routed` over token windows (windows, T)."""
     device = next(routed.model.parameters()).device
-    was_training = routed.routers.training
-    routed.routers.eval()
     out = []
-    try:
-        with torch.no_grad():
-            for w in windows:
-                routed(input_ids=w[None].to(device), use_cache=False)
-                out.append(routed.decisions()[:, :, 0].cpu())
-    finally:
-        routed.routers.train(was_training)
+    with torch.no_grad():  # without gradients routers decide by argmax, whatever their train flag
+        for w in windows:
+            routed(input_ids=w[None].to(device), use_cache=False)
+            out.append(routed.decisions()[:, :, 0].cpu())
     return torch.stack(out)
 
 

@@ -40,24 +40,26 @@ BUILD_SETTINGS = ("model", "dtype", "steps", "data", "seq_len", "batch_size", "c
 
 @dataclass
 class CompareSettings:
-    model: str = "smollm2-135m"
-    dtype: str = "float32"  # the base model's, in training and evaluation; routers and LoRA stay fp32
+    """What `skipgpt compare` runs (its flags of the same names); the training options default to TrainConfig's."""
+
+    model: str = TrainConfig.model
+    dtype: str = TrainConfig.dtype  # the base model's, in training and evaluation; routers and LoRA stay fp32
     tasks: dict[str, str | None] = field(default_factory=dict)
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     steps: int = 100
-    data: str = "self"
+    data: str = TrainConfig.data
     limit: int | None = None  # first N items of each multiple-choice task
     windows: int | None = None  # first N perplexity windows (None: limit)
     workdir: Path = Path("skipgpt-compare")
-    seq_len: int = 256  # training sequence length
-    batch_size: int = 2  # training micro-batch
+    seq_len: int = TrainConfig.seq_len
+    batch_size: int = TrainConfig.batch_size
     eval_batch_size: int = 8
     eval_seq_len: int | None = None  # perplexity window (None: the evaluator's default)
     calibration_sequences: int = 8
-    alpha: float = 8.0
-    lr: float = 2e-3
-    distill: float = 0.0
-    seed: int = 0
+    alpha: float = TrainConfig.alpha
+    lr: float = TrainConfig.lr
+    distill: float = TrainConfig.distill
+    seed: int = TrainConfig.seed
 
 
 def check_methods(methods: list[str]) -> list[str]:
@@ -124,11 +126,11 @@ class Builder:
         model, tok = self.fresh()
         if method == "dense":
             return model, tok, 0.0
-        log = _read_build_log(out / BUILD_LOG)
-        if log is not None and (out / CONFIG_NAME).exists():
-            if dict(log.get("settings") or {}) == self.settings(method, sparsity):
-                self.log(f"  reusing {out}")
-                return load_routers(model, out), tok, float(log.get("seconds", 0.0))
+        log = self._finished(method, sparsity)
+        if self._current(method, sparsity):
+            self.log(f"  reusing {out}")
+            return load_routers(model, out), tok, float(log.get("seconds", 0.0))
+        if log is not None:
             self.log(f"  {out} was built with other settings ({log.get('settings')}); rebuilding")
         # The old build's log goes first: a rebuild cut short after its save must not pass for the old settings.
         (out / BUILD_LOG).unlink(missing_ok=True)
@@ -196,7 +198,6 @@ class Builder:
             return None
         model, tok = self.fresh()
         routed = load_routers(model, rt)
-        routed.routers.eval()
         routed.reset_sparsity()
         with torch.no_grad():
             for batch in self.calibration(routed, tok):
@@ -204,14 +205,17 @@ class Builder:
         rep = routed.sparsity()
         return torch.tensor([rep.per_layer_attention, rep.per_layer_mlp], dtype=torch.float64).T
 
-
-    def _current(self, method: str, sparsity: float) -> Path | None:
-        """The folder of `method`'s build at this sparsity if it is complete and made with the current settings."""
+    def _finished(self, method: str, sparsity: float) -> dict | None:
+        """The build log of `method`'s folder at this sparsity if that build finished (its config is there)."""
         out = artifact_dir(self.s, method, sparsity)
         log = _read_build_log(out / BUILD_LOG)
-        if log is None or not (out / CONFIG_NAME).exists():
-            return None
-        return out if dict(log.get("settings") or {}) == self.settings(method, sparsity) else None
+        return log if log is not None and (out / CONFIG_NAME).exists() else None
+
+    def _current(self, method: str, sparsity: float) -> Path | None:
+        """The folder of `method`'s build at this sparsity if it finished with the current settings."""
+        log = self._finished(method, sparsity)
+        current = log is not None and dict(log.get("settings") or {}) == self.settings(method, sparsity)
+        return artifact_dir(self.s, method, sparsity) if current else None
 
 
 def _routers_digest(folder: Path) -> str:

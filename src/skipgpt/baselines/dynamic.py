@@ -8,28 +8,19 @@ from __future__ import annotations
 
 import torch
 
-from ..config import SkipConfig, check_sparsity
 from ..models.routed import RoutedModel
 from ..routing.policies import CoupledPolicy, ModPolicy
+from .static import routed_at
 
 
-def _routed(model, sparsity: float, config: SkipConfig | None) -> RoutedModel:
-    if isinstance(model, RoutedModel):
-        return model
-    return RoutedModel(model, config or SkipConfig(target_sparsity=sparsity))
-
-
-def mod_d(model, sparsity: float = 0.25, config: SkipConfig | None = None,
-          thresholds: torch.Tensor | None = None) -> RoutedModel:
+def mod_d(model, sparsity: float = 0.25, thresholds: torch.Tensor | None = None) -> RoutedModel:
     """A RoutedModel with MoD-D routing at capacity 1 - sparsity for every module (train it, then calibrate).
 
     Every module executing the same fraction of tokens makes the parameter sparsity equal `sparsity`.
     """
-    check_sparsity(sparsity)
-    routed = _routed(model, sparsity, config)
+    routed = routed_at(model, sparsity)
     capacity = torch.full((len(routed.layers), 2), 1.0 - sparsity, dtype=torch.float64)
     policy = ModPolicy(routed, capacity, thresholds)
-    routed.config.target_sparsity = sparsity
     routed.config.extra.update({"routing": "mod-d", "capacity": capacity.tolist()})
     if thresholds is not None:
         routed.config.extra["thresholds"] = torch.as_tensor(thresholds).tolist()
@@ -37,11 +28,9 @@ def mod_d(model, sparsity: float = 0.25, config: SkipConfig | None = None,
     return routed
 
 
-def coupled(model, sparsity: float = 0.25, config: SkipConfig | None = None) -> RoutedModel:
+def coupled(model, sparsity: float = 0.25) -> RoutedModel:
     """A RoutedModel whose layer-level router skips attention and MLP together (train it like SkipGPT)."""
-    check_sparsity(sparsity)
-    routed = _routed(model, sparsity, config)
-    routed.config.target_sparsity = sparsity
+    routed = routed_at(model, sparsity)
     routed.config.extra["routing"] = "coupled"
     routed.force(CoupledPolicy(routed))
     return routed

@@ -60,12 +60,20 @@ def removal_order(influence: dict[str, torch.Tensor], unit: str = "layer", kinds
     return [[(f // 2, f % 2)] for f in flat if torch.isfinite(bi.reshape(-1)[f])]
 
 
+def routed_at(model, sparsity: float) -> RoutedModel:
+    """`model` as a RoutedModel (wrapped unless it is one) whose config targets `sparsity`, a fraction in [0, 1).
+    Every baseline starts here."""
+    check_sparsity(sparsity)
+    routed = model if isinstance(model, RoutedModel) else RoutedModel(model, SkipConfig(target_sparsity=sparsity))
+    routed.config.target_sparsity = sparsity
+    return routed
+
+
 def static_routed(model, keep: torch.Tensor, method: str, target: float, extra: dict | None = None) -> RoutedModel:
     """A RoutedModel that removes the modules where keep is False, for every token."""
-    routed = model if isinstance(model, RoutedModel) else RoutedModel(model, SkipConfig(target_sparsity=target))
+    routed = routed_at(model, target)
     params = _param_table(routed.costs)
     realised = float((params * (~keep)).sum() / params.sum())
-    routed.config.target_sparsity = target
     routed.config.extra.update(
         {"routing": method, "keep": keep.int().tolist(), "realised_param_sparsity": realised, **(extra or {})}
     )
@@ -80,24 +88,24 @@ def shortgpt(model, tokenizer=None, sparsity: float = 0.25, calibration_batches=
     Returns a RoutedModel that skips the removed layers for every token; the realised parameter
     sparsity is in routed.config.extra["realised_param_sparsity"].
     """
-    check_sparsity(sparsity)
-    routed = model if isinstance(model, RoutedModel) else RoutedModel(model, SkipConfig(target_sparsity=sparsity))
-    bi = block_influence(routed, _need_batches(calibration_batches, tokenizer))
-    keep = closest_prefix(removal_order(bi, "layer"), _param_table(routed.costs), sparsity)
-    return static_routed(routed, keep, "shortgpt", sparsity, {"block_influence": bi["layer"].tolist()})
+    return _removed_by_influence(model, tokenizer, sparsity, calibration_batches, "layer", "both", "shortgpt")
 
 
 def static_modules(
     model, tokenizer=None, sparsity: float = 0.25, calibration_batches=None, kinds: str = "both"
 ) -> RoutedModel:
     """Static module removal: drop attention and/or MLP modules with the lowest Block Influence."""
-    check_sparsity(sparsity)
-    routed = model if isinstance(model, RoutedModel) else RoutedModel(model, SkipConfig(target_sparsity=sparsity))
+    return _removed_by_influence(model, tokenizer, sparsity, calibration_batches, "module", kinds, "static-modules")
+
+
+def _removed_by_influence(model, tokenizer, sparsity: float, calibration_batches, unit: str, kinds: str,
+                          method: str) -> RoutedModel:
+    """The least influential groups of `unit` ("layer" or "module") removed, up to `sparsity` in parameters."""
+    routed = routed_at(model, sparsity)
     bi = block_influence(routed, _need_batches(calibration_batches, tokenizer))
-    keep = closest_prefix(removal_order(bi, "module", kinds), _param_table(routed.costs), sparsity)
-    return static_routed(
-        routed, keep, "static-modules", sparsity, {"kinds": kinds, "block_influence": bi["module"].tolist()}
-    )
+    keep = closest_prefix(removal_order(bi, unit, kinds), _param_table(routed.costs), sparsity)
+    extra = {"kinds": kinds} if unit == "module" else {}  # layer removal takes both kinds of a layer
+    return static_routed(routed, keep, method, sparsity, {**extra, "block_influence": bi[unit].tolist()})
 
 
 def random_routing(model, sparsity: float = 0.25, skip_rates: torch.Tensor | None = None, seed: int = 0) -> RoutedModel:
@@ -107,14 +115,12 @@ def random_routing(model, sparsity: float = 0.25, skip_rates: torch.Tensor | Non
     Pass the per-module rates of a trained SkipGPT (report.per_layer_attention / per_layer_mlp) to
     copy its layer profile while randomising which tokens skip.
     """
-    check_sparsity(sparsity)
-    routed = model if isinstance(model, RoutedModel) else RoutedModel(model, SkipConfig(target_sparsity=sparsity))
+    routed = routed_at(model, sparsity)
     L = len(routed.layers)
     rates = torch.full((L, 2), float(sparsity)) if skip_rates is None else torch.as_tensor(skip_rates).double()
     if rates.shape != (L, 2) or (rates < 0).any() or (rates > 1).any():
         raise ConfigError(f"skip_rates must be a ({L}, 2) table of probabilities, got shape {tuple(rates.shape)}")
     params = _param_table(routed.costs)
-    routed.config.target_sparsity = sparsity
     routed.config.extra.update(
         {"routing": "random", "skip_rates": rates.tolist(), "seed": seed,
          "expected_param_sparsity": float((params * rates).sum() / params.sum())}

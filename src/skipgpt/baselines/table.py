@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-# The paper reports acc_norm for HellaSwag and OpenBookQA and acc elsewhere.
-NORM_TASKS = ("hellaswag", "openbookqa")
+from ..evaluation.tasks import paper_metric
 
 
 def task_metric(name: str, metrics: dict) -> tuple[str, float | None]:
     if "ppl" in metrics:
         return "ppl", metrics["ppl"]
-    key = "acc_norm" if name in NORM_TASKS and "acc_norm" in metrics else "acc"
+    key = paper_metric(name) if paper_metric(name) in metrics else "acc"
     return key, metrics.get(key)
 
 
@@ -31,9 +30,7 @@ def markdown_table(rows: list[dict]) -> str:
     mc = [n for n in names if not any("ppl" in r["tasks"].get(n, {}) for r in rows)]
     ppl = [n for n in names if n not in mc]
     header = ["method", "target", "param sparsity (attn / MLP)"]
-    for n in mc:
-        metric = "acc_norm" if n in NORM_TASKS else "acc"
-        header.append(f"{n} {metric}")
+    header += [f"{n} {paper_metric(n)}" for n in mc]
     header += ["avg acc", "retention %"] + [f"{n} ppl" for n in ppl]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:

@@ -18,7 +18,7 @@ from ..errors import DataError
 from ..evaluation.tasks import read_text
 from ..io import check_output
 from ..models.loading import load_model
-from .common import add_command, add_model_flags, add_output, int_at_least, positive_int
+from .common import add_command, add_model_flags, add_output, add_routers, int_at_least, positive_int
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -26,8 +26,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     epilog="example: skipgpt analyze --model smollm2-135m --routers runs/rt25 --text book.txt "
                     "--output figs/")
     add_model_flags(p, dtype=False, note="must be the model the routers were trained on")
-    p.add_argument("--routers", required=True, help="router directory (skip_config.json + routers.safetensors), "
-                   "e.g. the --output of `skipgpt train`; a LoRA adapter inside it is loaded too")
+    add_routers(p, "router directory (skip_config.json + routers.safetensors), e.g. the --output of `skipgpt train`; "
+                "a LoRA adapter inside it is loaded too", required=True)
     p.add_argument("--text", required=True, help="UTF-8 text file to route (a few thousand tokens is plenty)")
     add_output(p, "directory for the PNG and CSV files (created if missing)", required=True)
     p.add_argument("--seq-len", type=int_at_least(2), default=256, help="tokens per window (default %(default)s)")

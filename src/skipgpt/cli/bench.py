@@ -25,7 +25,16 @@ from ..models.loading import load_model
 from ..models.routed import RoutedModel
 from ..routing.calibrate import calibrate_threshold
 from ..routing.policies import reads_threshold
-from .common import add_command, add_model_flags, add_output, model_options, positive_int, sparsity, write_results
+from .common import (
+    add_command,
+    add_model_flags,
+    add_output,
+    add_routers,
+    model_options,
+    positive_int,
+    sparsity,
+    write_results,
+)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -35,7 +44,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "calibrated to that sparsity on the benchmark input first. Example: skipgpt bench --model smollm2-135m "
         "--sparsity 0.25 --seq-len 512 --batch-size 4 --output bench.json"))
     add_model_flags(p, dtype_default=None, device="auto", threads=True)
-    p.add_argument("--routers", default=None, help="router directory from `skipgpt train` (default: random skipping)")
+    add_routers(p, "router directory from `skipgpt train` (default: random skipping)")
     p.add_argument("--sparsity", type=sparsity, default=None,
                    help="fraction of parameters to skip, e.g. 0.25 (default: 0.25 without --routers, "
                         "the routers' own threshold with them)")

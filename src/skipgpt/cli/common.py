@@ -5,6 +5,8 @@
   and help from its metadata. `skipgpt train` builds every flag this way; the other commands build their
   --model and --dtype from the same TrainConfig fields (`add_model_flags`).
 - --device and --threads (`add_model_flags`) and what they do at run time (`model_options`).
+- --routers (`add_routers`; each command words its own help), --task/--limit/--windows (`add_task_flags`)
+  and the tasks --task names, read before a model loads (`parse_tasks`), --no-progress (`add_no_progress`).
 - --output (`add_output`; each command checks it with skipgpt.io.check_output before any work), and
   results written so that a late failure does not lose them (`write_results`).
 - argparse types that refuse a bad value at parse time (`positive_int`, `int_at_least`, `sparsity`,
@@ -28,6 +30,7 @@ import torch
 
 from ..config import check_sparsity
 from ..errors import ConfigError
+from ..evaluation.tasks import PPL_TASKS, TASKS, load_perplexity_text, load_task
 from ..io import write_json_atomic
 from ..training.config import TrainConfig
 
@@ -129,18 +132,21 @@ def field_type(hint: Any) -> Callable[[str], Any]:
 
 
 def add_field_flag(parser: argparse.ArgumentParser, cls: type, name: str, default: Any = FIELD_DEFAULT,
-                   shown: str | None = None, note: str | None = None) -> argparse.Action:
+                   shown: str | None = None, note: str | None = None, *, type: Callable[[str], Any] | None = None,
+                   help: str | None = None) -> argparse.Action:
     """--NAME (underscores as dashes) for field `name` of dataclass `cls`.
 
     The type comes from the annotation (a bool field is --NAME/--no-NAME), the choices and the help from
     the field's metadata ({"help": ..., "choices": ...}); the help ends with the field's default (or
     `shown`), `note` is added to it. `default` is the flag's value when it is not given: the field's
-    default unless told otherwise (`skipgpt train` passes None, so that --config FILE can fill it)."""
+    default unless told otherwise (`skipgpt train` passes None, so that --config FILE can fill it).
+    `type` replaces the annotation's type where a command refuses more at parse time (positive_int), `help`
+    the field's help where the command uses the value differently."""
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
-    kind = field_type(typing.get_type_hints(cls)[name])
+    kind = type or field_type(typing.get_type_hints(cls)[name])
     value = field_default(f)
     default = value if default is FIELD_DEFAULT else default
-    text = f.metadata["help"] + (f"; {note}" if note else "")
+    text = (help or f.metadata["help"]) + (f"; {note}" if note else "")
     if "(default" not in text:
         text += f" (default: {shown or (','.join(value) if isinstance(value, list) else value)})"
     flag = "--" + name.replace("_", "-")
@@ -174,6 +180,26 @@ def add_model_flags(parser: argparse.ArgumentParser, *, note: str | None = None,
     if threads:
         parser.add_argument("--threads", type=positive_int, default=None,
                             help="CPU threads for torch (default: torch's choice)")
+
+
+def add_routers(parser: argparse.ArgumentParser, help: str, required: bool = False) -> argparse.Action:
+    """--routers DIR: a run directory of `skipgpt train` (or a baseline's); each command says what it does with it."""
+    return parser.add_argument("--routers", required=required, default=None, help=help)
+
+
+def add_task_flags(parser: argparse.ArgumentParser) -> None:
+    """--task NAME[=PATH] (repeatable, required), --limit and --windows: what `eval` and `compare` evaluate on.
+    parse_tasks(args.task) reads and checks the data."""
+    parser.add_argument("--task", action="append", required=True, metavar="NAME[=PATH]",
+                        help="a task and where its data is; repeat for several tasks (see the list below)")
+    parser.add_argument("--limit", type=positive_int, default=None, help="quick run: first N items of each "
+                        "multiple-choice task, first N windows of a perplexity task")
+    parser.add_argument("--windows", type=positive_int, default=None,
+                        help="first N windows of a perplexity task, whatever --limit says (default: --limit)")
+
+
+def add_no_progress(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
 
 
 def user_path(text: str) -> str:
@@ -233,6 +259,27 @@ def resolve_dtype(args: argparse.Namespace, device: str | None) -> str:
     if getattr(args, "dtype", None) is not None:
         return args.dtype
     return "bfloat16" if device is not None and device.startswith("cuda") else "float32"
+
+
+def parse_tasks(specs: list[str]) -> dict[str, str | None]:
+    """--task NAME[=PATH] specs -> {name: path or None}; an unknown task, a path that holds no data for it or
+    a malformed item fails here, before a model loads."""
+    tasks: dict[str, str | None] = {}
+    for spec in specs:
+        name, _, path = spec.partition("=")
+        name = name.strip()
+        if name not in TASKS:
+            raise ConfigError(f"--task {spec}: unknown task {name!r}; known tasks: {' '.join(TASKS)}")
+        if name in tasks:
+            raise ConfigError(f"--task {name} given twice")
+        if path:
+            # Reading every item now takes well under a second and saves loading a model only to find a bad one.
+            if name in PPL_TASKS:
+                load_perplexity_text(name, path)
+            else:
+                load_task(name, path)
+        tasks[name] = path or None
+    return tasks
 
 
 def write_results(path: str, results: Any) -> None:

@@ -10,6 +10,7 @@ perplexity. Writes the rows as JSON (--output) and markdown (same name, .md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -24,14 +25,16 @@ from .common import (
     add_field_flag,
     add_model_flags,
     add_output,
+    add_task_flags,
     checked,
     int_at_least,
     parse_sparsity,
+    parse_tasks,
     positive_int,
     user_path,
     write_results,
 )
-from .eval import TASK_HELP, parse_tasks
+from .eval import TASK_HELP
 
 METHOD_HELP = """\
 methods (--methods, comma-separated; default: all):
@@ -67,28 +70,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "bfloat16 is about 3.5x faster on recent CPUs and moves perplexity by a few percent")
     p.add_argument("--sparsity", type=checked(parse_sparsities), default="0.25", help="target parameter sparsity "
                    "as a fraction; several comma-separated give one table block each (default %(default)s)")
-    p.add_argument("--task", action="append", required=True, metavar="NAME[=PATH]",
-                   help="a task and where its data is, as in `skipgpt eval`; repeat for several")
+    add_task_flags(p)
     p.add_argument("--methods", default=None, help="comma-separated subset of the methods below (default: all)")
-    p.add_argument("--steps", type=positive_int, default=100,
+    p.add_argument("--steps", type=positive_int, default=CompareSettings.steps,
                    help="training steps of each trained method (default %(default)s)")
-    p.add_argument("--data", default="self", help="training and calibration text: a .txt/.jsonl/.parquet file or "
-                   "folder, a hub dataset, or 'self' (sampled from the dense model) (default %(default)s)")
-    p.add_argument("--limit", type=positive_int, default=None, help="first N items of each multiple-choice task, "
-                   "first N windows of a perplexity task")
-    p.add_argument("--windows", type=positive_int, default=None,
-                   help="first N windows of a perplexity task, whatever --limit says (default: --limit)")
-    p.add_argument("--seq-len", type=positive_int, default=256, help="training sequence length (default %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=2, help="training micro-batch (default %(default)s)")
-    p.add_argument("--eval-batch-size", type=positive_int, default=8, help="evaluation batch (default %(default)s)")
+    # The training options --data to --distill are TrainConfig's (defaults included); only --data is read
+    # differently here: for calibration too, and cached under --workdir.
+    add_field_flag(p, TrainConfig, "data", help="training and calibration text: a .txt/.jsonl/.parquet file or "
+                   "folder, a hub dataset, or 'self' (sampled from the dense model)")
+    add_field_flag(p, TrainConfig, "seq_len", type=positive_int)
+    add_field_flag(p, TrainConfig, "batch_size", type=positive_int)
+    p.add_argument("--eval-batch-size", type=positive_int, default=CompareSettings.eval_batch_size,
+                   help="evaluation batch (default %(default)s)")
     p.add_argument("--eval-seq-len", type=int_at_least(2), default=None, help="perplexity window in tokens "
                    "(default: the evaluator's, 2048 or the model's maximum)")
-    p.add_argument("--calibration-sequences", type=positive_int, default=8,
+    p.add_argument("--calibration-sequences", type=positive_int, default=CompareSettings.calibration_sequences,
                    help="training sequences used for Block Influence and random-routing rates (default %(default)s)")
-    p.add_argument("--alpha", type=float, default=8.0, help="sparsity regulariser weight (default %(default)s)")
-    p.add_argument("--lr", type=float, default=2e-3, help="router learning rate (default %(default)s)")
-    p.add_argument("--distill", type=float, default=0.0, help="0 = LM loss, 1 = KL to the dense model "
-                   "(default %(default)s)")
+    for name in ("alpha", "lr", "distill"):
+        add_field_flag(p, TrainConfig, name)
     add_field_flag(p, TrainConfig, "seed", note="a build made with another seed is rebuilt; run-to-run spread "
                    "comes from tables that differ only in it")
     p.add_argument("--workdir", type=user_path, default=None, help="where artifacts and cached evaluations go "
@@ -119,13 +118,9 @@ def run(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir) if args.workdir else output.with_name(output.stem + "_artifacts")
     check_output(output)
     check_output(workdir, folder=True, flag="--workdir")
-    settings = CompareSettings(
-        model=args.model, dtype=args.dtype, tasks=tasks, methods=methods, steps=args.steps, data=args.data,
-        limit=args.limit, windows=args.windows, workdir=workdir, seq_len=args.seq_len, batch_size=args.batch_size,
-        eval_batch_size=args.eval_batch_size, eval_seq_len=args.eval_seq_len,
-        calibration_sequences=args.calibration_sequences, alpha=args.alpha, lr=args.lr, distill=args.distill,
-        seed=args.seed,
-    )
+    read = {"tasks": tasks, "methods": methods, "workdir": workdir}  # every other setting is the flag of its name
+    settings = CompareSettings(**read, **{f.name: getattr(args, f.name) for f in dataclasses.fields(CompareSettings)
+                                          if f.name not in read})
     rows = run_comparison(settings, args.sparsity, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     table = markdown_table(rows)
     print(table)

@@ -17,10 +17,11 @@ import torch
 from ..baselines.static import shortgpt
 from ..inference.bench import measure_speed_batches
 from ..io import check_output, write_json_atomic
+from ..models.routed import RoutedModel
 from ..training import TrainConfig, train
 from ..training.data import load_data
 from ..training.trainer import build_routed, held_out_nll
-from .common import add_command, add_model_flags, add_output, int_at_least, positive_int, sparsity
+from .common import add_command, add_model_flags, add_no_progress, add_output, int_at_least, positive_int, sparsity
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--distill", type=float, default=1.0,
                    help="0 = LM loss, 1 = KL to the dense model, between = mix (default %(default)s)")
     add_output(p, "output folder", default="runs/demo")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    add_no_progress(p)
     return p
 
 
@@ -73,13 +74,15 @@ def run(args: argparse.Namespace) -> int:
 
     print("[3/5] held-out perplexity (text the model has not trained on)")
     dense_ppl, skip_ppl = s["held_out_dense_ppl"], s["held_out_ppl"]
-    routed.unpatch()  # ShortGPT routes the same HF model with a static policy of its own
-    static = shortgpt(routed.model, tokenizer, args.sparsity, [{"input_ids": data.train[:8]}])
-    static.reset_sparsity()
-    short_ppl = _ppl(static, data.val)
-    short_sp = static.sparsity()
-    static.unpatch()
-    routed.patch()
+    with routed.unrouted() as hf:  # ShortGPT routes the same HF model with a static policy of its own
+        static = RoutedModel(hf)
+        try:  # unpatched whatever happens: else routing `hf` again on the way out would fail and hide the error
+            shortgpt(static, tokenizer, args.sparsity, [{"input_ids": data.train[:8]}])
+            static.reset_sparsity()
+            short_ppl = _ppl(static, data.val)
+            short_sp = static.sparsity()
+        finally:
+            static.unpatch()
     rows = [
         ("dense", 0.0, 0.0, 0.0, dense_ppl),
         ("SkipGPT-RT" + (f" + rank-{args.forecaster_rank} forecasters" if args.forecaster_rank else ""),

@@ -11,10 +11,20 @@ from __future__ import annotations
 import argparse
 
 from ..artifact import check_adapter, read_config
-from ..errors import ConfigError
-from ..evaluation.tasks import PPL_TASKS, TASKS, load_perplexity_text, load_task
 from ..io import check_output
-from .common import add_command, add_model_flags, add_output, int_at_least, model_options, positive_int, write_results
+from .common import (
+    add_command,
+    add_model_flags,
+    add_no_progress,
+    add_output,
+    add_routers,
+    add_task_flags,
+    int_at_least,
+    model_options,
+    parse_tasks,
+    positive_int,
+    write_results,
+)
 
 TASK_HELP = """\
 tasks (NAME=PATH, repeat --task for each):
@@ -39,46 +49,20 @@ example:
 def add_parser(sub) -> argparse.ArgumentParser:
     p = add_command(sub, __doc__, epilog=TASK_HELP)
     add_model_flags(p, device="cpu")
-    p.add_argument("--routers", default=None, help="router directory from `skipgpt train`; omit for the dense model")
+    add_routers(p, "router directory from `skipgpt train`; omit for the dense model")
     p.add_argument("--lora", default=None, help="LoRA adapter folder (PEFT, safetensors), merged into the base after "
                    "the routers are attached")
     p.add_argument("--mode", choices=["masked", "sparse"], default="masked",
                    help="masked: every module runs and skipped outputs are zeroed (training semantics); "
                    "sparse: skipped tokens are not computed. Same decisions, same scores (default %(default)s)")
-    p.add_argument("--task", action="append", required=True, metavar="NAME[=PATH]",
-                   help="a task and where its data is; repeat for several tasks (see the list below)")
-    p.add_argument("--limit", type=positive_int, default=None,
-                   help="quick run: first N items of each multiple-choice task, first N windows of a perplexity task")
-    p.add_argument("--windows", type=positive_int, default=None,
-                   help="first N windows of a perplexity task, whatever --limit says (default: --limit)")
+    add_task_flags(p)
     p.add_argument("--batch-size", type=positive_int, default=1,
                    help="items (or windows) per forward pass (default %(default)s)")
     p.add_argument("--seq-len", type=int_at_least(2), default=None,
                    help="perplexity window length in tokens (default 2048, or the model's maximum if smaller)")
     add_output(p, "write the results JSON here")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_no_progress(p)
     return p
-
-
-def parse_tasks(specs: list[str]) -> dict[str, str | None]:
-    """--task NAME[=PATH] specs -> {name: path or None}; an unknown task, a path that holds no data for it or
-    a malformed item fails here, before a model loads."""
-    tasks: dict[str, str | None] = {}
-    for spec in specs:
-        name, _, path = spec.partition("=")
-        name = name.strip()
-        if name not in TASKS:
-            raise ConfigError(f"--task {spec}: unknown task {name!r}; known tasks: {' '.join(TASKS)}")
-        if name in tasks:
-            raise ConfigError(f"--task {name} given twice")
-        if path:
-            # Reading every item now takes well under a second and saves loading a model only to find a bad one.
-            if name in PPL_TASKS:
-                load_perplexity_text(name, path)
-            else:
-                load_task(name, path)
-        tasks[name] = path or None
-    return tasks
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..inference.generate import generate, prompt_ids
 from ..models.loading import load_model
 from ..routing.sparsity import report
-from .common import add_command, add_model_flags, model_options, positive_int
+from .common import add_command, add_model_flags, add_routers, model_options, positive_int
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -30,8 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "Example: skipgpt generate --model smollm2-135m --routers runs/demo/routers "
         "--prompt 'Why is the sky blue?' --max-new-tokens 64 --compare-dense"))
     add_model_flags(p, dtype_default=None, device="auto", threads=True)
-    p.add_argument("--routers", default=None,
-                   help="router directory from `skipgpt train` or `skipgpt demo` (default: the unmodified model)")
+    add_routers(p, "router directory from `skipgpt train` or `skipgpt demo` (default: the unmodified model)")
     p.add_argument("--prompt", required=True, help="the text to answer")
     p.add_argument("--raw-prompt", action="store_true",
                    help="send --prompt as it is, without the tokenizer's chat template")

@@ -13,13 +13,13 @@ from ..artifact import load_routers, read_config
 from ..models.loading import load_model
 from ..models.routed import RoutedModel
 from ..routing.policies import reads_threshold
-from .common import add_command, add_model_flags
+from .common import add_command, add_model_flags, add_routers
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = add_command(sub, __doc__)
     add_model_flags(p, dtype=False)
-    p.add_argument("--routers", default=None, help="router directory to check against the model")
+    add_routers(p, "router directory to check against the model")
     return p
 
 

@@ -39,8 +39,6 @@ STOCK_YAML = {
     "arc_challenge": "arc/arc_challenge.yaml",
     "openbookqa": "openbookqa/openbookqa.yaml",
 }
-# The metric the paper reports per task.
-PAPER_METRIC = {"hellaswag": "acc_norm", "openbookqa": "acc_norm"}
 # HFLM options that still act on a model instance with a tokenizer object: SkipGPTLM passes these on and
 # refuses any other model_arg, since HFLM would drop it (a typo of routers=, peft=) or assert on it
 # (parallelize=). trust_remote_code is what `lm_eval run --trust_remote_code` adds for the datasets.
@@ -70,7 +68,6 @@ def prepare_model(
     routed = load_routers(model, routers)  # applies routers/adapter (the same as --lora DIR/adapter)
     if lora and not own.exists():
         apply_adapter(routed, lora)
-    routed.routers.eval()
     routed.set_mode(mode)
     return routed, tokenizer
 

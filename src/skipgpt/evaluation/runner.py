@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from ..errors import DataError
 from ..models.routed import RoutedModel
 from . import tasks as task_data
-from .harness import PAPER_METRIC, SkipGPTLM, build_task, run_task
+from .harness import SkipGPTLM, build_task, run_task
 from .perplexity import default_seq_len, perplexity, tokenize_text
 
 COLUMNS = ("task", "n", "acc", "acc_norm", "ppl", "tokens", "seq_len", "param", "attention", "mlp")
@@ -22,11 +22,11 @@ def _hub_text(name: str) -> str:
     try:
         if name == "wikitext2":
             rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
-            return "\n\n".join(rows)
-        rows = datasets.load_dataset("ptb_text_only", "penn_treebank", split="test")["sentence"]
-        return " ".join(rows)
+        else:
+            rows = datasets.load_dataset("ptb_text_only", "penn_treebank", split="test")["sentence"]
     except Exception as e:  # network or hub errors surface as many types
         raise DataError(f"{name}: no PATH given and the hub dataset could not be loaded ({type(e).__name__})") from None
+    return task_data.join_rows(name, rows)
 
 
 def _sparsity(routed) -> dict:
@@ -85,7 +85,7 @@ def evaluate(
                 lm = SkipGPTLM(model, tokenizer=tokenizer, batch_size=batch_size)
             with torch.no_grad():
                 result = run_task(lm, task, limit=limit if data is None else None)
-            row = {**result, "metric": PAPER_METRIC.get(name, "acc"),
+            row = {**result, "metric": task_data.paper_metric(name),
                    "source": data.source if data else None, "format": data.format if data else "hub"}
         row["sparsity"] = _sparsity(routed)
         row["seconds"] = round(time.perf_counter() - start, 1)
@@ -121,5 +121,6 @@ def markdown_table(results: dict) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     if results.get("average_acc") is not None:
-        lines.append(f"\naverage_acc (acc_norm for hellaswag/openbookqa, acc otherwise): {results['average_acc']:.4f}")
+        norm = "/".join(task_data.NORM_TASKS)
+        lines.append(f"\naverage_acc (acc_norm for {norm}, acc otherwise): {results['average_acc']:.4f}")
     return "\n".join(lines)

@@ -23,6 +23,8 @@ from ..errors import DataError
 MC_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 PPL_TASKS = ("wikitext2", "ptb")
 TASKS = MC_TASKS + PPL_TASKS
+# The metric the paper reports: acc_norm for these, acc for the other multiple-choice tasks.
+NORM_TASKS = ("hellaswag", "openbookqa")
 
 # Release file names, tried in order when PATH is a folder.
 RELEASE_FILES = {
@@ -50,6 +52,11 @@ class TaskData:
     source: str  # the file read
     format: str  # "release", "hf" or "llamacpp"
     docs: list[dict] = field(default_factory=list)
+
+
+def paper_metric(name: str) -> str:
+    """The accuracy the paper reports for multiple-choice task `name`: "acc_norm" or "acc"."""
+    return "acc_norm" if name in NORM_TASKS else "acc"
 
 
 def check_name(name: str) -> None:
@@ -390,7 +397,12 @@ def load_perplexity_text(name: str, path: str | Path) -> str:
             rows = ["" if not line.strip() else line + "\n" for line in lines]
         else:
             rows = [line.strip() for line in lines if line.strip()]
-    joined = "\n\n".join(rows) if name == "wikitext2" else " ".join(rows)
+    joined = join_rows(name, rows)
     if not joined.strip():
         raise DataError(f"{file}: no text")
     return joined
+
+
+def join_rows(name: str, rows: list[str]) -> str:
+    """A perplexity task's test rows as one text, as load_perplexity_text says (the hub's rows too)."""
+    return "\n\n".join(rows) if name == "wikitext2" else " ".join(rows)
