@@ -221,6 +221,14 @@ def test_mod_d_topk_capacity_gradient_and_causal_threshold():
     assert generated.shape[1] == ids.shape[1] + 3
 
 
+def test_dynamic_baselines_take_the_router_design_of_a_plain_model():
+    # `config` picks the routers a plain HF model is wrapped with; the target is the baseline's own
+    for build in (coupled, mod_d):
+        routed = build(make_tiny("llama"), 0.3, skipgpt.SkipConfig(router="mlp", target_sparsity=0.5))
+        assert routed.config.router == "mlp" and not routed.routers.attn[0].linear
+        assert routed.config.target_sparsity == 0.3
+
+
 def test_coupled_skips_attention_and_mlp_together(tmp_path):
     model = make_tiny("llama")
     routed = coupled(model, 0.3)

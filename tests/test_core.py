@@ -402,8 +402,12 @@ def test_folded_router_follows_every_weight_change():
                 router.net.bias = torch.nn.Parameter(torch.randn(2))
         bank.folds(0.2)[0][1]  # another router's fold read in between changes nothing
         for threshold in (0.2, -0.1):
-            assert torch.equal(bank.folds(threshold)[1][0].executes(x), by_hand(threshold)), change
+            fold = bank.folds(threshold)[1][0]
+            assert fold.threshold == threshold
+            assert torch.equal(fold.executes(x), by_hand(threshold)), change
             assert torch.equal(router.executes(x, threshold), by_hand(threshold)), change
+            assert torch.equal(router.executes(x, threshold, fold), by_hand(threshold)), change
+        assert torch.equal(router.executes(x, 0.2, bank.folds(-0.1)[1][0]), by_hand(0.2))  # a stale fold is not used
         bank.folds(0.2)  # the next change is made at an unchanged threshold
         assert 0 < by_hand(0.2).float().mean() < 1
         logits = router(x)

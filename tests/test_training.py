@@ -273,6 +273,9 @@ def test_stage2_refuses_a_target_other_than_its_frozen_routers(tmp_path, tiny_di
         assert not out.exists()
     # The routers' own values may be given.
     assert run_cli([*argv, "--target-sparsity", "0.4", "--accounting", "param"]) == 0
+    # The run records them, so its own train_config.yaml reruns it (it held the CLI default 0.25 before).
+    assert TrainConfig.load(out / "train_config.yaml").target_sparsity == 0.4
+    assert run_cli(["train", "--config", str(out / "train_config.yaml"), "--output", str(tmp_path / "again")]) == 0
 
 
 def test_self_data_is_sampled_once_and_cached(tmp_path, tiny_dir, monkeypatch):

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import torch
 
+from ..config import SkipConfig
 from ..models.routed import RoutedModel
 from ..routing.policies import CoupledPolicy, ModPolicy
 from .static import routed_at
 
 
-def mod_d(model, sparsity: float = 0.25, thresholds: torch.Tensor | None = None) -> RoutedModel:
+def mod_d(model, sparsity: float = 0.25, config: SkipConfig | None = None,
+          thresholds: torch.Tensor | None = None) -> RoutedModel:
     """A RoutedModel with MoD-D routing at capacity 1 - sparsity for every module (train it, then calibrate).
 
-    Every module executing the same fraction of tokens makes the parameter sparsity equal `sparsity`.
+    Every module executing the same fraction of tokens makes the parameter sparsity equal `sparsity`; `config`
+    is the router design when `model` is a plain HF model.
     """
-    routed = routed_at(model, sparsity)
+    routed = routed_at(model, sparsity, config)
     capacity = torch.full((len(routed.layers), 2), 1.0 - sparsity, dtype=torch.float64)
     policy = ModPolicy(routed, capacity, thresholds)
     routed.config.extra.update({"routing": "mod-d", "capacity": capacity.tolist()})
@@ -28,9 +31,9 @@ def mod_d(model, sparsity: float = 0.25, thresholds: torch.Tensor | None = None)
     return routed
 
 
-def coupled(model, sparsity: float = 0.25) -> RoutedModel:
+def coupled(model, sparsity: float = 0.25, config: SkipConfig | None = None) -> RoutedModel:
     """A RoutedModel whose layer-level router skips attention and MLP together (train it like SkipGPT)."""
-    routed = routed_at(model, sparsity)
+    routed = routed_at(model, sparsity, config)
     routed.config.extra["routing"] = "coupled"
     routed.force(CoupledPolicy(routed))
     return routed

@@ -60,11 +60,11 @@ def removal_order(influence: dict[str, torch.Tensor], unit: str = "layer", kinds
     return [[(f // 2, f % 2)] for f in flat if torch.isfinite(bi.reshape(-1)[f])]
 
 
-def routed_at(model, sparsity: float) -> RoutedModel:
-    """`model` as a RoutedModel (wrapped unless it is one) whose config targets `sparsity`, a fraction in [0, 1).
-    Every baseline starts here."""
+def routed_at(model, sparsity: float, config: SkipConfig | None = None) -> RoutedModel:
+    """`model` as a RoutedModel (wrapped with `config`, the router design, unless it is one) whose config targets
+    `sparsity`, a fraction in [0, 1). Every baseline starts here."""
     check_sparsity(sparsity)
-    routed = model if isinstance(model, RoutedModel) else RoutedModel(model, SkipConfig(target_sparsity=sparsity))
+    routed = model if isinstance(model, RoutedModel) else RoutedModel(model, config or SkipConfig())
     routed.config.target_sparsity = sparsity
     return routed
 

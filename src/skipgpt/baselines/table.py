@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..evaluation.tasks import NORM_TASKS as NORM_TASKS  # noqa: F401 - kept importable from here
 from ..evaluation.tasks import paper_metric
 
 

@@ -27,6 +27,7 @@ from ..artifact import ADAPTER_DIR, apply_adapter, load_adapter, load_routers
 from ..errors import ConfigError, DataError
 from ..models.loading import load_model
 from ..models.routed import RoutedModel
+from .tasks import PAPER_METRIC as PAPER_METRIC  # noqa: F401 - kept importable from here
 from .tasks import TaskData
 
 # Stock task YAML of each task, relative to lm_eval/tasks.

@@ -25,6 +25,7 @@ PPL_TASKS = ("wikitext2", "ptb")
 TASKS = MC_TASKS + PPL_TASKS
 # The metric the paper reports: acc_norm for these, acc for the other multiple-choice tasks.
 NORM_TASKS = ("hellaswag", "openbookqa")
+PAPER_METRIC = {name: "acc_norm" for name in NORM_TASKS}  # the rest: acc
 
 # Release file names, tried in order when PATH is a folder.
 RELEASE_FILES = {
@@ -56,7 +57,7 @@ class TaskData:
 
 def paper_metric(name: str) -> str:
     """The accuracy the paper reports for multiple-choice task `name`: "acc_norm" or "acc"."""
-    return "acc_norm" if name in NORM_TASKS else "acc"
+    return PAPER_METRIC.get(name, "acc")
 
 
 def check_name(name: str) -> None:

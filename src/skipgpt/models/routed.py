@@ -337,6 +337,9 @@ class RoutedModel(nn.Module):
         """Execute decisions of the last forward pass as a (L, 2, B, T) bool tensor."""
         return self.state.stacked()[0] > 0.5
 
+    def router_parameters(self):
+        return self.routers.parameters()
+
     def freeze_base(self) -> None:
         for p in self.model.parameters():
             p.requires_grad_(False)

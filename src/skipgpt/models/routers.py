@@ -57,16 +57,19 @@ class Router(nn.Module):
             bias = float(last.bias[SKIP] - last.bias[EXECUTE])
         # a 0-dim tensor: comparing with a Python float costs a scalar conversion on every call
         limit = torch.tensor(threshold - bias, dtype=weight.dtype, device=weight.device)
-        return Fold(weight, bias, limit, None if self.linear else self.net[:-1])
+        return Fold(weight, bias, threshold, limit, None if self.linear else self.net[:-1])
 
-    def margin(self, x: torch.Tensor) -> torch.Tensor:
-        """Skip logit minus execute logit (...,), without gradient."""
-        return self.fold().margin(x)
+    def margin(self, x: torch.Tensor, fold: Fold | None = None) -> torch.Tensor:
+        """Skip logit minus execute logit (...,), without gradient; `fold`: this router's, if the caller has it."""
+        return (fold or self.fold()).margin(x)
 
-    def executes(self, x: torch.Tensor, threshold: float) -> torch.Tensor:
+    def executes(self, x: torch.Tensor, threshold: float, fold: Fold | None = None) -> torch.Tensor:
         """Bool execute decision (...,): execute unless the skip logit beats the execute logit by more than
-        `threshold` (the inference argmax, shifted by the calibrated threshold)."""
-        return self.fold(threshold).executes(x)
+        `threshold` (the inference argmax, shifted by the calibrated threshold). A `fold` made for another
+        threshold is not used."""
+        if fold is None or fold.threshold != threshold:
+            fold = self.fold(threshold)
+        return fold.executes(x)
 
 
 class Fold(NamedTuple):
@@ -75,6 +78,7 @@ class Fold(NamedTuple):
 
     weight: torch.Tensor  # (features,)
     bias: float
+    threshold: float  # the threshold `limit` was made for
     limit: torch.Tensor  # 0-dim: threshold - bias
     hidden: nn.Module | None  # the layers before the last (MLP routers); None for a linear router
 

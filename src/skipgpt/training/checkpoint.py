@@ -111,8 +111,8 @@ def check_resume_config(path: Path, config: dict[str, Any], world: int = 1) -> N
     if digest and data_digest(config["data"]) != digest:
         raise ConfigError(f"{path}: cannot --resume, the content of the training data {config['data']} changed "
                           f"since this checkpoint; restore the original data, or start afresh with another --output")
-    saved_world = meta.get("world", 1)  # written before the process count was recorded: by one process
-    if saved_world != world:
+    saved_world = meta.get("world")  # absent: written before the count was recorded, by how many is unknown
+    if saved_world is not None and saved_world != world:
         raise ConfigError(f"{path}: cannot --resume on {world} process(es), this checkpoint was written by "
                           f"{saved_world} (the data of each step depends on the count); launch {saved_world}, "
                           f"or start afresh with another --output")

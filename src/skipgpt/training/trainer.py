@@ -24,7 +24,7 @@ import io
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from ..artifact import load_routers, save_routers
+from ..artifact import load_routers, read_config, save_routers
 from ..errors import ConfigError
 from ..io import write_text_atomic
 from ..models.loading import load_model
@@ -47,8 +47,8 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig
-from .data import PackedData, data_files, load_data
-from .forecast import FIT_SEQUENCES, fit_and_tune, fit_dense, trains_forecasters
+from .data import PackedData, data_files, load_data, micro_batches
+from .forecast import FIT_SEQUENCES, fit_and_tune, fit_dense, fit_forecasters, trains_forecasters, tune_forecasters
 from .lora import attach_lora, check_lora_targets, lora_parameters
 from .step import (
     TrainingError,
@@ -63,8 +63,9 @@ from .step import (
 )
 
 # Callers (benchmarks, the demo, compare, docs/RESULTS.md) import the step maths and FIT_SEQUENCES from here.
-__all__ = ["FIT_SEQUENCES", "TrainResult", "TrainingError", "anneal", "build_routed", "held_out_nll",
-           "learning_rate", "micro_seed", "step_gradients", "train"]
+__all__ = ["FIT_SEQUENCES", "LOG_FIELDS", "LOG_NAME", "TrainResult", "TrainingError", "anneal", "build_routed",
+           "fit_forecasters", "held_out_nll", "learning_rate", "micro_batches", "micro_seed", "steer_threshold",
+           "step_gradients", "train", "tune_forecasters"]
 
 LOG_NAME = "train_log.csv"
 LOG_FIELDS = ("step", "loss", "lm_loss", "kd_loss", "reg", "sparsity", "attention", "mlp", "temperature", "noise",
@@ -138,6 +139,11 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
     if cfg.routers and output.exists() and output.resolve() == Path(cfg.routers).expanduser().resolve():
         raise ConfigError(f"output {cfg.output} is the routers folder this stage starts from; saving there would "
                           "replace them: give another output folder")
+    if cfg.stage == "lora" and cfg.routers:
+        # Stage lora keeps its frozen routers' target and accounting; its record (train_config.yaml, the
+        # checkpoint) says so, so a rerun from that file asks for what this run did.
+        frozen = read_config(cfg.routers)
+        cfg = replace(cfg, target_sparsity=frozen.target_sparsity, accounting=frozen.accounting)
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # the process count, before accelerate starts
     if cfg.resume and ckpt.exists():
         check_resume_config(ckpt, cfg.to_dict(), world=launched)
