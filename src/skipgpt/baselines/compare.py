@@ -27,6 +27,7 @@ from ..models.routed import RoutedModel
 from ..routing.calibrate import calibrate_threshold
 from ..training import TrainConfig, train
 from ..training.data import load_data
+from ..training.step import chunked
 from ..training.trainer import FIT_SEQUENCES
 from .dynamic import coupled, mod_d
 from .registry import INFORMED_RANK, INFORMED_ROUTER, METHODS
@@ -117,7 +118,7 @@ class Builder:
     def calibration(self, routed, tokenizer) -> list[dict[str, torch.Tensor]]:
         d = self.data(routed, tokenizer)
         seqs = d.train[: self.s.calibration_sequences]
-        return [{"input_ids": seqs[i : i + 2]} for i in range(0, seqs.shape[0], 2)]
+        return chunked(seqs, 2, seqs.device)
 
     def build(self, method: str, sparsity: float):
         """(model or RoutedModel ready to evaluate, tokenizer, seconds spent building it now)."""
@@ -179,7 +180,7 @@ class Builder:
         routed = (mod_d if method == "mod-d" else coupled)(model, sparsity)
         data = self.data(routed, tok)
         train(_train_config(self.s, "router", sparsity, out), routed=routed, tokenizer=tok, data=data)
-        val = [{"input_ids": data.val[i : i + 2]} for i in range(0, data.val.shape[0], 2)]
+        val = chunked(data.val, 2, data.val.device)
         if method == "mod-d":
             routed.policy.calibrate(val)  # causal thresholds for evaluation and decode
         else:

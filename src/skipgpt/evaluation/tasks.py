@@ -183,15 +183,13 @@ def read_records(path: Path) -> list[dict]:
     return rows
 
 
-def _need(path: Path, row: dict, keys: tuple[str, ...], index: int, what: str) -> None:
+def _need(path: Path, row: dict, keys: tuple[str, ...], index: int, what: str, text: tuple[str, ...] = ()) -> None:
+    """Item `index` has every key; those in `text` hold strings (the harness joins them into prompts: anything
+    else would fail there, after the model loaded)."""
     missing = [k for k in keys if k not in row]
     if missing:
         raise DataError(f"{path}: item {index + 1} lacks {', '.join(missing)}; not {what}")
-
-
-def _need_text(path: Path, row: dict, keys: tuple[str, ...], index: int) -> None:
-    # The harness joins these into prompts; anything but a string fails there, after the model loaded.
-    bad = [k for k in keys if not isinstance(row[k], str)]
+    bad = [k for k in text if not isinstance(row[k], str)]
     if bad:
         raise DataError(f"{path}: item {index + 1} has {', '.join(bad)} that is not text")
 
@@ -217,8 +215,7 @@ def _gold_index(path: Path, index: int, value, n: int) -> int:
 
 def _piqa(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
     for i, r in enumerate(rows):
-        _need(path, r, ("goal", "sol1", "sol2"), i, "PIQA (goal, sol1, sol2)")
-        _need_text(path, r, ("goal", "sol1", "sol2"), i)
+        _need(path, r, ("goal", "sol1", "sol2"), i, "PIQA (goal, sol1, sol2)", text=("goal", "sol1", "sol2"))
     labels_file = path.with_name(path.stem + "-labels.lst")
     hf = all("label" in r for r in rows)
     if not hf:
@@ -240,16 +237,16 @@ def _boolq(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
     for i, r in enumerate(rows):
         if "answer" in r:  # release: title and passage apart, answer true/false
             fmt = "release"
-            _need(path, r, ("question", "passage"), i, "BoolQ (question, passage, answer)")
-            _need_text(path, r, ("question", "passage"), i)
+            _need(path, r, ("question", "passage"), i, "BoolQ (question, passage, answer)",
+                  text=("question", "passage"))
             if not isinstance(r["answer"], bool):
                 raise DataError(f"{path}: item {i + 1} has answer {r['answer']!r}, expected true or false")
             # SuperGLUE, which the stock task reads, writes the passage as "title -- passage".
             passage = f"{r['title']} -- {r['passage']}" if r.get("title") else r["passage"]
             docs.append({"question": r["question"], "passage": passage, "label": int(r["answer"])})
         else:
-            _need(path, r, ("question", "passage", "label"), i, "BoolQ (question, passage, label)")
-            _need_text(path, r, ("question", "passage"), i)
+            _need(path, r, ("question", "passage", "label"), i, "BoolQ (question, passage, label)",
+                  text=("question", "passage"))
             label = _gold_index(path, i, r["label"], 2)
             docs.append({"question": r["question"], "passage": r["passage"], "label": label})
     return fmt, docs
@@ -258,8 +255,8 @@ def _boolq(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
 def _hellaswag_jsonl(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
     docs = []
     for i, r in enumerate(rows):
-        _need(path, r, ("activity_label", "ctx_a", "ctx_b", "endings", "label"), i, "HellaSwag")
-        _need_text(path, r, ("activity_label", "ctx_a", "ctx_b"), i)
+        _need(path, r, ("activity_label", "ctx_a", "ctx_b", "endings", "label"), i, "HellaSwag",
+              text=("activity_label", "ctx_a", "ctx_b"))
         endings = r["endings"]
         if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
             raise DataError(f"{path}: item {i + 1} has no list of text endings")
@@ -319,8 +316,8 @@ def _arc(path: Path, rows: list[dict], stem_key: str) -> tuple[str, list[dict]]:
 def _winogrande(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
     docs = []
     for i, r in enumerate(rows):
-        _need(path, r, ("sentence", "option1", "option2", "answer"), i, "WinoGrande")
-        _need_text(path, r, ("sentence", "option1", "option2"), i)
+        _need(path, r, ("sentence", "option1", "option2", "answer"), i, "WinoGrande",
+              text=("sentence", "option1", "option2"))
         if str(r["answer"]) not in ("1", "2"):
             raise DataError(f"{path}: item {i + 1} has answer {r['answer']!r}, expected 1 or 2")
         if "_" not in r["sentence"]:
