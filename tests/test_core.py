@@ -501,6 +501,17 @@ def test_an_interrupted_calibration_keeps_the_callers_threshold(monkeypatch):
     assert routed.threshold == 0.7
 
 
+def test_calibration_from_a_generator_equals_calibration_from_a_list():
+    from skipgpt.routing import calibrate
+
+    routed = _varied(RoutedModel(make_tiny("llama")))
+    batches = [{"input_ids": torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(i))}
+               for i in range(3)]
+    from_list = calibrate.calibrate_threshold(routed, batches, 0.3)
+    routed.threshold = 0.0
+    assert calibrate.calibrate_threshold(routed, (b for b in batches), 0.3) == from_list
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_padding_is_found_in_a_prepared_4d_or_per_type_mask(arch):
     """generate() with a static cache hands the decoder a 4-D mask (a dict of them for Qwen2): its pads must not

@@ -28,7 +28,7 @@ def measure(routed, batches: Iterable[dict[str, torch.Tensor]], accounting: str 
 @torch.no_grad()
 def calibrate_threshold(
     routed,
-    batches: list[dict[str, torch.Tensor]],
+    batches: Iterable[dict[str, torch.Tensor]],
     target: float,
     accounting: str = "param",
     iterations: int = 14,
@@ -36,6 +36,7 @@ def calibrate_threshold(
 ) -> float:
     """Set and return the threshold whose realised `accounting` sparsity on `batches` is closest to target."""
     check_sparsity(target)
+    batches = list(batches)  # measured once per bisection step: a generator would be spent after the first
     if not batches:
         raise ValueError("calibration needs at least one batch of text")
     lo, hi = -30.0, 30.0  # higher threshold -> fewer skips
