@@ -14,7 +14,7 @@ import skipgpt
 from skipgpt.inference.generate import generate, prompt_ids
 from skipgpt.training.lora import attach_lora
 
-from conftest import run_cli, varied_routers
+from conftest import one_error_line, run_cli, varied_routers
 
 PROMPT = "Tell me about the old king and the water"
 NEW = 12
@@ -167,6 +167,18 @@ def test_bad_input_is_one_line(model_dir, flags, says, capsys):
     assert err.startswith("skipgpt generate: error:") and len(err.splitlines()) == 1 and says in err, err
 
 
+def test_generate_refuses_a_reply_past_the_models_context(model_dir, capsys):
+    # the tiny model has 64 positions: beyond them the reply would be computed, silently, outside the RoPE range
+    _, tok = skipgpt.load_model(model_dir)
+    prompt = prompt_ids(tok, PROMPT).shape[1]
+    capsys.readouterr()
+    assert run_cli(_generate_cli(model_dir, "--max-new-tokens", str(64 - prompt + 1))) == 2
+    line = one_error_line(capsys.readouterr().err, "generate", model_loaded=True)
+    assert line.endswith(f"the prompt's {prompt} tokens + --max-new-tokens {64 - prompt + 1} exceed the model's "
+                         "maximum context of 64 tokens"), line
+    assert run_cli(_generate_cli(model_dir, "--max-new-tokens", str(64 - prompt))) == 0  # exactly fits
+
+
 def test_empty_prompt_is_one_line(model_dir, capsys):
     argv = ["generate", "--model", model_dir, "--prompt", "", "--raw-prompt", "--device", "cpu"]
     assert run_cli(argv) == 2
@@ -188,3 +200,21 @@ def test_bench_reports_batch_1_beside_batch_n(model_dir, varied_dir, batch, tmp_
         assert 0 < result["decode_sparsity"]["param"] < 1
     out = capsys.readouterr().out
     assert f"\nbatch {batch}: param sparsity" in out and out.count("\nbatch 1: param sparsity") == 1
+
+
+@pytest.mark.parametrize("seq_len, decode", [(63, 2), (100000000000, 2)])
+def test_bench_refuses_more_positions_than_the_model_has(model_dir, seq_len, decode, tmp_path, capsys):
+    # the tiny model has 64 positions; a huge --seq-len crashed in the allocator with a traceback
+    argv = ["bench", "--model", model_dir, "--device", "cpu", "--seq-len", str(seq_len), "--decode-tokens",
+            str(decode), "--repeats", "1", "--output", str(tmp_path / "bench.json")]
+    assert run_cli(argv) == 2
+    line = one_error_line(capsys.readouterr().err, "bench", model_loaded=True)
+    assert line.endswith(f"--seq-len {seq_len} + --decode-tokens {decode} exceed the model's maximum context "
+                         "of 64 tokens"), line
+    assert not (tmp_path / "bench.json").exists()
+
+
+def test_bench_runs_up_to_the_models_context(model_dir, tmp_path):
+    argv = ["bench", "--model", model_dir, "--device", "cpu", "--seq-len", "62", "--decode-tokens", "2",
+            "--batch-size", "1", "--repeats", "1", "--output", str(tmp_path / "bench.json")]
+    assert run_cli(argv) == 0

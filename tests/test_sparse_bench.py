@@ -89,3 +89,44 @@ def test_bench_cli_rejects_bad_arguments(tmp_path, capsys):
     assert err.count("\n") == 0 and "--seq-len" in err
     assert main(["bench", "--sparsity", "1.5", "--output", str(tmp_path / "b.json")]) == 2
     assert "--sparsity" in capsys.readouterr().err
+
+
+def _random_baseline() -> skipgpt.RoutedModel:
+    """A `routing: random` baseline as load_routers rebuilds it: one policy, one generator, from the config."""
+    routed = skipgpt.RoutedModel(make_tiny("llama"))
+    routed.config.extra.update({"routing": "random", "skip_rates": [[0.3, 0.3]] * 3, "seed": 0})
+    return routed.force(policies.from_extra(routed))
+
+
+def test_random_baseline_decides_alike_in_every_variant_and_round():
+    # routing sees the same tokens in every variant, so masked and sparse must make the same random decisions
+    # (the loaded policy's one generator ran on from pass to pass, so each variant drew other decisions)
+    routed = _random_baseline()
+    decisions = {"masked": [], "sparse": []}
+    gate = routed.gate
+
+    def spy(layer, kind, x):
+        g = gate(layer, kind, x)
+        decisions[routed.mode].append(g.clone())
+        return g
+
+    routed.gate = spy
+    measure_speed(routed, 128, seq_len=8, batch_size=2, decode_tokens=3, repeats=2)
+    masked, sparse = decisions["masked"], decisions["sparse"]
+    assert len(masked) == len(sparse) == 3 * 2 * 3 * (1 + 3)  # 3 rounds (warm-up, 2 timed), 3 layers, 2 modules
+    assert all(torch.equal(m, s) for m, s in zip(masked, sparse))
+    assert all(torch.equal(m, w) for m, w in zip(masked, masked[:24] * 3))  # every round as the warm-up
+    every = torch.cat([g.reshape(-1) for g in masked])
+    assert 0 < every.float().mean() < 1  # the decisions are random, not all alike
+
+
+def test_timed_rounds_leave_the_sparsity_meter_alone():
+    # a queued-statistics flush inside a timed turn would be timed with it: only the untimed warm-up is counted
+    routed = skipgpt.RoutedModel(make_tiny("llama"))
+    passes = []
+    add = routed.meter.add
+    routed.meter.add = lambda state: (passes.append(state), add(state))
+    r = measure_speed(routed, 128, seq_len=8, batch_size=2, decode_tokens=3, repeats=2, sparsity=0.25)
+    assert len(passes) == 2 * (1 + 3)  # the masked and sparse warm-up: one prefill and 3 decode steps each
+    assert 0 < r["sparsity"]["param"] < 1 and 0 < r["decode_sparsity"]["param"] < 1
+    assert routed.track and routed.meter.totals is None  # tracking back on, nothing left counted

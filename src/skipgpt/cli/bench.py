@@ -19,6 +19,7 @@ import torch
 
 from ..artifact import load_routers, read_config
 from ..errors import ConfigError
+from ..evaluation.perplexity import max_length
 from ..inference.bench import measure_speed_batches
 from ..io import check_output
 from ..models.loading import load_model
@@ -41,7 +42,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = add_command(sub, __doc__, epilog=(
         "Without --routers, every module skips --sparsity of the tokens at random (a stand-in for trained "
         "routers with the same parameter sparsity). With --routers and --sparsity, the routers' threshold is "
-        "calibrated to that sparsity on the benchmark input first. Example: skipgpt bench --model smollm2-135m "
+        "first calibrated to that sparsity on a random input drawn like the benchmark's but with another seed, "
+        "so the sparsity measured may differ a little from the target. Example: skipgpt bench --model smollm2-135m "
         "--sparsity 0.25 --seq-len 512 --batch-size 4 --output bench.json"))
     add_model_flags(p, dtype_default=None, device="auto", threads=True)
     add_routers(p, "router directory from `skipgpt train` (default: random skipping)")
@@ -66,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     options = model_options(args)
     device = options["device"]
     model, tokenizer = load_model(args.model, **options)
+    limit = max_length(model)  # past it the positions leave the range the model was trained on (or memory runs out)
+    if limit and args.seq_len + args.decode_tokens > limit:
+        raise ConfigError(f"--seq-len {args.seq_len} + --decode-tokens {args.decode_tokens} exceed the model's "
+                          f"maximum context of {limit} tokens")
     target = args.sparsity
     if args.routers:
         routed = load_routers(model, args.routers)

@@ -8,12 +8,13 @@ Prefill is one forward over (batch, seq_len) tokens with logits for every positi
 cache being filled; decode is `decode_tokens` greedy steps of one token per sequence from that cache.
 
 A warm-up round runs the variants one after another; it also gives each variant's peak memory and the
-sparse run's statistics. Each timed round then prefills the three in turn (order rotated every round)
-and decodes their three caches in turns of DECODE_TURN steps, so a drift of the machine's speed within
-a round slows all three alike (on a 2-core VM, with each variant decoding its whole run at once, the
-per-round masked/dense decode ratios spanned 0.78-1.02 between quartiles). Speedups are medians of the
-per-round ratios (a variant against the dense run of the same round), with their first and third quartiles;
-tokens/s are medians over rounds.
+sparse run's statistics (the timed rounds see the same input and run with the sparsity meter off, so that
+its queued statistics are never summed inside a timed turn). Each timed round then prefills the three in
+turn (order rotated every round) and decodes their three caches in turns of DECODE_TURN steps, so a drift
+of the machine's speed within a round slows all three alike (on a 2-core VM, with each variant decoding its
+whole run at once, the per-round masked/dense decode ratios spanned 0.78-1.02 between quartiles). Speedups
+are medians of the per-round ratios (a variant against the dense run of the same round), with their first
+and third quartiles; tokens/s are medians over rounds.
 The ideal speedup is the FLOP ratio of the whole forward, LM head included, under this project's
 semantics (a skipped attention still computes its keys and values): total / (total - skipped).
 """
@@ -47,13 +48,14 @@ def skip_fraction_policy(num_layers: int, fraction: float, seed: int = 0) -> pol
     return policies.random(torch.full((num_layers, 2), float(fraction)), seed=seed)
 
 
-def _variant(routed, variant: str, policy: policies.Policy | None):
-    """Run the wrapped model as `variant` under `policy` (None: the routers, or the caller's forced policy)."""
+def _variant(routed, variant: str, policy: policies.Policy | None, track: bool = True):
+    """Run the wrapped model as `variant` under `policy` (None: the routers, or the caller's forced policy),
+    counting its passes in the sparsity meter if `track`."""
     if variant == "dense":
         return routed.unrouted()
     if policy is None:
-        return routed.using(mode=variant)
-    return routed.using(mode=variant, policy=policy)
+        return routed.using(mode=variant, track=track)
+    return routed.using(mode=variant, policy=policy, track=track)
 
 
 def _sync(device: torch.device) -> None:
@@ -106,8 +108,9 @@ def measure_speed(
     routed:             a RoutedModel; its routers decide unless `sparsity` is given.
     tokenizer_or_vocab: a tokenizer (its vocabulary size is used) or the vocabulary size; inputs are
                         random token ids, so routing sees the same tokens in every variant.
-    sparsity:           None = use the routers; a fraction = every module skips that fraction of
-                        tokens at random (the stand-in for untrained routers; 0 = routers, all execute).
+    sparsity:           None = use the routers (a saved random baseline restarts from its seed in every
+                        variant and round); a fraction = every module skips that fraction of tokens at
+                        random (the stand-in for untrained routers; 0 = routers, all execute).
     Returns the JSON-able dict of `skipgpt bench` (speedup = median over rounds of dense time / sparse time).
     """
     vocab = tokenizer_or_vocab if isinstance(tokenizer_or_vocab, int) else len(tokenizer_or_vocab)
@@ -118,8 +121,16 @@ def measure_speed(
     layers = len(routed.layers)
     head_flops = 2.0 * hf.config.hidden_size * hf.get_output_embeddings().weight.shape[0]
 
-    # Random routing restarts from the same seed for every variant, so masked and sparse decide alike.
-    fresh = (lambda: None) if sparsity is None else (lambda: skip_fraction_policy(layers, sparsity, seed))
+    def fresh() -> policies.Policy | None:
+        """Random routing restarts from its seed for every variant and round, so masked and sparse decide alike:
+        the `sparsity` stand-in, or a saved `routing: random` baseline rebuilt from its config (its loaded
+        policy would carry one generator on from pass to pass). None: the routers or the caller's policy."""
+        if sparsity is not None:
+            return skip_fraction_policy(layers, sparsity, seed)
+        if routed.config.extra.get("routing") == "random":
+            return policies.from_extra(routed)
+        return None
+
     memory, totals = {}, {}
     for variant in VARIANTS:  # warm-up, one variant at a time
         if device.type == "cuda":
@@ -146,7 +157,7 @@ def measure_speed(
         policy = {v: fresh() for v in order}
         state, decode_s = {}, dict.fromkeys(order, 0.0)
         for variant in order:
-            with _variant(routed, variant, policy[variant]):
+            with _variant(routed, variant, policy[variant], track=False):
                 _sync(device)
                 tic = time.perf_counter()
                 state[variant] = _prefill(routed.model, ids)
@@ -155,7 +166,7 @@ def measure_speed(
         for steps in turns:
             for variant in order:
                 token, cache = state[variant]
-                with _variant(routed, variant, policy[variant]):
+                with _variant(routed, variant, policy[variant], track=False):
                     tic = time.perf_counter()
                     token = _decode(routed.model, token, cache, steps)
                     _sync(device)
@@ -164,7 +175,6 @@ def measure_speed(
         for variant in order:
             times[variant]["decode"].append(decode_s[variant])
         del state
-    routed.reset_sparsity()  # the timed rounds counted masked and sparse passes alike
 
     def tok_s(variant: str, phase: str) -> float:
         n = batch_size * (seq_len if phase == "prefill" else decode_tokens)
