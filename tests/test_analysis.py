@@ -141,3 +141,47 @@ def test_analyze_command_on_saved_baseline(tmp_path):
     args.text = str(tmp_path / "missing.txt")
     with pytest.raises(DataError, match="does not exist"):
         analyze.run(args)
+
+
+class DoubledTokenizer(CharTokenizer):
+    """Every character decodes twice: "$" becomes the token "$$", which matplotlib would read as mathtext."""
+
+    def decode(self, ids):
+        return "".join(2 * chr(i) for i in ids)
+
+
+def test_tokens_and_titles_with_dollars_are_drawn_as_text(tmp_path):
+    routed = skipgpt.RoutedModel(make_tiny("llama"))
+    text = "Price is $5 and $x_1$ or $\\frac{a}{$ more. " * 8
+    paths = write_analysis(routed, DoubledTokenizer(), text, tmp_path, seq_len=40, title="model $\\frac{$ name")
+    assert len(paths) == 8
+    assert repr("$$") in [r["token"] for r in read(tmp_path / "decision_heatmap.csv")]
+
+
+def test_a_drawing_error_writes_no_file(tmp_path, monkeypatch):
+    """Every figure is drawn before any file is written: a failure leaves an existing folder as it was."""
+    from skipgpt.analysis import figures
+
+    (tmp_path / "per_layer_skip.csv").write_text("old\n")
+
+    def broken(*args):
+        raise RuntimeError("drawing failed")
+
+    monkeypatch.setattr(figures, "module_sparsity_figure", broken)
+    with pytest.raises(RuntimeError, match="drawing failed"):
+        write_analysis(skipgpt.RoutedModel(make_tiny("llama")), CharTokenizer(), TEXT, tmp_path, seq_len=40)
+    assert [p.name for p in tmp_path.iterdir()] == ["per_layer_skip.csv"]
+    assert (tmp_path / "per_layer_skip.csv").read_text() == "old\n"
+
+
+def test_write_analysis_measures_with_tracking_off_and_keeps_the_callers_meter(tmp_path):
+    routed = skipgpt.RoutedModel(make_tiny("llama"))
+    routed(input_ids=torch.randint(0, 128, (2, 20)))  # the caller has counted 40 tokens of its own
+    before = routed.sparsity()
+    routed.force(position_policy)
+    with routed.using(track=False):
+        write_analysis(routed, CharTokenizer(), TEXT, tmp_path, seq_len=40)
+        assert routed.track is False, "the caller's setting is restored"
+    overall = {r["measure"]: r["skip_rate"] for r in read(tmp_path / "module_sparsity.csv")}
+    assert float(overall["attention"]) == pytest.approx(0.5 / 3, abs=1e-6) and int(overall["tokens"]) == 9 * 40
+    assert routed.sparsity() == before and before.tokens == 40

@@ -305,6 +305,34 @@ def test_windows_limit_perplexity_apart_from_items(model, tokenizer):
     assert apart["windows"] == 3 and both["windows"] == 2
 
 
+def test_a_perplexity_text_shorter_than_a_window_is_refused_before_any_task_runs(model, tokenizer, monkeypatch):
+    from skipgpt.evaluation import runner
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a multiple-choice task ran before the perplexity text was checked")
+
+    monkeypatch.setattr(runner, "run_task", must_not_run)
+    tasks = {"piqa": str(FIX / "piqa"), "wikitext2": str(FIX / "hf" / "wikitext2")}
+    with pytest.raises(DataError, match=r"wikitext2: the text has \d+ tokens, fewer than one window of 100000"):
+        evaluate(model, tokenizer, tasks, limit=2, seq_len=100000, progress=False)
+
+
+def test_evaluate_measures_with_tracking_off_and_keeps_the_callers_meter(model, tokenizer):
+    routed = RoutedModel(model, SkipConfig())
+    try:
+        routed.force(hidden_sign_policy)
+        routed(input_ids=torch.tensor([[1, 2, 3, 4, 5]]))  # the caller has counted 5 tokens of its own
+        before = routed.sparsity()
+        with routed.using(track=False):
+            out = evaluate(routed, tokenizer, {"wikitext2": str(FIX / "hf" / "wikitext2")}, limit=2, seq_len=8,
+                           progress=False)
+            assert routed.track is False, "the caller's setting is restored"
+        assert routed.sparsity() == before and before.tokens == 5
+    finally:
+        routed.unpatch()
+    assert 0 < out["tasks"]["wikitext2"]["sparsity"]["param"] < 1
+
+
 def test_cli_end_to_end_with_a_model_folder(tmp_path, model, tokenizer, capsys):
     from skipgpt.cli import eval as cli
 

@@ -406,3 +406,9 @@ def test_11_small_refusals_name_the_problem(tmp_path, tiny_dir, routers, capfd):
     line = fails(capfd, ["analyze", "--model", str(tiny_dir / "model"), "--routers", str(routers), "--text",
                          str(tmp_path), "--output", str(tmp_path / "figs")])
     assert "is a folder" in line and not (tmp_path / "figs").exists()
+
+
+def test_11_analyze_names_a_text_that_is_not_a_regular_file(tmp_path, tiny_dir, routers, capfd):
+    line = fails(capfd, ["analyze", "--model", str(tiny_dir / "model"), "--routers", str(routers), "--text",
+                         "/dev/null", "--output", str(tmp_path / "figs")])
+    assert "/dev/null is not a regular file" in line and not (tmp_path / "figs").exists()

@@ -44,29 +44,49 @@ def collect_decisions(routed, windows: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+def _csv(header: list[str], rows: list[list]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(header)
     writer.writerows(rows)
-    write_text_atomic(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def render(fig) -> bytes:
+    """`fig` as PNG bytes, then closed: drawn in memory, so every figure can be drawn before any file is written."""
+    try:
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def _write(path: Path, content: str | bytes) -> Path:
+    """Write through a temporary and a rename: a reader never sees half a file."""
+    if isinstance(content, str):
+        write_text_atomic(path, content)
+    else:
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        tmp.write_bytes(content)
+        tmp.replace(path)
     return path
 
 
 def save_figure(fig, path: Path) -> Path:
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _write(path, render(fig))
 
 
-def per_layer_figure(skip: torch.Tensor, out: Path, title: str) -> list[Path]:
+# Each figure returns {file name: content}, the PNG before the CSV it is drawn from. Titles and labels that carry
+# text from outside (model names, tokens such as "$$") are drawn with parse_math=False: as mathtext they crash.
+
+
+def per_layer_figure(skip: torch.Tensor, title: str) -> dict[str, str | bytes]:
     """skip: (L, 2) skip rates. Grouped bars, attention vs MLP, one group per layer."""
     L = skip.shape[0]
-    csv_path = _write_csv(out / "per_layer_skip.csv", ["layer", "attention_skip_rate", "mlp_skip_rate"],
-                          [[i, f"{float(skip[i, 0]):.6f}", f"{float(skip[i, 1]):.6f}"] for i in range(L)])
+    table = _csv(["layer", "attention_skip_rate", "mlp_skip_rate"],
+                 [[i, f"{float(skip[i, 0]):.6f}", f"{float(skip[i, 1]):.6f}"] for i in range(L)])
     fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * L + 2), 3.6))
     x = torch.arange(L).float().numpy()
     ax.bar(x - 0.2, skip[:, 0].numpy() * 100, 0.4, label="attention", color=ATTN_COLOR)
@@ -75,12 +95,12 @@ def per_layer_figure(skip: torch.Tensor, out: Path, title: str) -> list[Path]:
     ax.set_ylabel("tokens skipping the module (%)")
     ax.set_ylim(0, 100)
     ax.set_xticks(range(0, L, max(1, L // 15)))
-    ax.set_title(f"Per-layer skip rate, attention vs MLP\n{title}")
+    ax.set_title(f"Per-layer skip rate, attention vs MLP\n{title}", parse_math=False)
     ax.legend()
-    return [save_figure(fig, out / "per_layer_skip.png"), csv_path]
+    return {"per_layer_skip.png": render(fig), "per_layer_skip.csv": table}
 
 
-def position_figure(decisions: torch.Tensor, out: Path, title: str, window: int = 16) -> list[Path]:
+def position_figure(decisions: torch.Tensor, title: str, window: int = 16) -> dict[str, str | bytes]:
     """Skip rate (averaged over layers and text windows) against token position, in position buckets."""
     skip = 1.0 - decisions.float().mean(dim=(0, 1))  # (2, T)
     T = skip.shape[-1]
@@ -92,25 +112,23 @@ def position_figure(decisions: torch.Tensor, out: Path, title: str, window: int 
         rows.append([start, min(start + window, T) - 1, f"{a:.6f}", f"{m:.6f}"])
         xs.append(start + (min(start + window, T) - start - 1) / 2)
         ys.append((a * 100, m * 100))
-    csv_path = _write_csv(out / "skip_vs_position.csv",
-                          ["first_position", "last_position", "attention_skip_rate", "mlp_skip_rate"], rows)
+    table = _csv(["first_position", "last_position", "attention_skip_rate", "mlp_skip_rate"], rows)
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
     ax.plot(xs, [y[0] for y in ys], "o-", color=ATTN_COLOR, label="attention")
     ax.plot(xs, [y[1] for y in ys], "s-", color=MLP_COLOR, label="MLP")
     ax.set_xlabel(f"token position in the sequence (windows of {window} tokens)")
     ax.set_ylabel("tokens skipping, all layers (%)")
-    ax.set_title(f"Skip rate against token position\n{title}")
+    ax.set_title(f"Skip rate against token position\n{title}", parse_math=False)
     ax.legend()
-    return [save_figure(fig, out / "skip_vs_position.png"), csv_path]
+    return {"skip_vs_position.png": render(fig), "skip_vs_position.csv": table}
 
 
-def heatmap_figure(decisions: torch.Tensor, tokens: list[str], out: Path, title: str) -> list[Path]:
+def heatmap_figure(decisions: torch.Tensor, tokens: list[str], title: str) -> dict[str, str | bytes]:
     """decisions: (L, 2, T) for one text; a token x layer map of executed (dark) and skipped (light) modules."""
     L, _, T = decisions.shape
     rows = [[t, repr(tokens[t]), i, int(decisions[i, 0, t]), int(decisions[i, 1, t])]
             for t in range(T) for i in range(L)]
-    csv_path = _write_csv(out / "decision_heatmap.csv",
-                          ["position", "token", "layer", "attention_executed", "mlp_executed"], rows)
+    table = _csv(["position", "token", "layer", "attention_executed", "mlp_executed"], rows)
     fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.16 * T + 2), 2 * (0.12 * L + 1.5)), sharex=True)
     for ax, k, name in zip(axes, (0, 1), ("attention", "MLP")):
         ax.imshow(decisions[:, k].float().numpy(), aspect="auto", cmap="Greys", vmin=-0.15, vmax=1.0,
@@ -118,47 +136,51 @@ def heatmap_figure(decisions: torch.Tensor, tokens: list[str], out: Path, title:
         ax.set_ylabel(f"{name}\nlayer")
         ax.set_title(f"{name}: dark = executed, white = skipped")
     axes[-1].set_xticks(range(T))
-    axes[-1].set_xticklabels([t.replace("\n", "\\n") for t in tokens], rotation=90, fontsize=6)
+    axes[-1].set_xticklabels([t.replace("\n", "\\n") for t in tokens], rotation=90, fontsize=6, parse_math=False)
     axes[-1].set_xlabel("token")
-    fig.suptitle(f"Routing decisions per token and layer\n{title}")
-    return [save_figure(fig, out / "decision_heatmap.png"), csv_path]
+    fig.suptitle(f"Routing decisions per token and layer\n{title}", parse_math=False)
+    return {"decision_heatmap.png": render(fig), "decision_heatmap.csv": table}
 
 
-def module_sparsity_figure(report, out: Path, title: str) -> list[Path]:
+def module_sparsity_figure(report, title: str) -> dict[str, str | bytes]:
     """Overall sparsity reached by each module type, and the parameter-weighted total."""
     names = ["attention", "MLP", "parameters (total)"]
     values = [report.attention, report.mlp, report.param]
-    csv_path = _write_csv(out / "module_sparsity.csv", ["measure", "skip_rate"],
-                          [[n, f"{v:.6f}"] for n, v in zip(names, values)] + [["tokens", report.tokens]])
+    table = _csv(["measure", "skip_rate"],
+                 [[n, f"{v:.6f}"] for n, v in zip(names, values)] + [["tokens", report.tokens]])
     fig, ax = plt.subplots(figsize=(5.0, 3.6))
     bars = ax.bar(names, [v * 100 for v in values], color=[ATTN_COLOR, MLP_COLOR, "#7f7f7f"])
     for b, v in zip(bars, values):
         ax.text(b.get_x() + b.get_width() / 2, b.get_height() + 1, f"{v:.1%}", ha="center")
     ax.set_ylabel("skipped (%)")
     ax.set_ylim(0, max(10.0, max(values) * 100 * 1.25))
-    ax.set_title(f"Sparsity reached by module type ({report.tokens} tokens)\n{title}")
-    return [save_figure(fig, out / "module_sparsity.png"), csv_path]
+    ax.set_title(f"Sparsity reached by module type ({report.tokens} tokens)\n{title}", parse_math=False)
+    return {"module_sparsity.png": render(fig), "module_sparsity.csv": table}
 
 
 def write_analysis(routed, tokenizer, text: str, output_dir: str | Path, seq_len: int = 256,
                    max_windows: int = 16, heatmap_tokens: int = 48, title: str | None = None) -> list[Path]:
-    """Run `routed` over `text` and write the four analysis figures and their CSVs; returns the paths."""
+    """Run `routed` over `text` and write the four analysis figures and their CSVs; returns the paths.
+
+    The routed model's settings and sparsity meter are left as the caller had them."""
     title = title or _describe(routed)
     windows = text_windows(tokenizer, text, seq_len, max_windows)
-    routed.reset_sparsity()
-    decisions = collect_decisions(routed, windows)  # (W, L, 2, T)
-    report = routed.sparsity()
+    with routed.measuring():
+        decisions = collect_decisions(routed, windows)  # (W, L, 2, T)
+        report = routed.sparsity()
     skip = 1.0 - decisions.float().mean(dim=(0, 3))  # (L, 2)
     T = min(heatmap_tokens, decisions.shape[-1])
     tokens = [tokenizer.decode([i]) for i in windows[0, :T].tolist()]  # the heatmap's window, as routed
+    # Everything is drawn before anything is written: a drawing error must not leave new files among old ones.
+    files = {
+        **per_layer_figure(skip, title),
+        **position_figure(decisions, title, window=max(1, decisions.shape[-1] // 16)),
+        **heatmap_figure(decisions[0, :, :, :T], tokens, title),
+        **module_sparsity_figure(report, title),
+    }
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
-    paths = per_layer_figure(skip, out, title)
-    paths += position_figure(decisions, out, title, window=max(1, decisions.shape[-1] // 16))
-    paths += heatmap_figure(decisions[0, :, :, :T], tokens, out, title)
-    paths += module_sparsity_figure(report, out, title)
-    routed.reset_sparsity()
-    return paths
+    return [_write(out / name, content) for name, content in files.items()]
 
 
 def _describe(routed) -> str:

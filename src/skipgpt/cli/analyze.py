@@ -42,9 +42,12 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.output, folder=True)
     read_config(args.routers)
     path = Path(args.text)
-    if not path.is_file():
-        why = "is a folder; give one text file" if path.is_dir() else "does not exist"
-        raise DataError(f"text file {path} {why}")
+    if path.is_dir():
+        raise DataError(f"text file {path} is a folder; give one text file")
+    if not path.exists():
+        raise DataError(f"text file {path} does not exist")
+    if not path.is_file():  # /dev/null, a pipe: nothing to route, or a read that never ends
+        raise DataError(f"text file {path} is not a regular file")
     text = read_text(path)
     from ..analysis.figures import write_analysis  # matplotlib: imported when a command draws, not at start-up
 

@@ -68,13 +68,13 @@ def run(args: argparse.Namespace) -> int:
     options = model_options(args)
     device = options["device"]
     model, tokenizer = load_model(args.model, **options)
+    routed = load_routers(model, args.routers) if args.routers else RoutedModel(model, name=args.model)
     limit = max_length(model)  # past it the positions leave the range the model was trained on (or memory runs out)
     if limit and args.seq_len + args.decode_tokens > limit:
         raise ConfigError(f"--seq-len {args.seq_len} + --decode-tokens {args.decode_tokens} exceed the model's "
                           f"maximum context of {limit} tokens")
     target = args.sparsity
     if args.routers:
-        routed = load_routers(model, args.routers)
         if target is not None and not reads_threshold(routed.policy):
             raise ConfigError(f"--sparsity sets a router threshold, but {args.routers} is a "
                               f"{routed.config.extra.get('routing')} baseline with a fixed policy; drop --sparsity")
@@ -84,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
             calibrate_threshold(routed, [{"input_ids": ids}], target)
         target = None  # the routers decide
     else:
-        routed = RoutedModel(model, name=args.model)
         target = 0.25 if target is None else target
     result = measure_speed_batches(routed, tokenizer, batch_size=args.batch_size, seq_len=args.seq_len,
                                    decode_tokens=args.decode_tokens, repeats=args.repeats, sparsity=target)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 import torch
 from tqdm.auto import tqdm
@@ -29,6 +30,15 @@ def _hub_text(name: str) -> str:
     return task_data.join_rows(name, rows)
 
 
+def _perplexity_ids(name: str, path: str | None, tokenizer, seq_len: int) -> torch.Tensor:
+    """The task's text as token ids, refused if shorter than one window."""
+    text = task_data.load_perplexity_text(name, path) if path else _hub_text(name)
+    ids = tokenize_text(tokenizer, text)
+    if ids.numel() < seq_len:
+        raise DataError(f"{name}: the text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    return ids
+
+
 def _sparsity(routed) -> dict:
     if routed is None:
         return {"param": 0.0, "attention": 0.0, "mlp": 0.0}
@@ -53,43 +63,48 @@ def evaluate(
     Multiple-choice tasks run through lm-evaluation-harness (stock prompts and metrics, first `limit`
     items); perplexity tasks score the first `windows` windows of `seq_len` tokens (default: `limit`, so
     one quick-run flag shortens both). Returns the results
-    dict written by `skipgpt eval --output` (see docs/RESULTS.md for its shape).
+    dict written by `skipgpt eval --output` (see docs/RESULTS.md for its shape). A routed model's settings and
+    sparsity meter are left as the caller had them.
     """
     for name in tasks:
         task_data.check_name(name)
     routed = model if isinstance(model, RoutedModel) else None
     seq_len = default_seq_len(model.model if routed is not None else model, seq_len)
     windows = limit if windows is None else windows
+    # Every perplexity text is read and checked before the first task: a text too short for one window must not
+    # fail after hours of multiple-choice scoring.
+    texts = {name: _perplexity_ids(name, path, tokenizer, seq_len)
+             for name, path in tasks.items() if name in task_data.PPL_TASKS}
     lm = None
     out_tasks: dict[str, dict] = {}
     bar = tqdm(list(tasks.items()), desc="tasks", unit="task", disable=not progress)
-    for name, path in bar:
-        bar.set_postfix_str(name)
-        start = time.perf_counter()
-        if routed is not None:
-            routed.reset_sparsity()
-        if name in task_data.PPL_TASKS:
-            text = task_data.load_perplexity_text(name, path) if path else _hub_text(name)
-            ids = tokenize_text(tokenizer, text)
-            total = ids.numel() // seq_len if windows is None else min(ids.numel() // seq_len, windows)
-            with tqdm(total=total, desc=f"{name} windows", leave=False, disable=not progress) as bar_windows:
-                result = perplexity(model, ids, seq_len, limit=windows, batch_size=batch_size,
-                                    progress=bar_windows.update)
-            row = {**result, "source": path}
-        else:
-            data = task_data.load_task(name, path) if path else None
-            if data is not None and limit is not None:
-                data.docs = data.docs[:limit]  # the first N items, in file order
-            task = build_task(data, name)
-            if lm is None:
-                lm = SkipGPTLM(model, tokenizer=tokenizer, batch_size=batch_size)
-            with torch.no_grad():
-                result = run_task(lm, task, limit=limit if data is None else None)
-            row = {**result, "metric": task_data.paper_metric(name),
-                   "source": data.source if data else None, "format": data.format if data else "hub"}
-        row["sparsity"] = _sparsity(routed)
-        row["seconds"] = round(time.perf_counter() - start, 1)
-        out_tasks[name] = row
+    with routed.measuring() if routed is not None else nullcontext():
+        for name, path in bar:
+            bar.set_postfix_str(name)
+            start = time.perf_counter()
+            if routed is not None:
+                routed.reset_sparsity()
+            if name in texts:
+                ids = texts[name]
+                total = ids.numel() // seq_len if windows is None else min(ids.numel() // seq_len, windows)
+                with tqdm(total=total, desc=f"{name} windows", leave=False, disable=not progress) as bar_windows:
+                    result = perplexity(model, ids, seq_len, limit=windows, batch_size=batch_size,
+                                        progress=bar_windows.update)
+                row = {**result, "source": path}
+            else:
+                data = task_data.load_task(name, path) if path else None
+                if data is not None and limit is not None:
+                    data.docs = data.docs[:limit]  # the first N items, in file order
+                task = build_task(data, name)
+                if lm is None:
+                    lm = SkipGPTLM(model, tokenizer=tokenizer, batch_size=batch_size)
+                with torch.no_grad():
+                    result = run_task(lm, task, limit=limit if data is None else None)
+                row = {**result, "metric": task_data.paper_metric(name),
+                       "source": data.source if data else None, "format": data.format if data else "hub"}
+            row["sparsity"] = _sparsity(routed)
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            out_tasks[name] = row
     mc = [row[row["metric"]] for name, row in out_tasks.items() if "metric" in row]
     hf = routed.model if routed is not None else model
     return {

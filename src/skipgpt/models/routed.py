@@ -325,6 +325,19 @@ class RoutedModel(nn.Module):
     def reset_sparsity(self) -> None:
         self.meter.reset()
 
+    @contextmanager
+    def measuring(self) -> Iterator[SparsityMeter]:
+        """Tracking on and a fresh sparsity meter for the block; the caller's `track` setting and meter (with what
+        it has counted) come back afterwards, so an evaluation or analysis inside reports its own passes only and
+        leaves the caller's statistics alone."""
+        saved = self.meter
+        self.meter = SparsityMeter(self.costs)
+        try:
+            with self.using(track=True):
+                yield self.meter
+        finally:
+            self.meter = saved
+
     def realised_sparsity(self, accounting: str = "param") -> dict[str, torch.Tensor]:
         """Ratios of the last forward pass, differentiable through straight-through gates."""
         if self.state is None or not self.state.complete:
