@@ -109,6 +109,13 @@ def test_compare_all_methods_end_to_end(tiny_folder, tmp_path, monkeypatch):
     assert dense16 != dense32 and dense16 == pytest.approx(dense32, rel=0.05)
 
 
+def test_comparison_figure_draws_a_dollar_in_its_title_as_text(tmp_path):
+    rows = [{"method": m, "target_sparsity": t, "retention": r, "tasks": {"wikitext2": {"ppl": p}}}
+            for m, t, r, p in (("dense", 0.0, 100.0, 20.0), ("shortgpt", 0.25, 90.0, 80.0))]
+    png = comparison_figure(rows, tmp_path / "c.png", "models/$$x$$: every method")  # mathtext would raise
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_compare_argument_errors():
     assert parse_sparsities("0.25,0.4") == [0.25, 0.4]
     with pytest.raises(ConfigError, match="not a number"):

@@ -42,7 +42,7 @@ def comparison_figure(rows: list[dict], path: str | Path, title: str = "") -> Pa
         ax.set_xticklabels(methods, rotation=30, ha="right")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)
-    fig.suptitle(title or "Methods at equal parameter sparsity")
+    fig.suptitle(title or "Methods at equal parameter sparsity", parse_math=False)  # a "$" in a model path is text
     return save_figure(fig, Path(path))
 
 
