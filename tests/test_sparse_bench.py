@@ -120,13 +120,20 @@ def test_random_baseline_decides_alike_in_every_variant_and_round():
     assert 0 < every.float().mean() < 1  # the decisions are random, not all alike
 
 
-def test_timed_rounds_leave_the_sparsity_meter_alone():
-    # a queued-statistics flush inside a timed turn would be timed with it: only the untimed warm-up is counted
+def test_timed_rounds_leave_the_sparsity_meter_alone(monkeypatch):
+    # a queued-statistics flush inside a timed turn would be timed with it: only the untimed warm-up is counted,
+    # on a meter of its own, whatever the caller's tracking setting and meter hold
+    from skipgpt.routing.sparsity import SparsityMeter
+
     routed = skipgpt.RoutedModel(make_tiny("llama"))
+    with torch.no_grad():
+        routed(input_ids=torch.zeros(1, 4, dtype=torch.long))  # the caller's own statistics
+    before = routed.sparsity().tokens
     passes = []
-    add = routed.meter.add
-    routed.meter.add = lambda state: (passes.append(state), add(state))
+    add = SparsityMeter.add
+    monkeypatch.setattr(SparsityMeter, "add", lambda meter, state: (passes.append(state), add(meter, state)))
+    routed.track = False
     r = measure_speed(routed, 128, seq_len=8, batch_size=2, decode_tokens=3, repeats=2, sparsity=0.25)
     assert len(passes) == 2 * (1 + 3)  # the masked and sparse warm-up: one prefill and 3 decode steps each
     assert 0 < r["sparsity"]["param"] < 1 and 0 < r["decode_sparsity"]["param"] < 1
-    assert routed.track and routed.meter.totals is None  # tracking back on, nothing left counted
+    assert not routed.track and routed.sparsity().tokens == before == 4  # the caller's setting and meter

@@ -19,7 +19,6 @@ import torch
 
 from ..artifact import load_routers, read_config
 from ..errors import ConfigError
-from ..evaluation.perplexity import max_length
 from ..inference.bench import measure_speed_batches
 from ..io import check_output
 from ..models.loading import load_model
@@ -31,6 +30,7 @@ from .common import (
     add_model_flags,
     add_output,
     add_routers,
+    check_context,
     model_options,
     positive_int,
     sparsity,
@@ -69,10 +69,8 @@ def run(args: argparse.Namespace) -> int:
     device = options["device"]
     model, tokenizer = load_model(args.model, **options)
     routed = load_routers(model, args.routers) if args.routers else RoutedModel(model, name=args.model)
-    limit = max_length(model)  # past it the positions leave the range the model was trained on (or memory runs out)
-    if limit and args.seq_len + args.decode_tokens > limit:
-        raise ConfigError(f"--seq-len {args.seq_len} + --decode-tokens {args.decode_tokens} exceed the model's "
-                          f"maximum context of {limit} tokens")
+    check_context(model, args.seq_len + args.decode_tokens,
+                  f"--seq-len {args.seq_len} + --decode-tokens {args.decode_tokens}")
     target = args.sparsity
     if args.routers:
         if target is not None and not reads_threshold(routed.policy):

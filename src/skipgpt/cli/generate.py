@@ -19,11 +19,10 @@ from pathlib import Path
 
 from ..artifact import ADAPTER_DIR, load_routers, read_config
 from ..errors import ConfigError
-from ..evaluation.perplexity import max_length
 from ..inference.generate import generate, prompt_ids
 from ..models.loading import load_model
 from ..routing.sparsity import report
-from .common import add_command, add_model_flags, add_routers, model_options, positive_int
+from .common import add_command, add_model_flags, add_routers, check_context, model_options, positive_int
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -51,10 +50,8 @@ def run(args: argparse.Namespace) -> int:
         read_config(args.routers)  # a bad directory fails before the model loads
     model, tokenizer = load_model(args.model, **model_options(args))
     ids = prompt_ids(tokenizer, args.prompt, chat=not args.raw_prompt)
-    limit = max_length(model)  # past it the positions leave the range the model was trained on: wrong text, silently
-    if limit and ids.shape[1] + args.max_new_tokens > limit:
-        raise ConfigError(f"the prompt's {ids.shape[1]} tokens + --max-new-tokens {args.max_new_tokens} exceed "
-                          f"the model's maximum context of {limit} tokens")
+    check_context(model, ids.shape[1] + args.max_new_tokens,
+                  f"the prompt's {ids.shape[1]} tokens + --max-new-tokens {args.max_new_tokens}")
 
     if not args.routers:
         _warm_up(model, tokenizer, ids)

@@ -48,14 +48,13 @@ def skip_fraction_policy(num_layers: int, fraction: float, seed: int = 0) -> pol
     return policies.random(torch.full((num_layers, 2), float(fraction)), seed=seed)
 
 
-def _variant(routed, variant: str, policy: policies.Policy | None, track: bool = True):
-    """Run the wrapped model as `variant` under `policy` (None: the routers, or the caller's forced policy),
-    counting its passes in the sparsity meter if `track`."""
+def _variant(routed, variant: str, policy: policies.Policy | None):
+    """Run the wrapped model as `variant` under `policy` (None: the routers, or the caller's forced policy)."""
     if variant == "dense":
         return routed.unrouted()
     if policy is None:
-        return routed.using(mode=variant, track=track)
-    return routed.using(mode=variant, policy=policy, track=track)
+        return routed.using(mode=variant)
+    return routed.using(mode=variant, policy=policy)
 
 
 def _sync(device: torch.device) -> None:
@@ -132,49 +131,50 @@ def measure_speed(
         return None
 
     memory, totals = {}, {}
-    for variant in VARIANTS:  # warm-up, one variant at a time
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        with _variant(routed, variant, fresh()):
-            routed.reset_sparsity()
-            token, cache = _prefill(routed.model, ids)
-            prefill_totals = routed.meter.totals
-            routed.reset_sparsity()
-            _decode(routed.model, token, cache, decode_tokens)
-            _sync(device)
-            del cache
-        memory[variant] = _peak_memory(device)
-        if variant == "sparse":
-            totals = {"prefill": prefill_totals, "decode": routed.meter.totals}
-    routed.reset_sparsity()
+    with routed.measuring():  # the statistics of the warm-up, on a meter of its own
+        for variant in VARIANTS:  # warm-up, one variant at a time
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            with _variant(routed, variant, fresh()):
+                routed.reset_sparsity()
+                token, cache = _prefill(routed.model, ids)
+                prefill_totals = routed.meter.totals
+                routed.reset_sparsity()
+                _decode(routed.model, token, cache, decode_tokens)
+                _sync(device)
+                del cache
+            memory[variant] = _peak_memory(device)
+            if variant == "sparse":
+                totals = {"prefill": prefill_totals, "decode": routed.meter.totals}
 
     turns = [DECODE_TURN] * (decode_tokens // DECODE_TURN)
     if decode_tokens % DECODE_TURN:
         turns.append(decode_tokens % DECODE_TURN)
     times = {v: {"prefill": [], "decode": []} for v in VARIANTS}
-    for rep in range(repeats):
-        order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]
-        policy = {v: fresh() for v in order}
-        state, decode_s = {}, dict.fromkeys(order, 0.0)
-        for variant in order:
-            with _variant(routed, variant, policy[variant], track=False):
-                _sync(device)
-                tic = time.perf_counter()
-                state[variant] = _prefill(routed.model, ids)
-                _sync(device)
-                times[variant]["prefill"].append(time.perf_counter() - tic)
-        for steps in turns:
+    with routed.using(track=False):  # no queued statistics summed inside a timed turn
+        for rep in range(repeats):
+            order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]
+            policy = {v: fresh() for v in order}
+            state, decode_s = {}, dict.fromkeys(order, 0.0)
             for variant in order:
-                token, cache = state[variant]
-                with _variant(routed, variant, policy[variant], track=False):
-                    tic = time.perf_counter()
-                    token = _decode(routed.model, token, cache, steps)
+                with _variant(routed, variant, policy[variant]):
                     _sync(device)
-                    decode_s[variant] += time.perf_counter() - tic
-                state[variant] = (token, cache)
-        for variant in order:
-            times[variant]["decode"].append(decode_s[variant])
-        del state
+                    tic = time.perf_counter()
+                    state[variant] = _prefill(routed.model, ids)
+                    _sync(device)
+                    times[variant]["prefill"].append(time.perf_counter() - tic)
+            for steps in turns:
+                for variant in order:
+                    token, cache = state[variant]
+                    with _variant(routed, variant, policy[variant]):
+                        tic = time.perf_counter()
+                        token = _decode(routed.model, token, cache, steps)
+                        _sync(device)
+                        decode_s[variant] += time.perf_counter() - tic
+                    state[variant] = (token, cache)
+            for variant in order:
+                times[variant]["decode"].append(decode_s[variant])
+            del state
 
     def tok_s(variant: str, phase: str) -> float:
         n = batch_size * (seq_len if phase == "prefill" else decode_tokens)
