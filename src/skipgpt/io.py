@@ -81,6 +81,14 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     _atomic(Path(path), write)
 
 
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    _atomic(Path(path), write)
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ..errors import DataError  # noqa: E402
-from ..io import write_text_atomic  # noqa: E402
+from ..io import write_bytes_atomic, write_text_atomic  # noqa: E402
 
 ATTN_COLOR, MLP_COLOR = "#d62728", "#1f77b4"
 
@@ -65,12 +65,7 @@ def render(fig) -> bytes:
 
 def _write(path: Path, content: str | bytes) -> Path:
     """Write through a temporary and a rename: a reader never sees half a file."""
-    if isinstance(content, str):
-        write_text_atomic(path, content)
-    else:
-        tmp = path.with_name(f".{path.name}.tmp.png")
-        tmp.write_bytes(content)
-        tmp.replace(path)
+    (write_text_atomic if isinstance(content, str) else write_bytes_atomic)(path, content)
     return path
 
 
