@@ -182,6 +182,27 @@ def test_random_routing_matches_rates():
         random_routing(deep_tiny(layers=8), 0.25, skip_rates=torch.zeros(3, 2))
 
 
+def test_rate_and_threshold_tables_are_checked_when_given():
+    nan = torch.full((8, 2), 0.25, dtype=torch.float64)
+    nan[3, 1] = float("nan")
+    with pytest.raises(ConfigError, match="NaN"):  # saved, it would be refused at load
+        random_routing(deep_tiny(layers=8), 0.25, skip_rates=nan)
+    with pytest.raises(ConfigError, match="NaN"):
+        mod_d(deep_tiny(layers=8), 0.25, thresholds=nan)
+    with pytest.raises(ConfigError, match=r"\(8, 2\) table"):
+        mod_d(deep_tiny(layers=8), 0.25, thresholds=[[0.0, 0.0]])
+    # a list of thresholds decides as the same table as a tensor does
+    table = torch.linspace(-0.2, 0.2, 16, dtype=torch.float64).reshape(8, 2)
+    data = batches(pad=False)
+    decisions = []
+    for thresholds in (table, table.tolist()):
+        routed = mod_d(deep_tiny(layers=8), 0.25, thresholds=thresholds)  # deep_tiny seeds: the same routers
+        with torch.no_grad():
+            routed(**data[0])
+        decisions.append(routed.decisions())
+    assert torch.equal(decisions[0], decisions[1])
+
+
 def test_mod_d_topk_capacity_gradient_and_causal_threshold():
     model = make_tiny("llama")
     routed = mod_d(model, 0.4)
@@ -297,6 +318,13 @@ def test_shortgpt_accepts_calibration_texts():
     assert from_texts.config.extra["keep"] == from_ids.config.extra["keep"]
     with pytest.raises(ConfigError, match="tokenizer"):
         shortgpt(deep_tiny(layers=8), None, 0.25, texts)
+
+
+def test_static_baselines_accept_a_tokenizers_batch_encoding():
+    data = batches()
+    from_dicts = static_modules(deep_tiny(layers=8), None, 0.25, data)
+    from_encodings = static_modules(deep_tiny(layers=8), None, 0.25, [tf.BatchEncoding(b) for b in data])
+    assert from_encodings.config.extra["block_influence"] == from_dicts.config.extra["block_influence"]
 
 
 @pytest.mark.slow

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import random
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+import transformers as tf
 
 from skipgpt.baselines import compare
 from skipgpt.baselines.compare import CompareSettings, artifact_dir, run_comparison
@@ -13,10 +18,10 @@ from skipgpt.baselines.figure import comparison_figure
 from skipgpt.baselines.registry import METHODS
 from skipgpt.baselines.table import markdown_table
 from skipgpt.cli.compare import parse_sparsities
-from skipgpt.errors import ConfigError
+from skipgpt.errors import ConfigError, DataError
 from skipgpt.training.config import TrainConfig
 
-from conftest import save_tiny_llama
+from conftest import WORDS, one_error_line, run_cli, save_tiny_llama
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "piqa" / "valid.jsonl").exists(), reason="shared data not present")
@@ -198,3 +203,112 @@ def test_compare_reuses_nothing_built_or_evaluated_for_other_inputs(tiny_folder,
     logs: list[str] = []
     run_comparison(settings, [0.25], log=logs.append)
     assert not any("reusing" in m for m in logs)
+
+
+def write_words(path: Path, seed: int, count: int = 600) -> Path:
+    rng = random.Random(seed)
+    path.write_text(" ".join(rng.choice(WORDS) for _ in range(count)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """(a 4-layer tiny model folder, an evaluation text, a training text): compare runs of a few seconds."""
+    root = tmp_path_factory.mktemp("small")
+    save_tiny_llama(root / "model", layers=4, with_special_ids=True)
+    return root / "model", write_words(root / "eval.txt", 0), write_words(root / "data.txt", 1)
+
+
+def small_settings(model: Path, eval_text: Path, data: Path, workdir: Path, methods: list[str]) -> CompareSettings:
+    return CompareSettings(model=str(model), tasks={"wikitext2": str(eval_text)}, methods=methods, steps=1,
+                           data=str(data), limit=1, workdir=workdir, seq_len=32, batch_size=2, eval_batch_size=2,
+                           eval_seq_len=32, calibration_sequences=2)
+
+
+def influence(s: CompareSettings) -> list:
+    return json.loads((artifact_dir(s, "shortgpt", 0.25) / "skip_config.json").read_text())["extra"][
+        "block_influence"]
+
+
+def test_compare_rebuilds_and_reevaluates_for_new_data_or_weights_under_the_same_names(small, tmp_path):
+    model_folder, eval_text, _ = small
+    model = Path(shutil.copytree(model_folder, tmp_path / "model"))
+    data = write_words(tmp_path / "data.txt", 1)
+    s = small_settings(model, eval_text, data, tmp_path / "work", ["dense", "shortgpt"])
+    first = run_comparison(s, [0.25], log=lambda _: None)
+    before = influence(s)
+    # other text under the same data path: shortgpt is rebuilt, as a fresh workdir builds it
+    write_words(data, 2)
+    logs: list[str] = []
+    run_comparison(s, [0.25], log=logs.append)
+    assert any("rebuilding" in m for m in logs)
+    fresh = dataclasses.replace(s, workdir=tmp_path / "fresh")
+    run_comparison(fresh, [0.25], log=lambda _: None)
+    assert influence(s) != before and influence(s) == influence(fresh)
+    # other weights under the same model name: dense is evaluated again, shortgpt rebuilt for them
+    hf = tf.AutoModelForCausalLM.from_pretrained(model)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(1.5)
+    hf.save_pretrained(model)
+    again = run_comparison(s, [0.25], log=lambda _: None)
+    want = run_comparison(dataclasses.replace(s, workdir=tmp_path / "fresh2"), [0.25], log=lambda _: None)
+    ppl = [rows[0]["tasks"]["wikitext2"]["ppl"] for rows in (first, again, want)]
+    assert ppl[1] != ppl[0] and ppl[1] == ppl[2]
+    assert [r["tasks"] for r in again] == [r["tasks"] for r in want]
+
+
+def test_compare_keeps_targets_that_print_alike_apart(small, tmp_path):
+    model, eval_text, data = small
+    s = small_settings(model, eval_text, data, tmp_path / "work", ["shortgpt"])
+    with pytest.raises(ConfigError, match=r"0.25 and 0.2500001 would share the build folders <method>-25;"):
+        run_comparison(s, [0.25, 0.2500001], log=lambda _: None)
+    assert not s.workdir.exists()  # refused before any work
+    run_comparison(s, [0.25], log=lambda _: None)
+    logs: list[str] = []
+    run_comparison(s, [0.2500001], log=logs.append)  # its own run: the 0.25 build is not taken for it
+    assert not any("reusing" in m for m in logs)
+    assert json.loads((artifact_dir(s, "shortgpt", 0.2500001) / "build.json").read_text())["sparsity"] == 0.2500001
+
+
+def test_compare_refuses_missing_data_before_the_dense_evaluation(small, tmp_path):
+    model, eval_text, _ = small
+    s = small_settings(model, eval_text, tmp_path / "missing.txt", tmp_path / "work", ["dense", "shortgpt"])
+    with pytest.raises(DataError, match="does not exist"):
+        run_comparison(s, [0.25], log=lambda _: None)
+    assert not s.workdir.exists()
+
+
+@pytest.mark.parametrize("suffix", [".md", ".png"])
+def test_compare_command_refuses_a_folder_where_its_table_or_chart_goes_before_any_work(suffix, small, tmp_path,
+                                                                                        capfd):
+    model, eval_text, data = small
+    (tmp_path / f"cmp{suffix}").mkdir()
+    argv = ["compare", "--model", str(model), "--methods", "dense,shortgpt", "--task", f"wikitext2={eval_text}",
+            "--limit", "1", "--eval-seq-len", "32", "--data", str(data), "--seq-len", "32",
+            "--calibration-sequences", "2", "--output", str(tmp_path / "cmp.json")]
+    capfd.readouterr()
+    assert run_cli(argv) == 2
+    assert f"cmp{suffix} is a folder" in one_error_line(capfd.readouterr().err, "compare")
+    assert [p.name for p in tmp_path.iterdir()] == [f"cmp{suffix}"]  # no results, no artifacts
+
+
+def test_table_names_the_metric_a_cell_falls_back_to():
+    row = {"method": "dense", "sparsity": {"param": 0.0, "attention": 0.0, "mlp": 0.0},
+           "tasks": {"hellaswag": {"acc": 0.1234}, "openbookqa": {"acc": 0.3, "acc_norm": 0.4}}}
+    table = markdown_table([row])
+    assert "| hellaswag acc_norm | openbookqa acc_norm |" in table
+    assert f"| {100 * 0.1234:.1f} (acc) | {100 * 0.4:.1f} |" in table
+
+
+def test_compare_reevaluates_when_a_task_file_changes_under_the_same_path(small, tmp_path):
+    model, eval_text, data = small
+    text = Path(shutil.copy(eval_text, tmp_path / "eval.txt"))
+    s = small_settings(model, text, data, tmp_path / "work", ["dense"])
+    first = run_comparison(s, [0.25], log=lambda _: None)
+    original = text.read_text()
+    text.write_text(original[len(original) // 2:] + original[: len(original) // 2])  # other windows, same length
+    again = run_comparison(s, [0.25], log=lambda _: None)
+    want = run_comparison(dataclasses.replace(s, workdir=tmp_path / "fresh"), [0.25], log=lambda _: None)
+    ppl = [rows[0]["tasks"]["wikitext2"]["ppl"] for rows in (first, again, want)]
+    assert ppl[1] != ppl[0] and ppl[1] == ppl[2]

@@ -2,8 +2,8 @@
 
 Each method is built (trained, or derived from Block Influence), saved as a router directory under
 `workdir/<method>-<sparsity%>/` and evaluated; the evaluation result is cached next to it as
-`eval-<key>.json` (the key covers tasks, limit, batch size and sequence length). A second run with
-the same workdir reuses both, so an interrupted table resumes where it stopped.
+`eval-<key>.json` (the key covers tasks, limit, batch size, sequence length and the base weights). A second
+run with the same workdir reuses both, so an interrupted table resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -21,12 +21,14 @@ from ..artifact import CONFIG_NAME, WEIGHTS_NAME, load_routers, save_routers
 from ..config import FILES_KEY, SkipConfig
 from ..errors import ConfigError
 from ..evaluation import evaluate
+from ..evaluation import tasks as task_data
 from ..io import write_json_atomic
+from ..models.adapters import fingerprint
 from ..models.loading import load_model
 from ..models.routed import RoutedModel
 from ..routing.calibrate import calibrate_threshold
 from ..training import TrainConfig, train
-from ..training.data import load_data
+from ..training.data import data_digest, load_data
 from ..training.step import chunked
 from ..training.trainer import FIT_SEQUENCES
 from .dynamic import coupled, mod_d
@@ -78,6 +80,17 @@ def artifact_dir(s: CompareSettings, method: str, sparsity: float) -> Path:
     return Path(s.workdir) / ("dense" if method == "dense" else f"{method}-{sparsity * 100:g}")
 
 
+def check_targets(s: CompareSettings, sparsities: list[float]) -> None:
+    """Refuse targets whose builds would share a folder (0.25 and 0.2500001 both print as 25)."""
+    seen: dict[str, float] = {}
+    for sparsity in sparsities:
+        name = artifact_dir(s, "<method>", sparsity).name  # every method names its folder after the target alike
+        if name in seen:
+            raise ConfigError(f"sparsity targets {seen[name]} and {sparsity} would share the build folders {name}; "
+                              "give targets that differ within six significant digits of their percentage")
+        seen[name] = sparsity
+
+
 def _train_config(s: CompareSettings, stage: str, sparsity: float, output: Path, routers: Path | None = None):
     return TrainConfig(stage=stage, model=s.model, data=s.data, output=str(output), target_sparsity=sparsity,
                        steps=s.steps, seq_len=s.seq_len, batch_size=s.batch_size, alpha=s.alpha, lr=s.lr,
@@ -92,11 +105,16 @@ class Builder:
         self.s = s
         self.log = log
         self._data = None
+        # A build depends on the data's content and the base weights, not only on their names: both are settings.
+        # Hashed here, so a missing --data fails before the dense evaluation (dense alone reads no data).
+        self.data_sha256 = data_digest(s.data) if any(m != "dense" for m in s.methods) else None
+        self.fingerprint: str | None = None  # the base model's, from the first model built
 
     def settings(self, method: str, sparsity: float) -> dict:
         """What a build of `method` depends on; informed methods add their fixed recipe and random routing the
         SkipGPT-RT build whose rates it copies, so a build made under another one is rebuilt rather than reused."""
         settings = {k: str(getattr(self.s, k)) for k in BUILD_SETTINGS}
+        settings.update(data_sha256=self.data_sha256, base_fingerprint=self.fingerprint)
         if method == "random":
             rt = self._current("skipgpt-rt", sparsity)
             settings["reference"] = "uniform" if rt is None else _routers_digest(rt)
@@ -125,6 +143,7 @@ class Builder:
 
         out = artifact_dir(self.s, method, sparsity)
         model, tok = self.fresh()
+        self.fingerprint = self.fingerprint or fingerprint(model)
         if method == "dense":
             return model, tok, 0.0
         log = self._finished(method, sparsity)
@@ -180,7 +199,7 @@ class Builder:
         routed = (mod_d if method == "mod-d" else coupled)(model, sparsity)
         data = self.data(routed, tok)
         train(_train_config(self.s, "router", sparsity, out), routed=routed, tokenizer=tok, data=data)
-        val = chunked(data.val, 2, data.val.device)
+        val = chunked(data.val, 2, next(routed.model.parameters()).device)  # where train() left the model
         if method == "mod-d":
             routed.policy.calibrate(val)  # causal thresholds for evaluation and decode
         else:
@@ -215,7 +234,8 @@ class Builder:
     def _current(self, method: str, sparsity: float) -> Path | None:
         """The folder of `method`'s build at this sparsity if it finished with the current settings."""
         log = self._finished(method, sparsity)
-        current = log is not None and dict(log.get("settings") or {}) == self.settings(method, sparsity)
+        current = (log is not None and log.get("sparsity") == sparsity  # not another target printed alike
+                   and dict(log.get("settings") or {}) == self.settings(method, sparsity))
         return artifact_dir(self.s, method, sparsity) if current else None
 
 
@@ -235,9 +255,20 @@ def _read_build_log(path: Path) -> dict | None:
     return log if isinstance(log, dict) else None
 
 
-def eval_key(s: CompareSettings) -> str:
-    spec = [sorted((k, str(v)) for k, v in s.tasks.items()), s.limit, s.eval_batch_size, s.eval_seq_len, s.dtype,
-            s.model]  # the dense folder has no build log to go stale with its model
+def _task_digest(name: str, path: str | None) -> str | None:
+    """sha256 of what task `name` reads from `path` (its items, or its perplexity text); None for the hub."""
+    if path is None:
+        return None
+    content = task_data.load_perplexity_text(name, path) if name in task_data.PPL_TASKS else \
+        task_data.load_task(name, path).docs
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def eval_key(s: CompareSettings, base_fingerprint: str) -> str:
+    """A cached evaluation is reused only for the same tasks (their content, not only their paths), settings and
+    base weights (the dense folder has no build log to go stale with its model's)."""
+    tasks = sorted((k, str(v), _task_digest(k, v)) for k, v in s.tasks.items())
+    spec = [tasks, s.limit, s.eval_batch_size, s.eval_seq_len, s.dtype, s.model, base_fingerprint]
     if s.windows is not None:  # keeps the keys of evaluations cached before --windows existed
         spec.append(s.windows)
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:10]
@@ -282,12 +313,13 @@ def make_row(method: str, sparsity: float, result: dict, dense_average: float | 
 def run_comparison(s: CompareSettings, sparsities: list[float], log: Callable[[str], None] = print) -> list[dict]:
     """Build and evaluate every method at every sparsity; returns the table rows (dense first per sparsity)."""
     methods = check_methods(s.methods)
+    check_targets(s, sparsities)
     _train_config(s, "router", 0.25, Path(s.workdir))  # bad training settings fail before the dense evaluation
     builder = Builder(s, log)
-    key = eval_key(s)
     rows: list[dict] = []
     # Retention needs the dense average whether or not dense is listed.
     model, tok, _ = builder.build("dense", 0.0)
+    key = eval_key(s, builder.fingerprint)
     log("dense: evaluating")
     dense_result, seconds = evaluate_method(s, model, tok, artifact_dir(s, "dense", 0.0) / f"eval-{key}.json")
     dense_average = dense_result.get("average_acc")

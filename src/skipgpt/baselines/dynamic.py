@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..config import SkipConfig
+from ..errors import ConfigError
 from ..models.routed import RoutedModel
 from ..routing.policies import CoupledPolicy, ModPolicy
 from .static import routed_at
@@ -22,11 +23,18 @@ def mod_d(model, sparsity: float = 0.25, config: SkipConfig | None = None,
     is the router design when `model` is a plain HF model.
     """
     routed = routed_at(model, sparsity, config)
-    capacity = torch.full((len(routed.layers), 2), 1.0 - sparsity, dtype=torch.float64)
+    L = len(routed.layers)
+    if thresholds is not None:  # the policy indexes a tensor at every forward: a list or a bad table fails here
+        thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
+        if thresholds.shape != (L, 2):
+            raise ConfigError(f"thresholds must be a ({L}, 2) table of scores, got shape {tuple(thresholds.shape)}")
+        if not torch.isfinite(thresholds).all():
+            raise ConfigError("thresholds must be finite scores; the table holds NaN or infinite values")
+    capacity = torch.full((L, 2), 1.0 - sparsity, dtype=torch.float64)
     policy = ModPolicy(routed, capacity, thresholds)
     routed.config.extra.update({"routing": "mod-d", "capacity": capacity.tolist()})
     if thresholds is not None:
-        routed.config.extra["thresholds"] = torch.as_tensor(thresholds).tolist()
+        routed.config.extra["thresholds"] = thresholds.tolist()
     routed.force(policy)
     return routed
 

@@ -9,6 +9,8 @@ wins; the realised ratio is recorded in routed.config.extra["realised_param_spar
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from ..config import SkipConfig, check_sparsity
@@ -117,9 +119,14 @@ def random_routing(model, sparsity: float = 0.25, skip_rates: torch.Tensor | Non
     """
     routed = routed_at(model, sparsity)
     L = len(routed.layers)
-    rates = torch.full((L, 2), float(sparsity)) if skip_rates is None else torch.as_tensor(skip_rates).double()
-    if rates.shape != (L, 2) or (rates < 0).any() or (rates > 1).any():
+    if skip_rates is None:
+        rates = torch.full((L, 2), float(sparsity))
+    else:
+        rates = torch.as_tensor(skip_rates, dtype=torch.float64)
+    if rates.shape != (L, 2):
         raise ConfigError(f"skip_rates must be a ({L}, 2) table of probabilities, got shape {tuple(rates.shape)}")
+    if not ((rates >= 0) & (rates <= 1)).all():  # written so that NaN fails too (saved, it would not load)
+        raise ConfigError("skip_rates must be probabilities in [0, 1]; it holds other values or NaN")
     params = _param_table(routed.costs)
     routed.config.extra.update(
         {"routing": "random", "skip_rates": rates.tolist(), "seed": seed,
@@ -141,7 +148,7 @@ def _need_batches(batches, tokenizer=None) -> list:
             if tokenizer is None:
                 raise ConfigError("calibration texts need the tokenizer: pass it as the second argument")
             b = {"input_ids": tokenizer(b, return_tensors="pt")["input_ids"]}
-        if not isinstance(b, dict) or "input_ids" not in b:
+        if not isinstance(b, Mapping) or "input_ids" not in b:  # a tokenizer's BatchEncoding is no dict
             raise ConfigError("each calibration batch must be a text or a dict with input_ids")
         out.append(b)
     return out

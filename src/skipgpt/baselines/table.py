@@ -23,6 +23,12 @@ def _fmt(value, kind: str) -> str:
     return f"{100 * value:.1f}"
 
 
+def _mc_cell(name: str, metrics: dict) -> str:
+    """The column's metric, or acc named in the cell where the task did not score that one."""
+    key, value = task_metric(name, metrics)
+    return _fmt(value, "acc") + ("" if key == paper_metric(name) or value is None else f" ({key})")
+
+
 def markdown_table(rows: list[dict]) -> str:
     """Columns: method, target, realised param (attention / MLP) sparsity, each task, average, retention."""
     names: list[str] = []
@@ -38,7 +44,7 @@ def markdown_table(rows: list[dict]) -> str:
         sp = r["sparsity"]
         cells = [r["method"], f"{100 * r.get('target_sparsity', 0.0):.3g}%",  # 25%, and 25.4% not rounded to it
                  f"{100 * sp['param']:.1f}% ({100 * sp['attention']:.0f} / {100 * sp['mlp']:.0f})"]
-        cells += [_fmt(task_metric(n, r["tasks"].get(n, {}))[1], "acc") for n in mc]
+        cells += [_mc_cell(n, r["tasks"].get(n, {})) for n in mc]
         cells += [_fmt(r.get("average_acc"), "acc"), _fmt(r.get("retention"), "pct")]
         cells += [_fmt(r["tasks"].get(n, {}).get("ppl"), "ppl") for n in ppl]
         lines.append("| " + " | ".join(cells) + " |")

@@ -117,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
                           "table and the chart are written beside it as .md and .png")
     workdir = Path(args.workdir) if args.workdir else output.with_name(output.stem + "_artifacts")
     check_output(output)
+    for side in (output.with_suffix(".md"), output.with_suffix(".png")):  # same parent: only a folder is in the way
+        if side.is_dir():
+            raise ConfigError(f"--output {output}: {side} is a folder, and the table and the chart are written "
+                              "beside the JSON under its name with .md and .png; choose another --output")
     check_output(workdir, folder=True, flag="--workdir")
     read = {"tasks": tasks, "methods": methods, "workdir": workdir}  # every other setting is the flag of its name
     settings = CompareSettings(**read, **{f.name: getattr(args, f.name) for f in dataclasses.fields(CompareSettings)
