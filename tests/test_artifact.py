@@ -173,3 +173,86 @@ def test_float16_weights_load_routers_with_a_warning(saved):
     assert routed.threshold == 0.3
     with pytest.raises(ArtifactError, match="different weights"):  # other weights are still refused in float32
         load_routers(make_tiny("llama", seed=1), saved[0])
+
+
+# -- adapters loaded with load_adapter (eval --lora DIR, and DIR/adapter of a stage-2 run) --------------------
+
+
+def saved_adapter(folder, targets=("q_proj", "v_proj"), **model_options):
+    """A LoRA adapter with non-zero weights on `targets` of make_tiny("llama", **model_options); returns `folder`."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=2, target_modules=list(targets), init_lora_weights=False)
+    get_peft_model(make_tiny("llama", **model_options), config).save_pretrained(folder)
+    return folder
+
+
+def edit_adapter_config(folder, **fields) -> None:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(fields)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def untouched(model, ids, logits) -> bool:
+    """No PEFT layer or config left in `model`, and its output on `ids` is still `logits`."""
+    with torch.no_grad():
+        same = torch.equal(model(input_ids=ids).logits, logits)
+    return same and not hasattr(model, "peft_config") and not any("lora" in n for n, _ in model.named_modules())
+
+
+def plain_logits(model):
+    ids = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return ids, model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("field, value", [("lora_alpha", "x"), ("r", None), ("target_modules", 5)])
+def test_an_adapter_config_field_of_the_wrong_type_is_an_artifact_error(field, value, tmp_path):
+    """PEFT raises TypeError for these (before: a traceback from eval --lora DIR)."""
+    from skipgpt.artifact import load_adapter
+
+    folder = saved_adapter(tmp_path / "lora")
+    edit_adapter_config(folder, **{field: value})
+    model = make_tiny("llama")
+    ids, logits = plain_logits(model)
+    with pytest.raises(ArtifactError, match="cannot load the adapter"):
+        load_adapter(model, folder)
+    assert untouched(model, ids, logits)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"target_modules": ["v_proj"]}, r"q_proj\.lora_A\.weight would not be applied"),
+    ({"layers_to_transform": [0]}, r"layers\.1\..*would not be applied"),
+    ({"exclude_modules": ["q_proj"]}, r"q_proj\.lora_A\.weight would not be applied"),
+    ({"target_modules": ["q_proj", "v_proj", "o_proj"]}, r"o_proj\.lora_A\.weight is not in the file"),
+], ids=["fewer targets", "fewer layers", "excluded", "more targets"])
+def test_an_adapter_whose_config_applies_it_elsewhere_than_its_weights_is_refused(edit, message, tmp_path):
+    """PEFT injects what the config names and loads only the file's weights for those, without a word: before,
+    an adapter on q and v with its config edited to v alone loaded without the q update (or, with an extra
+    target, with a randomly initialised one)."""
+    from skipgpt.artifact import load_adapter
+
+    folder = saved_adapter(tmp_path / "lora")
+    edit_adapter_config(folder, **edit)
+    model = make_tiny("llama")
+    ids, logits = plain_logits(model)
+    for merge in (True, False):
+        with pytest.raises(ArtifactError, match=message):
+            load_adapter(model, folder, merge=merge)
+        assert untouched(model, ids, logits)
+
+
+def test_an_adapter_on_a_tied_lm_head_is_attached_but_not_merged(tmp_path):
+    """Merging writes the lm_head update into the input embedding it shares its weight with, so the merged model
+    computes something else than the adapter attached (before: merged without a word)."""
+    from skipgpt.artifact import load_adapter
+
+    folder = saved_adapter(tmp_path / "lora", ("q_proj", "lm_head"), tie_word_embeddings=True)
+    model = make_tiny("llama", tie_word_embeddings=True)
+    ids, logits = plain_logits(model)
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    with pytest.raises(ArtifactError, match="lm_head.*input embedding.*lora='attach'"):
+        load_adapter(model, folder)
+    assert untouched(model, ids, logits)
+    attached = load_adapter(model, folder, merge=False)
+    assert torch.equal(attached.get_input_embeddings().weight, embedding)

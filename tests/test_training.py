@@ -406,12 +406,13 @@ def test_lora_alpha_must_be_positive(alpha, tmp_path, capsys):
 
 def test_bad_data_is_reported_in_one_line(tmp_path, tiny_dir, capsys):
     (tmp_path / "empty.txt").write_text("")
-    common = ["train", "--model", str(tiny_dir / "model"), "--output", str(tmp_path / "o"), "--no-progress"]
+    common = ["train", "--model", str(tiny_dir / "model"), "--output", str(tmp_path / "o"), "--no-progress",
+              "--seq-len", "16"]
     for data, message in ((tmp_path / "missing.txt", "does not exist"), (tmp_path / "empty.txt", "no text found")):
         assert run_cli([*common, "--data", str(data)]) == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("skipgpt train: error:") and message in err and str(data) in err
-    assert run_cli([*common, "--data", str(tiny_dir / "text.txt"), "--seq-len", "512"]) == 2
+    assert run_cli([*common, "--data", str(tiny_dir / "text.txt"), "--val-sequences", "100000"]) == 2
     assert "need at least" in capsys.readouterr().err
     assert run_cli(["train", "--stage", "lora", "--output", str(tmp_path / "o")]) == 2
     assert "--routers" in capsys.readouterr().err
@@ -523,3 +524,49 @@ def test_threshold_gain_needs_frozen_routers_and_is_restored_on_resume(tmp_path,
     resumed = train(cfg, routed=again, data=data)
     assert resumed.routed.threshold == straight.routed.threshold != -3.0
     assert [h["threshold"] for h in resumed.history] == [h["threshold"] for h in straight.history]
+
+
+def test_loaded_routers_refuse_other_design_options_and_record_their_own(tmp_path, tiny_dir, capsys):
+    """With --routers, the options for new routers (router, router_input, forecaster_rank, execute_bias) were
+    ignored while train_config.yaml recorded them; another value given is refused in one line before the model
+    loads, in every stage, and the run records the routers' own design."""
+    from skipgpt import load_model, save_routers
+
+    design = SkipConfig(router="mlp", router_input="layer", execute_bias=3.0)
+    save_routers(RoutedModel(load_model(str(tiny_dir / "model"))[0], design), tmp_path / "r")
+    out = tmp_path / "out"
+    argv = ["train", "--routers", str(tmp_path / "r"), "--model", str(tiny_dir / "model"), "--data",
+            str(tiny_dir / "text.txt"), "--seq-len", "16", "--batch-size", "2", "--val-sequences", "4",
+            "--no-progress", "--checkpoint-every", "0", "--steps", "1", "--output", str(out)]
+    (tmp_path / "c.yaml").write_text("router: linear\n")
+    cases = [(["--router", "linear"], "router", "mlp", "linear"),
+             (["--router-input", "module"], "router_input", "layer", "module"),
+             (["--forecaster-rank", "2"], "forecaster_rank", 0, 2), (["--execute-bias", "2"], "execute_bias", 3.0, 2.0),
+             (["--config", str(tmp_path / "c.yaml")], "router", "mlp", "linear")]
+    for stage in ("router", "lora"):
+        for extra, name, theirs, given in cases:
+            capsys.readouterr()
+            assert run_cli([*argv, "--stage", stage, *extra]) == 2
+            line = one_error_line(capsys.readouterr().err, "train")
+            assert f"own {name} ({theirs!r}), not the {given!r} given" in line and "without --routers" in line, line
+            assert not out.exists()
+    # The routers' own values may be given; left out, the record holds the routers' design, not the defaults.
+    assert run_cli([*argv, "--router", "mlp", "--execute-bias", "3"]) == 0
+    recorded = TrainConfig.load(out / "train_config.yaml")
+    assert (recorded.router, recorded.router_input, recorded.execute_bias) == ("mlp", "layer", 3.0)
+    assert run_cli(["train", "--config", str(out / "train_config.yaml"), "--output", str(tmp_path / "again")]) == 0
+
+
+def test_lora_on_an_lm_head_tied_to_the_input_embedding_is_refused(tmp_path):
+    """Merging (eval) would write the lm_head update into the shared embedding: the evaluated model would not be the
+    trained one. An untied lm_head stays a valid target."""
+    from skipgpt.training.lora import check_lora_targets
+
+    tied = RoutedModel(make_tiny("llama", tie_word_embeddings=True))
+    assert tied.model.lm_head.weight is tied.model.get_input_embeddings().weight
+    cfg = tiny_cfg(tmp_path, stage="joint", lora_targets=["q_proj", "lm_head"])
+    with pytest.raises(ConfigError, match="LoRA target lm_head shares its weight with the input embedding"):
+        train(cfg, routed=tied, data=packed())
+    assert not Path(cfg.output).exists()
+    check_lora_targets(tied.model, ["q_proj"])
+    check_lora_targets(make_tiny("llama"), ["q_proj", "lm_head"])

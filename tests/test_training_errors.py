@@ -37,7 +37,7 @@ def test_lora_targets_matching_no_module_are_refused_before_anything_is_written(
     out = tmp_path / "out"
     # "self" data would sample and cache text under the output folder: the check must come first.
     argv = ["train", "--model", str(tiny_dir / "model"), "--data", "self", "--output", str(out), "--no-progress",
-            "--lora-targets", "q_proj,foo_proj"]
+            "--seq-len", "16", "--lora-targets", "q_proj,foo_proj"]
     assert run_cli([*argv, "--stage", "joint"]) == 2
     err = one_line_error(capsys)
     assert "foo_proj" in err and "q_proj" in err.split("choose from", 1)[1]
@@ -76,7 +76,9 @@ def test_other_bad_input_creates_no_output_folder(tmp_path, tiny_dir, capsys):
         (["--target-sparsity", "1.5"], "target sparsity"),
         (["--data", str(tmp_path / "missing.txt")], "does not exist"),
         (["--data", str(tmp_path / "empty.txt")], "no text found"),
-        (["--seq-len", "512"], "need at least"),
+        (["--val-sequences", "100000"], "need at least"),
+        # the tiny model has 64 positions: the routers would have learned on positions it never saw
+        (["--seq-len", "65"], "seq_len 65 exceeds the model's maximum context of 64 tokens"),
     ]
     for extra, message in cases:
         assert run_cli([*common(tiny_dir, out), *extra]) == 2
@@ -255,3 +257,66 @@ def test_out_of_range_numbers_are_one_line_before_anything_is_written(option, va
         line = one_error_line(capsys.readouterr().err, "train")
         assert option.replace("_", " " if option == "target_sparsity" else "_") in line and len(line) < 300
         assert not out.exists()
+
+
+def test_resume_refuses_a_model_whose_weights_changed(tiny_dir, tmp_path, capsys):
+    """The checkpoint records the base model's fingerprint: the same --model folder holding other weights is refused
+    (before: resumed onto them, compared by path only). Checkpoints from before the record resume unchecked."""
+    from skipgpt.models.adapters import fingerprint
+
+    shutil.copytree(tiny_dir / "model", tmp_path / "model")
+    out = tmp_path / "out"
+    argv = [*common(tiny_dir, out), "--model", str(tmp_path / "model"), "--steps", "2", "--checkpoint-every", "1"]
+    assert run_cli(argv) == 0
+    model, _ = load_model(str(tmp_path / "model"))
+    trained_on = fingerprint(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    model.save_pretrained(tmp_path / "model")
+    before = snapshot(out)
+    capsys.readouterr()
+    assert run_cli([*argv, "--resume"]) == 2
+    line = one_error_line(capsys.readouterr().err, "train", model_loaded=True)
+    assert f"fingerprint {fingerprint(model)}" in line and f"fingerprint {trained_on}" in line
+    assert str(out / CHECKPOINT_NAME) in line and snapshot(out) == before
+    with safe_open(str(out / CHECKPOINT_NAME), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, json.loads(f.metadata()["state"])  # noqa: SIM118
+    del meta["base_fingerprint"]
+    save_file(tensors, str(out / CHECKPOINT_NAME), metadata={"format": "skipgpt-train-state",
+                                                             "state": json.dumps(meta)})
+    assert run_cli([*argv, "--resume"]) == 0
+
+
+@pytest.fixture(scope="module")
+def baselines(tiny_dir, tmp_path_factory) -> Path:
+    """Static and random baseline artifacts for the tiny model (their saved policies never ask the routers)."""
+    from skipgpt.baselines.static import random_routing, static_routed
+
+    root = tmp_path_factory.mktemp("baselines")
+    keep = torch.ones(3, 2, dtype=torch.bool)
+    keep[1] = False
+    save_routers(static_routed(load_model(str(tiny_dir / "model"))[0], keep, "shortgpt", 0.3), root / "shortgpt")
+    save_routers(random_routing(load_model(str(tiny_dir / "model"))[0], 0.2), root / "random")
+    return root
+
+
+@pytest.mark.parametrize("variant", ["shortgpt", "random"])
+def test_routers_of_a_fixed_policy_baseline_are_not_trained(variant, baselines, tiny_dir, tmp_path, capsys):
+    """Before: backward on a loss without grad_fn, a RuntimeError after loading the model and data, with
+    train_config.yaml and train_log.csv left in the output. Stage lora trains LoRA under the baseline's policy."""
+    from skipgpt.errors import ConfigError
+    from skipgpt.training import TrainConfig, train
+
+    out = tmp_path / "out"
+    argv = [*common(tiny_dir, out), "--routers", str(baselines / variant), "--steps", "1", "--checkpoint-every", "0"]
+    for stage in ("router", "joint"):
+        capsys.readouterr()
+        assert run_cli([*argv, "--stage", stage]) == 2
+        line = one_error_line(capsys.readouterr().err, "train")
+        assert f"'{variant}' baseline" in line and f"stage {stage}" in line and "--stage lora" in line
+        assert not out.exists()
+        with pytest.raises(ConfigError, match="never asks its routers"):
+            train(TrainConfig(stage=stage, routers=str(baselines / variant), output=str(out)))
+        assert not out.exists()
+    assert run_cli([*argv, "--stage", "lora"]) == 0

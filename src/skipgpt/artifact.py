@@ -174,13 +174,23 @@ def load_routers(model: nn.Module, directory: str | Path, check: bool = True, lo
 def load_adapter(model: nn.Module, directory: str | Path, merge: bool = True, trainable: bool = False) -> nn.Module:
     """`model` with the PEFT LoRA adapter in `directory`: merged into its weights, or as a PeftModel."""
     directory = check_adapter(directory)
-    _check_lora_weights(model, directory)
+    weights = _check_lora_weights(model, directory, merge)
     from peft import PeftModel  # seconds to import: only commands that meet an adapter pay for it
+    from peft.utils import get_peft_model_state_dict
 
-    try:
+    try:  # TypeError: a config field of the wrong type ("r": null, "lora_alpha": "x")
         peft = PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
+    except (ValueError, OSError, KeyError, RuntimeError, TypeError) as e:
         raise ArtifactError(f"{directory}: cannot load the adapter ({str(e).splitlines()[0]})") from None
+    # PEFT injects the modules its config names (target_modules, layers_to_transform, exclude_modules...) and
+    # loads only the file's weights for those, silently: an edited config would apply the adapter in part.
+    injected = {k for k in get_peft_model_state_dict(peft) if _is_lora_weight(k)}
+    if injected != weights:
+        peft.unload()  # the model as it was given
+        unused, bare = sorted(weights - injected), sorted(injected - weights)
+        what = f"{unused[0]} would not be applied" if unused else f"{bare[0]} is not in the file"
+        raise ArtifactError(f"{directory}: its adapter_config.json applies LoRA to other modules than its weights "
+                            f"adapt ({what}); an edited target_modules, layers_to_transform or exclude_modules?")
     return peft.merge_and_unload() if merge else peft
 
 
@@ -208,21 +218,33 @@ def _adapter_config(directory: Path) -> dict:
     return config
 
 
-def _check_lora_weights(model: nn.Module, directory: Path) -> None:
+def _is_lora_weight(key: str) -> bool:
+    return key.endswith((".lora_A.weight", ".lora_B.weight"))
+
+
+def input_embedding(model: nn.Module) -> torch.Tensor:
+    """The input embedding's weight, which a tied lm_head shares."""
+    return unwrap(model).get_input_embeddings().weight
+
+
+def _check_lora_weights(model: nn.Module, directory: Path, merge: bool) -> set[str]:
     """Each LoRA weight of the adapter against the Linear layer it adapts, before PEFT injects anything (a load
-    that fails after the injection leaves LoRA layers in the caller's model); and no NaN, which would load."""
+    that fails after the injection leaves LoRA layers in the caller's model); and no NaN, which would load.
+    Returns the names of the LoRA A and B weights."""
     path = directory / "adapter_model.safetensors"
     config = _adapter_config(directory)
     rank = None if config.get("rank_pattern") else config.get("r")  # a pattern gives some layers other ranks
     base = unwrap(model)
+    weights = set()
     try:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open has no items(); one tensor in memory at a time
                 value = f.get_tensor(key)
                 _check_weight(path, key, value)
-                name, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
-                if part not in ("A.weight", "B.weight"):
+                if not _is_lora_weight(key):
                     continue  # another PEFT weight (a DoRA magnitude...): PEFT checks it
+                weights.add(key)
+                name, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
                 try:
                     layer = base.get_submodule(name)
                 except AttributeError:
@@ -231,6 +253,10 @@ def _check_lora_weights(model: nn.Module, directory: Path) -> None:
                 layer = getattr(layer, "base_layer", layer)  # a layer PEFT already wraps
                 if not isinstance(layer, nn.Linear):
                     raise ArtifactError(f"{path}: {key} adapts {name}, which is not a Linear layer")
+                if merge and layer.weight is input_embedding(base):  # a tied lm_head
+                    raise ArtifactError(f"{path}: {key} adapts {name}, whose weight is also the input embedding "
+                                        f"(tied): merged, the update would change the embedding too; attach it "
+                                        f"instead (load_routers(..., lora='attach'))")
                 r = rank or value.shape[0 if part == "A.weight" else -1]
                 want = (r, layer.in_features) if part == "A.weight" else (layer.out_features, r)
                 if tuple(value.shape) != want:
@@ -238,6 +264,7 @@ def _check_lora_weights(model: nn.Module, directory: Path) -> None:
                                         f"(an adapter for another model?)")
     except (SafetensorError, OSError) as e:
         raise ArtifactError(f"{path} is corrupt or truncated ({e})") from None
+    return weights
 
 
 def apply_adapter(routed: RoutedModel, directory: str | Path, merge: bool = True) -> RoutedModel:

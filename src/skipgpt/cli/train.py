@@ -21,6 +21,7 @@ from ..errors import ConfigError
 from ..io import check_output
 from ..training import TrainConfig, train
 from ..training.config import read_options
+from ..training.trainer import ROUTER_DESIGN, check_trains_routers
 from .common import add_command, add_field_flag, write_results
 
 
@@ -60,8 +61,18 @@ def given_options(args: argparse.Namespace) -> set[str]:
 
 
 def check_frozen_target(cfg: TrainConfig, given: set[str], routers: SkipConfig) -> None:
-    """Stage lora keeps its frozen routers' target and accounting (calibration, --threshold-gain and the
-    summary use theirs): another one set by the user would be ignored without a word, so it is refused."""
+    """Routers loaded with --routers keep their design (the options for new routers), and stage lora keeps their
+    target and accounting (calibration, --threshold-gain and the summary use theirs): another one set by the user
+    would be ignored without a word, so it is refused."""
+    for name in ROUTER_DESIGN:
+        value, theirs = getattr(cfg, name), getattr(routers, name)
+        if name in given and value != theirs:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"the routers in {cfg.routers} keep their own {name} ({theirs!r}), not the {value!r} "
+                              f"given: leave out {flag} (or give {theirs!r}), or train new routers with {value!r} "
+                              f"without --routers")
+    if cfg.stage != "lora":
+        return
     for name in ("target_sparsity", "accounting"):
         value, theirs = getattr(cfg, name), getattr(routers, name)
         if name in given and value != theirs:
@@ -76,8 +87,8 @@ def run(args: argparse.Namespace) -> int:
     check_output(cfg.output, folder=True)  # before minutes of model loading
     if cfg.routers:
         skip = read_config(cfg.routers)
-        if cfg.stage == "lora":
-            check_frozen_target(cfg, given_options(args), skip)
+        check_trains_routers(cfg, skip, cfg.routers)
+        check_frozen_target(cfg, given_options(args), skip)
     result = train(cfg)
     s = result.summary
     print(f"saved routers to {result.output_dir}" + (" (+ adapter/)" if cfg.trains_lora else ""))

@@ -122,6 +122,17 @@ def check_resume_config(path: Path, config: dict[str, Any], world: int = 1) -> N
                           f"checkpoint; restore them, or start afresh with another --output")
 
 
+def check_resume_base(path: Path, fingerprint: str) -> None:
+    """Refuse to resume onto a base model whose weights (`fingerprint`, models/adapters.py) differ from those the
+    run that wrote `path` trained on. Checkpoints written before the fingerprint was recorded are not checked, as
+    for the process count: refusing them would strand every interrupted run of an older version."""
+    saved = read_metadata(path).get("base_fingerprint")
+    if saved is not None and saved != fingerprint:
+        raise ConfigError(f"{path}: cannot --resume, the model has other weights (fingerprint {fingerprint}) than "
+                          f"the run that wrote this checkpoint (fingerprint {saved}); resume with the original "
+                          f"model, or start afresh with another --output")
+
+
 def _same_file(a: Any, b: Any) -> bool:
     """Two spellings of one existing file or folder."""
     if not (isinstance(a, str) and isinstance(b, str)):

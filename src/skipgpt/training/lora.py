@@ -10,17 +10,24 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..artifact import check_layers
+from ..artifact import check_layers, input_embedding
 from ..errors import ConfigError
 
 
 def check_lora_targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -> None:
-    """Every LoRA target must name Linear layers of `model` (checked before any data is read or written)."""
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+    """Every LoRA target must name Linear layers of `model`, none of them tied to the input embedding (checked
+    before any data is read or written)."""
+    linear = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     missing = [t for t in targets if t not in linear]
     if missing:
         raise ConfigError(f"LoRA targets {missing} match no Linear layer of this model; choose from "
-                          f"{', '.join(linear)} (--lora-targets q_proj,v_proj)")
+                          f"{', '.join(sorted(linear))} (--lora-targets q_proj,v_proj)")
+    # Merging (eval, load_routers) writes the update into the shared weight, so the embedding would change too.
+    tied = [t for t in targets if linear[t].weight is input_embedding(model)]
+    if tied:
+        raise ConfigError(f"LoRA target {tied[0]} shares its weight with the input embedding of this model (tied "
+                          f"word embeddings): merging its update would change the embedding too; leave it out of "
+                          f"--lora-targets")
 
 
 def attach_lora(routed, r: int = 16, alpha: int = 32, dropout: float = 0.1,

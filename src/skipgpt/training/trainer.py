@@ -33,7 +33,9 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from ..artifact import load_routers, read_config, save_routers
+from ..config import SkipConfig
 from ..errors import ConfigError
+from ..evaluation.perplexity import max_length
 from ..io import write_text_atomic
 from ..models.loading import load_model
 from ..models.routed import RoutedModel
@@ -41,6 +43,7 @@ from ..routing.calibrate import calibrate_threshold
 from .checkpoint import (
     CHECKPOINT_NAME,
     check_fresh_start,
+    check_resume_base,
     check_resume_config,
     load_checkpoint,
     routers_digest,
@@ -70,6 +73,11 @@ __all__ = ["FIT_SEQUENCES", "LOG_FIELDS", "LOG_NAME", "TrainResult", "TrainingEr
 LOG_NAME = "train_log.csv"
 LOG_FIELDS = ("step", "loss", "lm_loss", "kd_loss", "reg", "sparsity", "attention", "mlp", "temperature", "noise",
               "lr", "threshold", "tokens_per_s")
+# Baselines whose saved policy (routing/policies.py, from_extra) decides every token without asking the routers,
+# so a loss under it has no gradient for them. MoD-D and coupled routing score tokens with the routers: they train.
+FIXED_POLICIES = ("shortgpt", "static-modules", "random")
+# TrainConfig's design of new routers: routers loaded with --routers keep their own.
+ROUTER_DESIGN = ("router", "router_input", "forecaster_rank", "execute_bias")
 
 
 @dataclass
@@ -93,7 +101,26 @@ def build_routed(cfg: TrainConfig):
         routed = load_routers(model, cfg.routers, lora="none")
     else:
         routed = RoutedModel(model, cfg.skip_config(), name=cfg.model)
+    check_seq_len(cfg, routed)  # before the data is read or sampled
     return routed, tokenizer
+
+
+def check_seq_len(cfg: TrainConfig, routed) -> None:
+    """Refuse training sequences longer than the model's context: past it the routers would learn on positions
+    the model never saw in pre-training, silently."""
+    limit = max_length(routed.model)
+    if limit and cfg.seq_len > limit:
+        raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's maximum context of {limit} tokens")
+
+
+def check_trains_routers(cfg: TrainConfig, routers: SkipConfig, source: str) -> None:
+    """Refuse a stage that trains routers when `routers` is a baseline whose fixed policy never asks them (before:
+    a RuntimeError from backward after loading the model and data). LoRA may train under such a policy."""
+    variant = routers.extra.get("routing")
+    if cfg.trains_routers and variant in FIXED_POLICIES:
+        raise ConfigError(f"{source} is a {variant!r} baseline, whose fixed policy never asks its routers: stage "
+                          f"{cfg.stage} cannot train them; use --stage lora to train LoRA under that policy, or "
+                          f"start from SkipGPT routers")
 
 
 def _setup_parameters(routed, cfg: TrainConfig) -> list[dict]:
@@ -139,11 +166,13 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
     if cfg.routers and output.exists() and output.resolve() == Path(cfg.routers).expanduser().resolve():
         raise ConfigError(f"output {cfg.output} is the routers folder this stage starts from; saving there would "
                           "replace them: give another output folder")
-    if cfg.stage == "lora" and cfg.routers:
-        # Stage lora keeps its frozen routers' target and accounting; its record (train_config.yaml, the
-        # checkpoint) says so, so a rerun from that file asks for what this run did.
+    if cfg.routers:
         frozen = read_config(cfg.routers)
-        cfg = replace(cfg, target_sparsity=frozen.target_sparsity, accounting=frozen.accounting)
+        check_trains_routers(cfg, frozen, cfg.routers)
+        # Loaded routers keep their design, and in stage lora their target and accounting; the run's record
+        # (train_config.yaml, the checkpoint) says so, so a rerun from that file asks for what this run did.
+        kept = ROUTER_DESIGN + (("target_sparsity", "accounting") if cfg.stage == "lora" else ())
+        cfg = replace(cfg, **{name: getattr(frozen, name) for name in kept})
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # the process count, before accelerate starts
     if cfg.resume and ckpt.exists():
         check_resume_config(ckpt, cfg.to_dict(), world=launched)
@@ -156,6 +185,10 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         routed, tokenizer = build_routed(cfg)
     elif data is None and tokenizer is None:
         raise ConfigError("train(cfg, routed=...) needs a tokenizer or pre-packed `data`")
+    check_trains_routers(cfg, routed.config, cfg.routers or "the routed model")  # a baseline built in Python
+    check_seq_len(cfg, routed)
+    if cfg.resume and ckpt.exists():  # the model option may name the same folder or hub name with other weights
+        check_resume_base(ckpt, routed.config.base.fingerprint)
     if cfg.trains_lora and not hasattr(routed.model, "peft_config"):
         check_lora_targets(routed.model, cfg.lora_targets)
     # Under torchrun on a machine without an accelerator, Accelerator() runs every process alone unless told
@@ -244,7 +277,8 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
                 save_checkpoint(ckpt, routed, torch_optimizer, done,
                                 {"history": history, "config": cfg.to_dict(), "threshold": routed.threshold,
                                  "data_sha256": data.digest, "train_seconds": time.perf_counter() - t_start,
-                                 "tokens": tokens_seen, "world": world, "routers_sha256": routers_sha})
+                                 "tokens": tokens_seen, "world": world, "routers_sha256": routers_sha,
+                                 "base_fingerprint": routed.config.base.fingerprint})
     bar.close()
     elapsed = time.perf_counter() - t_start
     summary = _finish(routed, cfg, data, history, elapsed, tokens_seen, accelerator)
