@@ -107,7 +107,8 @@ def test_command_specific_defaults_are_unchanged():
     args = parse("demo")
     assert (args.sparsity, args.steps, args.seq_len, args.sequences, args.distill) == (0.25, 120, 128, 48, 1.0)
     args = parse("analyze")
-    assert (args.seq_len, args.max_windows, args.heatmap_tokens) == (256, 16, 48)
+    # --seq-len: 256, or the model's context if shorter (None here; an explicit longer one is refused)
+    assert (args.seq_len, args.max_windows, args.heatmap_tokens) == (None, 16, 48)
 
 
 def test_compare_flags_default_to_its_settings_and_train_config():

@@ -313,8 +313,8 @@ def test_a_perplexity_text_shorter_than_a_window_is_refused_before_any_task_runs
 
     monkeypatch.setattr(runner, "run_task", must_not_run)
     tasks = {"piqa": str(FIX / "piqa"), "wikitext2": str(FIX / "hf" / "wikitext2")}
-    with pytest.raises(DataError, match=r"wikitext2: the text has \d+ tokens, fewer than one window of 100000"):
-        evaluate(model, tokenizer, tasks, limit=2, seq_len=100000, progress=False)
+    with pytest.raises(DataError, match=r"wikitext2: the text has \d+ tokens, fewer than one window of 256"):
+        evaluate(model, tokenizer, tasks, limit=2, seq_len=256, progress=False)  # the model's whole context
 
 
 def test_evaluate_measures_with_tracking_off_and_keeps_the_callers_meter(model, tokenizer):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from skipgpt.errors import DataError
+from skipgpt.errors import ConfigError, DataError
 from skipgpt.evaluation.tasks import (
     MC_TASKS,
     choices_and_gold,
@@ -271,3 +271,13 @@ def test_paper_metric_is_stated_once():
     row = {"method": "dense", "sparsity": {"param": 0.0, "attention": 0.0, "mlp": 0.0},
            "tasks": {"openbookqa": {"acc": 0.1, "acc_norm": 0.2}, "piqa": {"acc": 0.5}}}
     assert "| openbookqa acc_norm | piqa acc |" in markdown_table([row])
+
+
+@pytest.mark.parametrize("spec", ["piqa=", "wikitext2= "])
+def test_an_empty_task_path_is_refused_not_taken_for_the_hub(spec):
+    # `--task piqa=$D/piqa` with D unset: the hub was tried, and offline that failed only after the model loaded
+    from skipgpt.cli.eval import parse_tasks
+
+    with pytest.raises(ConfigError, match=f"--task {spec}: the path after = is empty"):
+        parse_tasks([spec])
+    assert parse_tasks([spec.split("=")[0]]) == {spec.split("=")[0]: None}

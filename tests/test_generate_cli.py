@@ -218,3 +218,22 @@ def test_bench_runs_up_to_the_models_context(model_dir, tmp_path):
     argv = ["bench", "--model", model_dir, "--device", "cpu", "--seq-len", "62", "--decode-tokens", "2",
             "--batch-size", "1", "--repeats", "1", "--output", str(tmp_path / "bench.json")]
     assert run_cli(argv) == 0
+
+
+@pytest.mark.parametrize("command", ["eval", "analyze"])
+def test_windows_past_the_models_context_are_refused(model_dir, varied_dir, command, tmp_path, capsys):
+    # the tiny model has 64 positions: a 65-token window scored (or routed) its last position outside the RoPE
+    # range, silently
+    text = tmp_path / "text.txt"
+    text.write_text("the old king walked down to the water and looked at the river\n" * 100)
+    out = tmp_path / "out"
+    flags = {"eval": ["--task", f"wikitext2={text}", "--output", str(out)],
+             "analyze": ["--text", str(text), "--output", str(out)]}[command]
+    for seq_len, code in ((65, 2), (64, 0)):
+        argv = [command, "--model", model_dir, "--routers", varied_dir, "--seq-len", str(seq_len), *flags]
+        assert run_cli(argv) == code
+        if code == 2:
+            line = one_error_line(capsys.readouterr().err, command, model_loaded=True)
+            assert line.endswith("65 tokens exceed the model's maximum context of 64 tokens" if command == "analyze"
+                                 else "seq_len 65 exceeds the model's maximum context of 64 tokens"), line
+            assert not out.exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import skipgpt
-from skipgpt.inference.bench import measure_speed
+from skipgpt.inference.bench import measure_speed, random_ids
 from skipgpt.routing import policies
 
 from conftest import make_tiny
@@ -137,3 +137,16 @@ def test_timed_rounds_leave_the_sparsity_meter_alone(monkeypatch):
     assert len(passes) == 2 * (1 + 3)  # the masked and sparse warm-up: one prefill and 3 decode steps each
     assert 0 < r["sparsity"]["param"] < 1 and 0 < r["decode_sparsity"]["param"] < 1
     assert not routed.track and routed.sparsity().tokens == before == 4  # the caller's setting and meter
+
+
+def test_random_ids_stay_below_the_embedding_rows():
+    # a tokenizer may count more tokens than the model embeds (added tokens without resized embeddings): ids from
+    # its length alone would index past the embedding, a traceback in the middle of `skipgpt bench`
+    model = make_tiny("llama")
+    rows = model.get_input_embeddings().num_embeddings
+    ids = random_ids(model, 100 * rows, batch_size=4, seq_len=256, seed=0)
+    assert ids.shape == (4, 256) and int(ids.max()) < rows and int(ids.max()) > rows // 2
+    assert torch.equal(ids, random_ids(model, 100 * rows, batch_size=4, seq_len=256, seed=0))
+    assert int(random_ids(model, 10, batch_size=4, seq_len=256, seed=0).max()) < 10
+    r = measure_speed(skipgpt.RoutedModel(model), 100 * rows, seq_len=8, batch_size=1, decode_tokens=1, repeats=1)
+    assert r["prefill"]["sparse_tok_s"] > 0

@@ -15,10 +15,19 @@ from pathlib import Path
 
 from ..artifact import load_routers, read_config
 from ..errors import DataError
+from ..evaluation.perplexity import max_length
 from ..evaluation.tasks import read_text
 from ..io import check_output
 from ..models.loading import load_model
-from .common import add_command, add_model_flags, add_output, add_routers, int_at_least, positive_int
+from .common import (
+    add_command,
+    add_model_flags,
+    add_output,
+    add_routers,
+    check_context,
+    int_at_least,
+    positive_int,
+)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -30,7 +39,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                 "a LoRA adapter inside it is loaded too", required=True)
     p.add_argument("--text", required=True, help="UTF-8 text file to route (a few thousand tokens is plenty)")
     add_output(p, "directory for the PNG and CSV files (created if missing)", required=True)
-    p.add_argument("--seq-len", type=int_at_least(2), default=256, help="tokens per window (default %(default)s)")
+    p.add_argument("--seq-len", type=int_at_least(2), help="tokens per window (default 256, or the model's maximum "
+                   "context if shorter)")
     p.add_argument("--max-windows", type=positive_int, default=16, help="at most this many windows of the text "
                    "(default %(default)s)")
     p.add_argument("--heatmap-tokens", type=positive_int, default=48, help="tokens shown in the decision heatmap "
@@ -53,7 +63,10 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model)
     routed = load_routers(model, args.routers)
-    paths = write_analysis(routed, tokenizer, text, args.output, seq_len=args.seq_len,
+    if args.seq_len:
+        check_context(model, args.seq_len, f"windows of --seq-len {args.seq_len} tokens")
+    seq_len = args.seq_len or min(256, max_length(model) or 256)
+    paths = write_analysis(routed, tokenizer, text, args.output, seq_len=seq_len,
                            max_windows=args.max_windows, heatmap_tokens=args.heatmap_tokens)
     for path in paths:
         print(path)

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from ..artifact import load_routers, read_config
 from ..errors import ConfigError
-from ..inference.bench import measure_speed_batches
+from ..inference.bench import measure_speed_batches, random_ids
 from ..io import check_output
 from ..models.loading import load_model
 from ..models.routed import RoutedModel
@@ -66,7 +64,6 @@ def run(args: argparse.Namespace) -> int:
     if args.routers:
         read_config(args.routers)
     options = model_options(args)
-    device = options["device"]
     model, tokenizer = load_model(args.model, **options)
     routed = load_routers(model, args.routers) if args.routers else RoutedModel(model, name=args.model)
     check_context(model, args.seq_len + args.decode_tokens,
@@ -77,8 +74,7 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--sparsity sets a router threshold, but {args.routers} is a "
                               f"{routed.config.extra.get('routing')} baseline with a fixed policy; drop --sparsity")
         if target is not None:
-            g = torch.Generator().manual_seed(1)
-            ids = torch.randint(0, len(tokenizer), (args.batch_size, args.seq_len), generator=g).to(device)
+            ids = random_ids(model, tokenizer, args.batch_size, args.seq_len, seed=1)
             calibrate_threshold(routed, [{"input_ids": ids}], target)
         target = None  # the routers decide
     else:

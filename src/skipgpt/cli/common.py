@@ -267,8 +267,11 @@ def parse_tasks(specs: list[str]) -> dict[str, str | None]:
     a malformed item fails here, before a model loads."""
     tasks: dict[str, str | None] = {}
     for spec in specs:
-        name, _, path = spec.partition("=")
+        name, eq, path = spec.partition("=")
         name = name.strip()
+        if eq and not path.strip():  # without a path the task comes from the hub: a slip must not mean that
+            raise ConfigError(f"--task {spec}: the path after = is empty; give the data's path, or --task {name} "
+                              "alone for the Hugging Face hub")
         if name not in TASKS:
             raise ConfigError(f"--task {spec}: unknown task {name!r}; known tasks: {' '.join(TASKS)}")
         if name in tasks:

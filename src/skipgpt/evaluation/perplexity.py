@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
@@ -36,10 +36,13 @@ def max_length(model) -> int | None:
 
 
 def default_seq_len(model, wanted: int | None = None) -> int:
-    """--seq-len, else 2048 capped by the model's maximum context."""
-    if wanted:
-        return int(wanted)
+    """--seq-len, else 2048 capped by the model's maximum context. A window past that context would score
+    positions the model was never trained on (a wrong perplexity, silently): refused."""
     limit = max_length(model)
+    if wanted:
+        if limit and wanted > limit:
+            raise ConfigError(f"seq_len {wanted} exceeds the model's maximum context of {limit} tokens")
+        return int(wanted)
     return min(2048, limit) if limit else 2048
 
 
@@ -51,6 +54,12 @@ def context_buckets(seq_len: int) -> list[tuple[int, int]]:
         edges.append(edges[-1] * 4)
     edges.append(seq_len)
     return list(zip(edges[:-1], edges[1:]))
+
+
+def check_one_window(input_ids: torch.Tensor, seq_len: int, what: str = "the text") -> None:
+    """DataError unless the ids fill at least one window of seq_len tokens."""
+    if input_ids.numel() < seq_len:
+        raise DataError(f"{what} has {input_ids.numel()} tokens, fewer than one window of {seq_len}")
 
 
 @torch.no_grad()
@@ -73,7 +82,8 @@ def perplexity(
     if limit is not None:
         windows = min(windows, int(limit))
     if windows < 1:
-        raise DataError(f"the text has {input_ids.numel()} tokens, fewer than one window of {seq_len}")
+        check_one_window(input_ids, seq_len)
+        raise ValueError(f"limit must be at least 1 window, got {limit}")
     device = next(model.parameters()).device
     chunks = input_ids[: windows * seq_len].view(windows, seq_len)
     buckets = context_buckets(seq_len)

@@ -12,7 +12,7 @@ from ..errors import DataError
 from ..models.routed import RoutedModel
 from . import tasks as task_data
 from .harness import SkipGPTLM, build_task, run_task
-from .perplexity import default_seq_len, perplexity, tokenize_text
+from .perplexity import check_one_window, default_seq_len, perplexity, tokenize_text
 
 COLUMNS = ("task", "n", "acc", "acc_norm", "ppl", "tokens", "seq_len", "param", "attention", "mlp")
 
@@ -34,8 +34,7 @@ def _perplexity_ids(name: str, path: str | None, tokenizer, seq_len: int) -> tor
     """The task's text as token ids, refused if shorter than one window."""
     text = task_data.load_perplexity_text(name, path) if path else _hub_text(name)
     ids = tokenize_text(tokenizer, text)
-    if ids.numel() < seq_len:
-        raise DataError(f"{name}: the text has {ids.numel()} tokens, fewer than one window of {seq_len}")
+    check_one_window(ids, seq_len, f"{name}: the text")
     return ids
 
 

@@ -48,6 +48,15 @@ def skip_fraction_policy(num_layers: int, fraction: float, seed: int = 0) -> pol
     return policies.random(torch.full((num_layers, 2), float(fraction)), seed=seed)
 
 
+def random_ids(model: torch.nn.Module, tokenizer_or_vocab, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
+    """(batch_size, seq_len) random token ids on the model's device, below both the vocabulary size (a tokenizer's
+    or an int) and the embedding's row count (a tokenizer may count more tokens than the model embeds)."""
+    vocab = tokenizer_or_vocab if isinstance(tokenizer_or_vocab, int) else len(tokenizer_or_vocab)
+    vocab = min(vocab, unwrap(model).get_input_embeddings().num_embeddings)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(next(model.parameters()).device)
+
+
 def _variant(routed, variant: str, policy: policies.Policy | None):
     """Run the wrapped model as `variant` under `policy` (None: the routers, or the caller's forced policy)."""
     if variant == "dense":
@@ -112,11 +121,9 @@ def measure_speed(
                         random (the stand-in for untrained routers; 0 = routers, all execute).
     Returns the JSON-able dict of `skipgpt bench` (speedup = median over rounds of dense time / sparse time).
     """
-    vocab = tokenizer_or_vocab if isinstance(tokenizer_or_vocab, int) else len(tokenizer_or_vocab)
     hf = unwrap(routed.model)
-    device = next(hf.parameters()).device
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=g).to(device)
+    ids = random_ids(hf, tokenizer_or_vocab, batch_size, seq_len, seed)
+    device = ids.device
     layers = len(routed.layers)
     head_flops = 2.0 * hf.config.hidden_size * hf.get_output_embeddings().weight.shape[0]
 
