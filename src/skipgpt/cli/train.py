@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..io import check_output
 from ..training import TrainConfig, train
 from ..training.config import read_options
-from ..training.trainer import ROUTER_DESIGN, check_trains_routers
+from ..training.trainer import ROUTER_DESIGN, check_trains_routers, frozen_options
 from .common import add_command, add_field_flag, write_results
 
 
@@ -61,25 +61,17 @@ def given_options(args: argparse.Namespace) -> set[str]:
 
 
 def check_frozen_target(cfg: TrainConfig, given: set[str], routers: SkipConfig) -> None:
-    """Routers loaded with --routers keep their design (the options for new routers), and stage lora keeps their
-    target and accounting (calibration, --threshold-gain and the summary use theirs): another one set by the user
-    would be ignored without a word, so it is refused."""
-    for name in ROUTER_DESIGN:
+    """Routers loaded with --routers keep their design, and in stage lora their target and accounting (calibration,
+    --threshold-gain and the summary use theirs): another value set by the user would be ignored without a word, so
+    it is refused."""
+    for name in frozen_options(cfg.stage):
         value, theirs = getattr(cfg, name), getattr(routers, name)
         if name in given and value != theirs:
             flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"the routers in {cfg.routers} keep their own {name} ({theirs!r}), not the {value!r} "
-                              f"given: leave out {flag} (or give {theirs!r}), or train new routers with {value!r} "
-                              f"without --routers")
-    if cfg.stage != "lora":
-        return
-    for name in ("target_sparsity", "accounting"):
-        value, theirs = getattr(cfg, name), getattr(routers, name)
-        if name in given and value != theirs:
-            flag = "--" + name.replace("_", "-")
-            raise ConfigError(f"stage lora keeps the {name} of its frozen routers ({theirs!r} in {cfg.routers}), "
-                              f"not the {value!r} given: leave out {flag} (or give {theirs!r}), or tune routers "
-                              f"for {value!r} first with --stage router")
+            instead = ("train new routers with it without --routers" if name in ROUTER_DESIGN
+                       else "tune routers for it first with --stage router")
+            raise ConfigError(f"the routers in {cfg.routers} keep their own {name} ({theirs!r}), not the "
+                              f"{value!r} given: leave out {flag} (or give {theirs!r}), or {instead}")
 
 
 def run(args: argparse.Namespace) -> int:

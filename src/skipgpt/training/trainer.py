@@ -113,6 +113,12 @@ def check_seq_len(cfg: TrainConfig, routed) -> None:
         raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's maximum context of {limit} tokens")
 
 
+def frozen_options(stage: str) -> tuple[str, ...]:
+    """The TrainConfig fields that routers loaded with --routers keep: their design, and in stage lora (routers
+    frozen) their target and accounting too."""
+    return ROUTER_DESIGN + (("target_sparsity", "accounting") if stage == "lora" else ())
+
+
 def check_trains_routers(cfg: TrainConfig, routers: SkipConfig, source: str) -> None:
     """Refuse a stage that trains routers when `routers` is a baseline whose fixed policy never asks them (before:
     a RuntimeError from backward after loading the model and data). LoRA may train under such a policy."""
@@ -171,8 +177,7 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         check_trains_routers(cfg, frozen, cfg.routers)
         # Loaded routers keep their design, and in stage lora their target and accounting; the run's record
         # (train_config.yaml, the checkpoint) says so, so a rerun from that file asks for what this run did.
-        kept = ROUTER_DESIGN + (("target_sparsity", "accounting") if cfg.stage == "lora" else ())
-        cfg = replace(cfg, **{name: getattr(frozen, name) for name in kept})
+        cfg = replace(cfg, **{name: getattr(frozen, name) for name in frozen_options(cfg.stage)})
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # the process count, before accelerate starts
     if cfg.resume and ckpt.exists():
         check_resume_config(ckpt, cfg.to_dict(), world=launched)
