@@ -234,6 +234,5 @@ def test_windows_past_the_models_context_are_refused(model_dir, varied_dir, comm
         assert run_cli(argv) == code
         if code == 2:
             line = one_error_line(capsys.readouterr().err, command, model_loaded=True)
-            assert line.endswith("65 tokens exceed the model's maximum context of 64 tokens" if command == "analyze"
-                                 else "seq_len 65 exceeds the model's maximum context of 64 tokens"), line
+            assert line.endswith("windows of 65 tokens exceed the model's maximum context of 64 tokens"), line
             assert not out.exists()

@@ -78,7 +78,7 @@ def test_other_bad_input_creates_no_output_folder(tmp_path, tiny_dir, capsys):
         (["--data", str(tmp_path / "empty.txt")], "no text found"),
         (["--val-sequences", "100000"], "need at least"),
         # the tiny model has 64 positions: the routers would have learned on positions it never saw
-        (["--seq-len", "65"], "seq_len 65 exceeds the model's maximum context of 64 tokens"),
+        (["--seq-len", "65"], "training sequences of 65 tokens exceed the model's maximum context of 64 tokens"),
     ]
     for extra, message in cases:
         assert run_cli([*common(tiny_dir, out), *extra]) == 2

@@ -15,19 +15,11 @@ from pathlib import Path
 
 from ..artifact import load_routers, read_config
 from ..errors import DataError
-from ..evaluation.perplexity import max_length
+from ..evaluation.perplexity import default_seq_len
 from ..evaluation.tasks import read_text
 from ..io import check_output
 from ..models.loading import load_model
-from .common import (
-    add_command,
-    add_model_flags,
-    add_output,
-    add_routers,
-    check_context,
-    int_at_least,
-    positive_int,
-)
+from .common import add_command, add_model_flags, add_output, add_routers, int_at_least, positive_int
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -63,10 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_model(args.model)
     routed = load_routers(model, args.routers)
-    if args.seq_len:
-        check_context(model, args.seq_len, f"windows of --seq-len {args.seq_len} tokens")
-    seq_len = args.seq_len or min(256, max_length(model) or 256)
-    paths = write_analysis(routed, tokenizer, text, args.output, seq_len=seq_len,
+    paths = write_analysis(routed, tokenizer, text, args.output, seq_len=default_seq_len(model, args.seq_len, 256),
                            max_windows=args.max_windows, heatmap_tokens=args.heatmap_tokens)
     for path in paths:
         print(path)

@@ -17,6 +17,7 @@ import argparse
 
 from ..artifact import load_routers, read_config
 from ..errors import ConfigError
+from ..evaluation.perplexity import check_context
 from ..inference.bench import measure_speed_batches, random_ids
 from ..io import check_output
 from ..models.loading import load_model
@@ -28,7 +29,6 @@ from .common import (
     add_model_flags,
     add_output,
     add_routers,
-    check_context,
     model_options,
     positive_int,
     sparsity,

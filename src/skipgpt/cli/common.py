@@ -30,7 +30,6 @@ import torch
 
 from ..config import check_sparsity
 from ..errors import ConfigError
-from ..evaluation.perplexity import max_length
 from ..evaluation.tasks import PPL_TASKS, TASKS, load_perplexity_text, load_task
 from ..io import write_json_atomic
 from ..training.config import TrainConfig
@@ -284,14 +283,6 @@ def parse_tasks(specs: list[str]) -> dict[str, str | None]:
                 load_task(name, path)
         tasks[name] = path or None
     return tasks
-
-
-def check_context(model, positions: int, what: str) -> None:
-    """ConfigError unless `positions` fit the model's maximum context (none known: no check). Past it the
-    positions leave the range the model was trained on: wrong text, silently, or memory runs out."""
-    limit = max_length(model)
-    if limit and positions > limit:
-        raise ConfigError(f"{what} exceed the model's maximum context of {limit} tokens")
 
 
 def write_results(path: str, results: Any) -> None:

@@ -19,10 +19,11 @@ from pathlib import Path
 
 from ..artifact import ADAPTER_DIR, load_routers, read_config
 from ..errors import ConfigError
+from ..evaluation.perplexity import check_context
 from ..inference.generate import generate, prompt_ids
 from ..models.loading import load_model
 from ..routing.sparsity import report
-from .common import add_command, add_model_flags, add_routers, check_context, model_options, positive_int
+from .common import add_command, add_model_flags, add_routers, model_options, positive_int
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

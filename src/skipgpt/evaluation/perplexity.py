@@ -35,15 +35,21 @@ def max_length(model) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def default_seq_len(model, wanted: int | None = None) -> int:
-    """--seq-len, else 2048 capped by the model's maximum context. A window past that context would score
-    positions the model was never trained on (a wrong perplexity, silently): refused."""
+def check_context(model, positions: int, what: str) -> None:
+    """ConfigError unless `positions` fit the model's maximum context (none known: no check). Past it the
+    positions leave the range the model was trained on: wrong numbers, silently, or memory runs out."""
     limit = max_length(model)
+    if limit and positions > limit:
+        raise ConfigError(f"{what} exceed the model's maximum context of {limit} tokens")
+
+
+def default_seq_len(model, wanted: int | None = None, default: int = 2048) -> int:
+    """The window length: `wanted` (refused past the model's maximum context), else `default` capped by it."""
     if wanted:
-        if limit and wanted > limit:
-            raise ConfigError(f"seq_len {wanted} exceeds the model's maximum context of {limit} tokens")
+        check_context(model, wanted, f"windows of {wanted} tokens")
         return int(wanted)
-    return min(2048, limit) if limit else 2048
+    limit = max_length(model)
+    return min(default, limit) if limit else default
 
 
 def context_buckets(seq_len: int) -> list[tuple[int, int]]:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from ..artifact import load_routers, read_config, save_routers
 from ..config import SkipConfig
 from ..errors import ConfigError
-from ..evaluation.perplexity import max_length
+from ..evaluation.perplexity import check_context
 from ..io import write_text_atomic
 from ..models.loading import load_model
 from ..models.routed import RoutedModel
@@ -101,16 +101,9 @@ def build_routed(cfg: TrainConfig):
         routed = load_routers(model, cfg.routers, lora="none")
     else:
         routed = RoutedModel(model, cfg.skip_config(), name=cfg.model)
-    check_seq_len(cfg, routed)  # before the data is read or sampled
+    # before the data is read or sampled: past the context the routers would learn on positions never seen
+    check_context(routed.model, cfg.seq_len, f"training sequences of {cfg.seq_len} tokens")
     return routed, tokenizer
-
-
-def check_seq_len(cfg: TrainConfig, routed) -> None:
-    """Refuse training sequences longer than the model's context: past it the routers would learn on positions
-    the model never saw in pre-training, silently."""
-    limit = max_length(routed.model)
-    if limit and cfg.seq_len > limit:
-        raise ConfigError(f"seq_len {cfg.seq_len} exceeds the model's maximum context of {limit} tokens")
 
 
 def frozen_options(stage: str) -> tuple[str, ...]:
@@ -187,11 +180,12 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
     if data is None and cfg.data != "self":
         data_files(cfg.data)
     if routed is None:
-        routed, tokenizer = build_routed(cfg)
-    elif data is None and tokenizer is None:
-        raise ConfigError("train(cfg, routed=...) needs a tokenizer or pre-packed `data`")
+        routed, tokenizer = build_routed(cfg)  # with its check of the sequence length
+    else:
+        if data is None and tokenizer is None:
+            raise ConfigError("train(cfg, routed=...) needs a tokenizer or pre-packed `data`")
+        check_context(routed.model, cfg.seq_len, f"training sequences of {cfg.seq_len} tokens")
     check_trains_routers(cfg, routed.config, cfg.routers or "the routed model")  # a baseline built in Python
-    check_seq_len(cfg, routed)
     if cfg.resume and ckpt.exists():  # the model option may name the same folder or hub name with other weights
         check_resume_base(ckpt, routed.config.base.fingerprint)
     if cfg.trains_lora and not hasattr(routed.model, "peft_config"):
