@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..io import check_output
 from ..training import TrainConfig, train
 from ..training.config import read_options
-from ..training.trainer import ROUTER_DESIGN, check_trains_routers, frozen_options
+from ..training.trainer import ROUTER_DESIGN, frozen_options
 from .common import add_command, add_field_flag, write_results
 
 
@@ -79,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
     check_output(cfg.output, folder=True)  # before minutes of model loading
     if cfg.routers:
         skip = read_config(cfg.routers)
-        check_trains_routers(cfg, skip, cfg.routers)
         check_frozen_target(cfg, given_options(args), skip)
     result = train(cfg)
     s = result.summary

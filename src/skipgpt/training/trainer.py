@@ -181,11 +181,11 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         data_files(cfg.data)
     if routed is None:
         routed, tokenizer = build_routed(cfg)  # with its check of the sequence length
-    else:
+    else:  # a model the caller built: a baseline made in Python, say
         if data is None and tokenizer is None:
             raise ConfigError("train(cfg, routed=...) needs a tokenizer or pre-packed `data`")
         check_context(routed.model, cfg.seq_len, f"training sequences of {cfg.seq_len} tokens")
-    check_trains_routers(cfg, routed.config, cfg.routers or "the routed model")  # a baseline built in Python
+        check_trains_routers(cfg, routed.config, cfg.routers or "the routed model")
     if cfg.resume and ckpt.exists():  # the model option may name the same folder or hub name with other weights
         check_resume_base(ckpt, routed.config.base.fingerprint)
     if cfg.trains_lora and not hasattr(routed.model, "peft_config"):
