@@ -35,6 +35,10 @@ class _Loader(importlib.abc.Loader):
         self.inner.exec_module(module)
         _register()
 
+    def __getattr__(self, name):
+        # everything else (resource readers, get_data, is_package, ...) is the real loader's
+        return getattr(self.inner, name)
+
 
 class _Finder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):

@@ -467,19 +467,45 @@ def test_decisions_follow_a_replaced_router():
         assert not routed.decisions()[1, 0].any()
 
 
-def test_sparse_mode_returns_the_attention_weights_asked_for():
+@pytest.mark.parametrize("asked_in", ["call", "config"])
+def test_sparse_mode_returns_the_attention_weights_asked_for(asked_in):
     model = make_tiny("llama")
     model.config._attn_implementation = "eager"
+    ask = {"output_attentions": True}
+    if asked_in == "config":  # what from_pretrained(..., output_attentions=True) sets; no layer sees a kwarg
+        model.config.output_attentions, ask = True, {}
     routed = _varied(RoutedModel(model))
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        masked = routed(input_ids=ids, output_attentions=True)
+        masked = routed(input_ids=ids, **ask)
         with routed.mode_as("sparse"):
-            sparse = routed(input_ids=ids, output_attentions=True)
+            sparse = routed(input_ids=ids, **ask)
     assert len(sparse.attentions) == len(masked.attentions) == 3
     for a, b in zip(sparse.attentions, masked.attentions):
         torch.testing.assert_close(a, b)
     torch.testing.assert_close(sparse.logits, masked.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_folds_follow_a_fused_optimizer_step_after_a_train_eval_switch():
+    # a fused step writes the weights without bumping their version counter, which the fold cache keys on
+    routed = _varied(RoutedModel(make_tiny("llama")))
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    routed.eval()
+    with torch.no_grad():
+        routed(input_ids=ids)
+    before = routed.decisions().clone()
+    routed.train()
+    optimizer = torch.optim.AdamW(routed.routers.parameters(), lr=1.0, fused=True)
+    for p in routed.routers.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    routed.eval()
+    with torch.no_grad():
+        routed(input_ids=ids)
+        cached = routed.decisions().clone()
+        routed.routers._folds_key = None  # what a fresh cache decides
+        routed(input_ids=ids)
+    assert torch.equal(cached, routed.decisions()) and not torch.equal(before, cached)
 
 
 def test_an_interrupted_calibration_keeps_the_callers_threshold(monkeypatch):

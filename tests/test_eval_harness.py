@@ -482,8 +482,14 @@ def test_plain_lm_eval_finds_the_skipgpt_model_in_a_fresh_interpreter(tmp_path):
         "from lm_eval.api.registry import get_model\n"
         "cls = get_model('skipgpt')\n"
         f"lm = cls.create_from_arg_string('pretrained={tmp_path / 'm'},routers={tmp_path / 'r'},mode=sparse', {{}})\n"
-        "print(heavy, cls.__module__, type(lm.routed).__name__, lm.routed.mode, get_model('hf').__name__)\n"
+        "import importlib.resources\n"  # the watched package keeps its loader's other services
+        "found = importlib.resources.files('lm_eval.models').joinpath('huggingface.py').is_file()\n"
+        "print(heavy, cls.__module__, type(lm.routed).__name__, lm.routed.mode, get_model('hf').__name__, found)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-5:] == ["[]", "skipgpt.evaluation.harness", "RoutedModel", "sparse", "HFLM"]
+    assert out.stdout.split()[-6:] == ["[]", "skipgpt.evaluation.harness", "RoutedModel", "sparse", "HFLM", "True"]
+    # the documented `python -m skipgpt.evaluation.harness`: the script copy must not register a second class
+    out = subprocess.run([sys.executable, "-m", "skipgpt.evaluation.harness", "--help"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "--model" in out.stdout, out.stderr[-2000:]

@@ -412,3 +412,13 @@ def test_11_analyze_names_a_text_that_is_not_a_regular_file(tmp_path, tiny_dir, 
     line = fails(capfd, ["analyze", "--model", str(tiny_dir / "model"), "--routers", str(routers), "--text",
                          "/dev/null", "--output", str(tmp_path / "figs")])
     assert "/dev/null is not a regular file" in line and not (tmp_path / "figs").exists()
+
+
+def test_11_an_empty_data_source_is_refused_not_read_as_the_working_folder(tmp_path, tiny_dir, capfd, monkeypatch):
+    # `--data "$DATA"` with DATA unset: Path("") is ".", whose text files would become the training data
+    shutil.copy(tiny_dir / "text.txt", tmp_path / "notes.txt")
+    monkeypatch.chdir(tmp_path)
+    for source in ("", "  "):
+        line = fails(capfd, ["train", "--model", str(tiny_dir / "model"), "--data", source, "--output", "out",
+                             "--steps", "1", *TRAIN], model_loaded=True)
+        assert "data source is empty" in line and not (tmp_path / "out").exists()

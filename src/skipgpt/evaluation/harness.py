@@ -96,7 +96,6 @@ def _device(device: str | None) -> str | None:
     return device
 
 
-@register_model("skipgpt")
 class SkipGPTLM(HFLM):
     """HFLM over a SkipGPT model. model_args: pretrained, routers, lora, mode (masked|sparse), dtype, device,
     and the HFLM options in HFLM_OPTIONS."""
@@ -213,4 +212,10 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m`, this file is a second copy named __main__; the registry keeps the entry for the class
+    # of the real module (the lazy one the .pth shim adds names it), so the command line runs from there.
+    from skipgpt.evaluation.harness import main as harness_main
+
+    harness_main()
+else:
+    register_model("skipgpt")(SkipGPTLM)

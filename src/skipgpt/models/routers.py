@@ -116,11 +116,16 @@ class RouterBank(nn.Module):
     def get(self, layer: int, kind: str) -> Router:
         return (self.attn if kind == "attn" else self.mlp)[layer]
 
+    def train(self, mode: bool = True) -> RouterBank:
+        self._folds_key = None  # rebuild the folds: weights may have changed without a version bump
+        return super().train(mode)
+
     def folds(self, threshold: float = 0.0) -> list[list[Fold]]:
         """Every router's fold for `threshold`, [layer][kind], rebuilt only when a weight changed (an
         optimizer step, a load, an in-place edit, a reassignment of a weight or of a whole router) or the
-        threshold did since the last call; read once per inference forward pass. An edit through `.data`
-        bypasses the version counter this keys on: edit router weights under torch.no_grad() instead."""
+        threshold did since the last call; read once per inference forward pass. An edit through `.data`,
+        or a fused optimizer step, bypasses the version counter this keys on: such an edit is picked up at
+        the next train() / eval() switch."""
         routers = (*self.attn, *self.mlp)
         if routers != self._routers:  # a router module replaced: its parameters are other objects
             self._routers = routers

@@ -109,6 +109,15 @@ def supports_sparse_attention(parts: LayerParts, attention_mask) -> bool:
     return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
 
 
+def _weights_asked(parts: LayerParts, kwargs: dict) -> bool:
+    """Whether this forward records attention weights: HF's collector reads the call's output_attentions,
+    else the model config's (from_pretrained(..., output_attentions=True) reaches no layer as a kwarg)."""
+    asked = kwargs.get("output_attentions")
+    if asked is None:
+        asked = getattr(getattr(parts.attn, "config", None), "output_attentions", False)
+    return bool(asked)
+
+
 def sparse_attention(parts: LayerParts, x: torch.Tensor, execute: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """x plus the attention output of the tokens whose bool gate execute (B, T) is True; keys and values of
     all tokens."""
@@ -118,7 +127,7 @@ def sparse_attention(parts: LayerParts, x: torch.Tensor, execute: torch.Tensor, 
     mask = kwargs.get("attention_mask")
     if count == batch * seq:
         return x + run_attention(parts, parts.attn_norm(x), kwargs)
-    if (seq == 1 and count > 0) or kwargs.get("output_attentions") or not supports_sparse_attention(parts, mask):
+    if (seq == 1 and count > 0) or _weights_asked(parts, kwargs) or not supports_sparse_attention(parts, mask):
         # Decode with rows that disagree: the projections read the weights once for all rows, and the
         # attention product over the cache is per row anyway, so every row runs and the gate drops the
         # idle ones' output (exact, and no gather of queries, cos/sin and mask rows). Attention weights

@@ -82,6 +82,9 @@ def _read_parquet(path: Path, field: str) -> list[str]:
 
 def data_files(source: str) -> list[Path] | None:
     """The local files behind `source` (None: a Hugging Face dataset name); fails fast on a bad path."""
+    if not source.strip():
+        # Path("") is the working directory: an unset shell variable would train on whatever lies there
+        raise DataError("the data source is empty: give a file, a folder, a dataset name or 'self'")
     path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())

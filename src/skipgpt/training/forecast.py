@@ -50,12 +50,15 @@ class Moments:
         self.rows = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        # The moments live on the CPU: move the rows there before joining them with the CPU column of ones
-        # (a model on a GPU hands over GPU rows).
-        x, y = x.cpu().double(), y.cpu().double()
-        x1 = torch.cat([x, torch.ones(x.shape[0], 1, dtype=torch.float64)], dim=1)
-        self.xx += x1.T @ x1
-        self.xy += x1.T @ y
+        # The products are formed where the rows are and summed on the CPU: at hidden size 4,096 one CPU
+        # core takes 1.6 s per 512 rows and module, hours for a 7B model's fit, which a GPU does in
+        # milliseconds. MPS has no float64, so its rows come to the CPU first.
+        if x.device.type == "mps":
+            x, y = x.cpu(), y.cpu()
+        x, y = x.double(), y.double()
+        x1 = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
+        self.xx += (x1.T @ x1).cpu()
+        self.xy += (x1.T @ y).cpu()
         self.rows += x.shape[0]
 
 
