@@ -83,6 +83,22 @@ def test_corrupt_config(saved):
         load_routers(make_tiny("llama"), path)
 
 
+@pytest.mark.parametrize("key, raw, message", [
+    ("threshold", "1" + "0" * 400, "threshold must be a finite number.*got an integer too large"),
+    ("target_sparsity", "1" + "0" * 400, "target sparsity must be a number, got an integer too large"),
+    ("execute_bias", "9" * 5000, "not valid JSON"),  # past Python's 4,300-digit limit: json.loads' ValueError
+    ("target_sparsity", "false", "target sparsity must be a number, got False"),
+    ("base", "[]", "'base' must be a JSON object"),
+])
+def test_config_values_that_are_no_numbers_or_objects_are_artifact_errors(saved, key, raw, message):
+    path = saved[0]
+    cfg = json.loads((path / CONFIG_NAME).read_text())
+    cfg[key] = "PLACEHOLDER"
+    (path / CONFIG_NAME).write_text(json.dumps(cfg).replace('"PLACEHOLDER"', raw))
+    with pytest.raises(ArtifactError, match=message):
+        load_routers(make_tiny("llama"), path)
+
+
 def test_config_from_a_newer_format(saved):
     path = saved[0]
     cfg = json.loads((path / CONFIG_NAME).read_text())

@@ -211,7 +211,7 @@ def _adapter_config(directory: Path) -> dict:
     path = directory / "adapter_config.json"
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except ValueError as e:  # not UTF-8, not JSON, or an integer past Python's 4,300-digit limit
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise ArtifactError(f"{path}: expected a JSON object")
@@ -312,7 +312,7 @@ def _read(directory: Path) -> tuple[SkipConfig, dict[str, str] | None]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise ArtifactError(f"{path}: not a UTF-8 JSON file") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or an integer past Python's 4,300-digit limit
         raise ArtifactError(f"{path}: not valid JSON ({e})") from None
     files = data.pop(FILES_KEY, None) if isinstance(data, dict) else None
     try:

@@ -79,11 +79,11 @@ class SkipConfig:
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
             raise ConfigError(f"forecaster_rank must be a whole number >= 0 (0 = plain skip), got {rank!r}")
         check_sparsity(self.target_sparsity)
-        if not _is_number(self.threshold) or not math.isfinite(self.threshold):  # +-inf: execute or skip all
+        if not finite_number(self.threshold):  # +-inf would execute or skip all
             raise ConfigError(f"threshold must be a finite number (skip iff skip - execute logit > threshold), "
-                              f"got {self.threshold!r}")
-        if not _is_number(self.execute_bias) or not math.isfinite(self.execute_bias):
-            raise ConfigError(f"execute_bias must be a finite number, got {self.execute_bias!r}")
+                              f"got {shown(self.threshold)}")
+        if not finite_number(self.execute_bias):
+            raise ConfigError(f"execute_bias must be a finite number, got {shown(self.execute_bias)}")
         if not isinstance(self.extra, dict):
             raise ConfigError(f"extra must be a JSON object, got {self.extra!r}")
         for f in dataclasses.fields(BaseModelInfo):
@@ -114,7 +114,8 @@ class SkipConfig:
         if unknown:
             raise ConfigError(f"{source}: unknown keys {unknown}")
         data = {k: v for k, v in data.items() if k != FILES_KEY}
-        base = data.pop("base", {}) or {}
+        base = data.pop("base", None)
+        base = {} if base is None else base
         base_known = {f.name for f in dataclasses.fields(BaseModelInfo)}
         if not isinstance(base, dict):
             raise ConfigError(f"{source}: 'base' must be a JSON object")
@@ -129,7 +130,7 @@ class SkipConfig:
     def from_json(cls, text: str, source: str = "config") -> SkipConfig:
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
+        except ValueError as e:  # JSONDecodeError, or an integer past Python's 4,300-digit limit
             raise ConfigError(f"{source}: not valid JSON ({e})") from None
         return cls.from_dict(data, source)
 
@@ -143,14 +144,27 @@ class SkipConfig:
         return cls.from_json(text, source=str(path))
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def finite_number(value: Any) -> bool:
+    """An int or float (not a bool) that a float holds finitely: not inf or NaN, nor an integer too large to
+    convert (a JSON or YAML file can hold a 400-digit one, which math.isfinite refuses with OverflowError)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def shown(value: Any) -> str:
+    """A refused value as an error line shows it: hundreds of digits are no help there."""
+    huge = isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100
+    return "an integer too large" if huge else repr(value)
 
 
 def check_sparsity(value: float, name: str = "target sparsity") -> float:
     """Sparsity targets are fractions in [0, 1); 1.0 would skip every module and leave no model."""
-    if not isinstance(value, (int, float)) or value != value:
-        raise ConfigError(f"{name} must be a number, got {value!r}")
+    if not finite_number(value):
+        raise ConfigError(f"{name} must be a number, got {shown(value)}")
     if not 0.0 <= float(value) < 1.0:
         raise ConfigError(f"{name} must be in [0, 1) as a fraction (e.g. 0.25 for 25%), got {value}")
     return float(value)

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..artifact import CONFIG_NAME, FORECASTERS_NAME, WEIGHTS_NAME
+from ..config import finite_number
 from ..errors import ArtifactError, ConfigError
 from ..io import file_sha256, save_safetensors_atomic
 from .data import data_digest
@@ -211,9 +212,9 @@ def _optimizer_state(path: Path, tensors: dict[str, torch.Tensor], groups: list[
             if key == "params":
                 continue
             if isinstance(want, (tuple, list)):  # betas
-                ok = isinstance(got, list) and len(got) == len(want) and all(_is_finite(x) for x in got)
-            elif _is_finite(want):  # lr, base_lr (the trainer's schedule reads it), eps, weight_decay
-                ok = _is_finite(got)
+                ok = isinstance(got, list) and len(got) == len(want) and all(finite_number(x) for x in got)
+            elif finite_number(want):  # lr, base_lr (the trainer's schedule reads it), eps, weight_decay
+                ok = finite_number(got)
             else:  # flags: another amsgrad, maximize... would change the update or want moments the file lacks
                 ok = key not in g or got == want
             if not ok:
@@ -257,9 +258,9 @@ def _check_meta(path: Path, meta: Any) -> None:
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
         raise _unusable(path, "param_groups is missing or not a list of objects")
     history = meta.get("history", [])
-    if not isinstance(history, list) or not all(isinstance(r, dict) and _is_finite(r.get("loss")) for r in history):
+    if not isinstance(history, list) or not all(isinstance(r, dict) and finite_number(r.get("loss")) for r in history):
         raise _unusable(path, "history is not a list of logged steps")
-    for key, check in (("train_seconds", _is_finite), ("tokens", _is_int), ("threshold", _is_finite)):
+    for key, check in (("train_seconds", finite_number), ("tokens", _is_int), ("threshold", finite_number)):
         if key in meta and not check(meta[key]):
             raise _unusable(path, f"{key} {meta[key]!r} is not a {'whole' if check is _is_int else 'finite'} number")
 
@@ -268,5 +269,3 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

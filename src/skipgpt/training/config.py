@@ -8,12 +8,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ACCOUNTINGS, DTYPES, ROUTER_INPUTS, ROUTER_KINDS, SkipConfig, check_sparsity
+from ..config import ACCOUNTINGS, DTYPES, ROUTER_INPUTS, ROUTER_KINDS, SkipConfig, check_sparsity, finite_number, shown
 from ..errors import ConfigError
 
 STAGES = ("router", "lora", "joint")
@@ -23,19 +22,10 @@ PRECISIONS = ("no", "bf16", "fp16")
 SEED_LIMIT = 2**32  # micro_seed multiplies the seed by about 4e9: a larger one overflows torch's 64-bit seeds
 
 
-def _finite(v: Any) -> bool:
-    """A number a float can hold: not inf or NaN, nor an int too large to convert (a YAML/JSON file can hold
-    a 400-digit integer, which math.isfinite and float() refuse with OverflowError)."""
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
-
-
 # What each field annotation accepts (a YAML file can hold anything); inf and NaN are no option's value.
 FIELD_TYPES = {
     "int": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "float": ("a finite number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v)),
+    "float": ("a finite number", finite_number),
     "str": ("a string", lambda v: isinstance(v, str)),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
     "list[str]": ("a list of names", lambda v: isinstance(v, str)
@@ -164,15 +154,12 @@ class TrainConfig:
             if getattr(self, name) not in options:
                 raise ConfigError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
 
-        if isinstance(self.target_sparsity, int) and not _finite(self.target_sparsity):
-            raise ConfigError("target sparsity must be in [0, 1) as a fraction, got an integer too large")
         check_sparsity(self.target_sparsity)  # first: its own message, for NaN too
         for f in dataclasses.fields(self):  # every value of its annotated type (None where the annotation allows)
             value, kind = getattr(self, f.name), str(f.type).removesuffix(" | None")
             what, ok = FIELD_TYPES.get(kind, ("", lambda v: True))
             if not ok(value) and not (value is None and kind != str(f.type)):
-                huge = isinstance(value, int) and not _finite(value)  # hundreds of digits are no help in the line
-                raise ConfigError(f"{f.name} must be {what}, got {'an integer too large' if huge else repr(value)}")
+                raise ConfigError(f"{f.name} must be {what}, got {shown(value)}")
         for f in dataclasses.fields(self):  # stage, accounting, schedule, router, ...: the choices in the metadata
             if "choices" in f.metadata:
                 choice(f.name, f.metadata["choices"])
