@@ -267,5 +267,3 @@ def _check_meta(path: Path, meta: Any) -> None:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
