@@ -25,6 +25,20 @@ def test_local_folder_round_trip(tmp_path):
     assert source == tmp_path / "m" and gguf is None
 
 
+def test_half_precision_on_a_cpu_that_emulates_it_is_named_in_a_warning(tmp_path, monkeypatch, recwarn):
+    from conftest import save_tiny_llama
+
+    save_tiny_llama(tmp_path / "m", layers=2)
+    slow = {torch.bfloat16}
+    monkeypatch.setattr(loading, "_emulated", lambda dtype: dtype in slow)
+    loading.load_model(str(tmp_path / "m"), dtype="bfloat16")
+    loading.load_model(str(tmp_path / "m"), dtype="float32")
+    slow.clear()  # a CPU with native bf16
+    loading.load_model(str(tmp_path / "m"), dtype="bfloat16")
+    said = [str(w.message) for w in recwarn if "native" in str(w.message)]
+    assert len(said) == 1 and "--dtype bfloat16" in said[0] and "use float32" in said[0]
+
+
 def test_bad_paths_give_clear_errors(tmp_path):
     with pytest.raises(SkipGPTError, match="does not exist"):
         loading.resolve(str(tmp_path / "missing.gguf"))

@@ -18,6 +18,7 @@ import shutil
 import struct
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -215,5 +216,27 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
     model.eval()
     if device:
         model.to(device)
+    if torch_dtype in (torch.bfloat16, torch.float16) and model.device.type == "cpu" and _emulated(torch_dtype):
+        half = str(torch_dtype).removeprefix("torch.")
+        warnings.warn(f"this CPU has no native {half} arithmetic: --dtype {half} runs several times slower than "
+                      f"float32 here (SmolLM2-135M: 7x per forward); use float32", stacklevel=2)
     model.config.skipgpt_name = name
     return model, tokenizer
+
+
+def _emulated(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies in dtype far slower than in float32, as PyTorch does where it has no
+    native units for it (AVX2 without AVX512-BF16 or AMX: a bf16 matmul measured 70x slower). Timed, not
+    read from CPU flags, since which flags PyTorch's kernels use differs by version; the gap is one or two
+    orders of magnitude either way, so 3x separates the two cases."""
+    a, b = torch.randn(128, 512), torch.randn(512, 256)
+
+    def best(x: torch.Tensor, y: torch.Tensor) -> float:
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            x @ y
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(a.to(dtype), b.to(dtype)) > 3 * best(a, b)
