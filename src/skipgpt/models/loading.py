@@ -11,6 +11,7 @@ serve are one-line SkipGPTErrors. Offline, a hub name not in the local cache fai
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -224,6 +225,7 @@ def load_model(name: str = DEFAULT_MODEL, dtype: str | torch.dtype = "float32", 
     return model, tokenizer
 
 
+@functools.cache  # one probe per dtype and process: compare and the benches load the model again and again
 def _emulated(dtype: torch.dtype) -> bool:
     """Whether this CPU multiplies in dtype far slower than in float32, as PyTorch does where it has no
     native units for it (AVX2 without AVX512-BF16 or AMX: a bf16 matmul measured 70x slower). Timed, not
