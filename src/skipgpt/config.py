@@ -76,7 +76,7 @@ class SkipConfig:
         if self.forecaster not in FORECASTERS:
             raise ConfigError(f"forecaster must be one of {FORECASTERS}, got {self.forecaster!r}")
         rank = self.forecaster_rank
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+        if not whole_number(rank) or rank < 0:
             raise ConfigError(f"forecaster_rank must be a whole number >= 0 (0 = plain skip), got {rank!r}")
         check_sparsity(self.target_sparsity)
         if not finite_number(self.threshold):  # +-inf would execute or skip all
@@ -102,7 +102,7 @@ class SkipConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{source}: expected a JSON object")
         version = data.get("format_version", FORMAT_VERSION)
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        if not whole_number(version) or version < 1:
             raise ConfigError(f"{source}: format_version must be a whole number >= 1, got {version!r}")
         if version > FORMAT_VERSION:
             raise ConfigError(
@@ -144,6 +144,11 @@ class SkipConfig:
         return cls.from_json(text, source=str(path))
 
 
+def whole_number(value: Any) -> bool:
+    """An int that is not a bool (JSON's true is an int to isinstance)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def finite_number(value: Any) -> bool:
     """An int or float (not a bool) that a float holds finitely: not inf or NaN, nor an integer too large to
     convert (a JSON or YAML file can hold a 400-digit one, which math.isfinite refuses with OverflowError)."""
@@ -157,7 +162,7 @@ def finite_number(value: Any) -> bool:
 
 def shown(value: Any) -> str:
     """A refused value as an error line shows it: hundreds of digits are no help there."""
-    huge = isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 100
+    huge = whole_number(value) and value.bit_length() > 100
     return "an integer too large" if huge else repr(value)
 
 

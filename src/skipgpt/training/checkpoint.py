@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from ..artifact import CONFIG_NAME, FORECASTERS_NAME, WEIGHTS_NAME
-from ..config import finite_number
+from ..config import finite_number, whole_number
 from ..errors import ArtifactError, ConfigError
 from ..io import file_sha256, save_safetensors_atomic
 from .data import data_digest
@@ -86,9 +86,9 @@ def check_fresh_start(path: Path) -> None:
         return
     config = meta.get("config")
     step, steps = meta.get("step"), config.get("steps") if isinstance(config, dict) else None
-    if _is_int(step) and _is_int(steps) and step >= steps and (path.parent / CONFIG_NAME).exists():
+    if whole_number(step) and whole_number(steps) and step >= steps and (path.parent / CONFIG_NAME).exists():
         return  # a finished run: a new one replaces its results, as a run into any used folder does
-    where = f" (step {step} of {steps})" if _is_int(step) and _is_int(steps) else ""
+    where = f" (step {step} of {steps})" if whole_number(step) and whole_number(steps) else ""
     raise ConfigError(f"output {path.parent} holds a checkpoint of an unfinished run{where}: pass --resume to "
                       f"continue it, or choose another --output")
 
@@ -204,7 +204,7 @@ def _optimizer_state(path: Path, tensors: dict[str, torch.Tensor], groups: list[
     owner: dict[int, tuple[torch.Tensor, dict[str, Any]]] = {}  # saved id -> (live parameter, its live group)
     for g, h in zip(groups, live):
         ids = g.get("params")
-        if not isinstance(ids, list) or len(ids) != len(h["params"]) or not all(_is_int(i) for i in ids):
+        if not isinstance(ids, list) or len(ids) != len(h["params"]) or not all(whole_number(i) for i in ids):
             raise _unusable(path, "a parameter group lists other parameters than this run's")
         owner.update({i: (p, h) for i, p in zip(ids, h["params"])})
         for key, want in h.items():  # load_state_dict takes the saved values over this run's
@@ -248,11 +248,11 @@ def _check_meta(path: Path, meta: Any) -> None:
     if not isinstance(meta, dict):
         raise _unusable(path, "its metadata is not a JSON object")
     step = meta.get("step")
-    if not _is_int(step) or step < 0:
+    if not whole_number(step) or step < 0:
         raise _unusable(path, f"step {step!r} is not a whole number >= 0")
     config = meta.get("config")
     steps = config.get("steps") if isinstance(config, dict) else None
-    if _is_int(steps) and step > steps:
+    if whole_number(steps) and step > steps:
         raise _unusable(path, f"step {step} is past the run's {steps} steps")
     groups = meta.get("param_groups")
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
@@ -260,10 +260,7 @@ def _check_meta(path: Path, meta: Any) -> None:
     history = meta.get("history", [])
     if not isinstance(history, list) or not all(isinstance(r, dict) and finite_number(r.get("loss")) for r in history):
         raise _unusable(path, "history is not a list of logged steps")
-    for key, check in (("train_seconds", finite_number), ("tokens", _is_int), ("threshold", finite_number)):
+    for key, check in (("train_seconds", finite_number), ("tokens", whole_number), ("threshold", finite_number)):
         if key in meta and not check(meta[key]):
-            raise _unusable(path, f"{key} {meta[key]!r} is not a {'whole' if check is _is_int else 'finite'} number")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+            kind = "whole" if check is whole_number else "finite"
+            raise _unusable(path, f"{key} {meta[key]!r} is not a {kind} number")

@@ -12,7 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import ACCOUNTINGS, DTYPES, ROUTER_INPUTS, ROUTER_KINDS, SkipConfig, check_sparsity, finite_number, shown
+from ..config import (
+    ACCOUNTINGS,
+    DTYPES,
+    ROUTER_INPUTS,
+    ROUTER_KINDS,
+    SkipConfig,
+    check_sparsity,
+    finite_number,
+    shown,
+    whole_number,
+)
 from ..errors import ConfigError
 
 STAGES = ("router", "lora", "joint")
@@ -24,7 +34,7 @@ SEED_LIMIT = 2**32  # micro_seed multiplies the seed by about 4e9: a larger one 
 
 # What each field annotation accepts (a YAML file can hold anything); inf and NaN are no option's value.
 FIELD_TYPES = {
-    "int": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "int": ("a whole number", whole_number),
     "float": ("a finite number", finite_number),
     "str": ("a string", lambda v: isinstance(v, str)),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
