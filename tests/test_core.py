@@ -13,7 +13,7 @@ from skipgpt.models.adapters import find_decoder
 from skipgpt.routing import policies
 from skipgpt.routing.sparsity import SparsityMeter, report
 
-from conftest import ARCHS, make_tiny
+from conftest import ARCHS, make_tiny, varied_routers
 
 
 def ids_and_mask(vocab: int = 128, batch: int = 2, seq: int = 10, seed: int = 1):
@@ -327,6 +327,88 @@ def test_gradient_checkpointing_gives_the_same_router_gradients():
         grads.append(torch.cat([p.grad.flatten() for p in routed.routers.parameters()]))
     torch.testing.assert_close(grads[0], grads[1])
     assert grads[0].abs().sum() > 0
+
+
+def _two_passes_then_backward(routed: RoutedModel, seed: int):
+    """Gradient accumulation: two forward passes, one backward; the gradients, and what the meter counted."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randint(0, 128, (2, 12), generator=g), torch.randint(0, 128, (3, 7), generator=g)
+    routed.reset_sparsity()
+    torch.manual_seed(5)
+    loss = routed(input_ids=a, use_cache=False).logits.float().pow(2).mean()
+    decided = routed.decisions().clone()
+    loss = loss + routed(input_ids=b, use_cache=False).logits.float().pow(2).mean()
+    last = routed.decisions().clone()
+    loss.backward()
+    assert torch.equal(routed.decisions(), last)  # backward left the last pass's decisions alone
+    grads = torch.cat([p.grad.flatten() for p in routed.parameters() if p.grad is not None])
+    return grads, decided, last, routed.sparsity()
+
+
+@pytest.mark.parametrize("routing", ["random policy", "frozen routers", "training routers"])
+def test_checkpointed_layers_recompute_the_decisions_their_pass_made(routing):
+    """Recomputation in backward belongs to its own pass (another may have run since) and must not decide again:
+    the random baseline's generator is not replayed, so a second draw trained the base on decisions never made."""
+    results = []
+    for ckpt in (False, True):
+        routed = RoutedModel(make_tiny("llama")) if routing != "frozen routers" else varied_routers(1)
+        if routing == "random policy":
+            routed.force(policies.random(torch.full((len(routed.layers), 2), 0.5), seed=0))
+        if routing == "training routers":
+            routed.freeze_base()
+            routed.routers.train()
+        routed.gradient_checkpointing = ckpt
+        results.append(_two_passes_then_backward(routed, seed=3))
+    (g0, first0, last0, report0), (g1, first1, last1, report1) = results
+    assert torch.equal(first0, first1) and torch.equal(last0, last1)
+    assert report0.tokens == report1.tokens == 2 * 12 + 3 * 7
+    assert report0.param == pytest.approx(report1.param)
+    if routing != "training routers":
+        assert 0 < last0.float().mean() < 1  # some skip, some execute: the test sees a wrong decision
+    torch.testing.assert_close(g0, g1)
+    assert g0.abs().sum() > 0
+
+
+def test_one_config_for_two_models_gives_each_its_own():
+    """The constructor fills in the base model's name and fingerprint: on the caller's object, the second model was
+    recorded as the first (and refused to save) and the two shared one threshold."""
+    from skipgpt.models.adapters import fingerprint
+
+    config = SkipConfig(target_sparsity=0.3)
+    a = RoutedModel(make_tiny("llama", seed=0), config, name="model-a")
+    b = RoutedModel(make_tiny("llama", seed=1), config, name="model-b")
+    assert (a.config.base.name, b.config.base.name) == ("model-a", "model-b")
+    assert b.config.base.fingerprint == fingerprint(b.model) != a.config.base.fingerprint
+    a.threshold = 3.0
+    assert b.threshold == config.threshold == 0.0
+    assert config.base.name == "" and b.config.target_sparsity == 0.3
+
+
+def test_the_meter_keeps_its_own_copy_of_masks_a_caller_refills():
+    """Passes are summed when the statistics are read; a bool mask or forced decisions kept by reference were
+    changed by a caller refilling the buffer for the next batch."""
+    routed = varied_routers(1)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    real = 0
+    with torch.no_grad():
+        for pads in (3, 9):
+            mask.fill_(True)
+            mask[0, :pads] = False
+            routed(input_ids=ids, attention_mask=mask)
+            real += int(mask.sum())
+        assert routed.sparsity().tokens == real
+        routed.reset_sparsity()
+        with routed.using(real_tokens=mask):
+            routed(input_ids=ids)
+            mask.fill_(True)
+            assert routed.sparsity().tokens == 24 - 9  # counted as passed: 9 of the 24 tokens were pads
+        routed.reset_sparsity()
+        decisions = torch.ones(len(routed.layers), 2, 2, 12, dtype=torch.bool)
+        with routed.forced(decisions):
+            routed(input_ids=ids)
+            decisions.fill_(False)
+            assert routed.sparsity().module == 0.0
 
 
 def test_using_restores_every_setting_it_changed_even_on_error():

@@ -12,6 +12,7 @@ target names and `generate()` stay stock. Two execution modes share the same dec
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 from collections.abc import Iterator
@@ -95,7 +96,8 @@ class RoutedModel(nn.Module):
             raise ConfigError("the model has weights on the meta device (init_empty_weights, or offloaded by a "
                               "device_map): load or dispatch its weights onto real devices before routing it")
         hf = unwrap(model)
-        self.config = config or SkipConfig()
+        # its own copy: the name, fingerprint and threshold filled in below are this model's, not the caller's
+        self.config = copy.deepcopy(config) if config is not None else SkipConfig()
         base = self.config.base
         base.name = base.name or name or getattr(hf.config, "skipgpt_name", "") or hf.config.name_or_path
         base.architecture = (hf.config.architectures or [type(hf).__name__])[0]
@@ -129,6 +131,7 @@ class RoutedModel(nn.Module):
         self._folds: list | None = None  # the routers' folds for this pass (inference only)
         self._argmax: list | None = None  # the same when they decide alone (see _start_forward)
         self._sparse = False  # this pass computes executing tokens only
+        self._replay: ForwardState | None = None  # the pass a checkpointed layer recomputes in backward
         self._hooks: list = []
         self._replaced: list = []  # per layer, the forward that patch() replaced (None: the class's)
         self.patch()
@@ -194,7 +197,9 @@ class RoutedModel(nn.Module):
         if x is None:
             x = args[0] if args else kwargs.get("inputs_embeds")
         real = self.real_tokens
-        if real is None or real.shape != x.shape[:2]:
+        if real is not None and real.shape == x.shape[:2]:
+            real = real.to(torch.bool, copy=True)  # the meter keeps it: a caller may refill the tensor
+        else:
             real = _tokens_from_mask(kwargs.get("attention_mask"), kwargs.get("cache"), *x.shape[:2], x.device)
         self.state = ForwardState(real, len(self.layers))
         inference = not self.training_routers
@@ -219,15 +224,21 @@ class RoutedModel(nn.Module):
         """Execute gate (batch, seq) for module `kind` of `layer`, given its router input x: float in {0, 1}
         with a straight-through gradient while routers train, a bool decision otherwise."""
         k = KIND_INDEX[kind]
+        if x.requires_grad and self._folds is not None:
+            # A bool decision has no gradient. Recording none also lets checkpointing's recomputation reuse it.
+            x = x.detach()
         if self._argmax is not None:
             g = self._argmax[layer][k].executes(x)
+        elif self._replay is not None and not self._replay.gates[layer][k].requires_grad:
+            g = self._replay.gates[layer][k]  # recomputing a checkpointed layer: the decision its pass made
+            return g if g.device == x.device else g.to(x.device)
         elif self.policy is not None:
             g = self.policy(layer, kind, x)
             if self.training_routers:
                 g = g.to(torch.float32)
             elif g.dtype != torch.bool:
                 g = g > 0.5
-        else:
+        else:  # a straight-through sample is drawn again when recomputed, for its graph (the RNG state is restored)
             g = self.decide(self.routers.get(layer, kind), x, None if self._folds is None else self._folds[layer][k])
         self.state.gates[layer][k] = g  # on the routers' device, with every other gate, for the loss and the meter
         # routers sit on the first device of a model spread over several: the layer needs its gate on its own
@@ -367,7 +378,7 @@ def _tokens_from_mask(mask, cache, batch: int, seq: int, device: torch.device) -
     if isinstance(mask, dict):
         mask = mask.get("full_attention", next((m for m in mask.values() if m is not None), None))
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        return mask[:, -seq:].to(torch.bool)
+        return mask[:, -seq:].to(torch.bool, copy=True)  # the meter keeps it: a caller may reuse the buffer
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
         past = 0 if cache is None else int(cache.get_seq_length())
         if past + seq <= mask.shape[-1]:
@@ -417,8 +428,26 @@ def _routed_layer_forward(
         # Recompute the layer in backward; the saved RNG state replays the same Gumbel noise.
         # A KV cache would be appended to twice, so training under checkpointing runs without one.
         kwargs = {**kwargs, "cache": None, "use_cache": False}
-        return checkpoint(_layer, routed, index, parts, hidden, kwargs, use_reentrant=False)
+        this_pass = (routed.state, routed._folds, routed._sparse)
+        return checkpoint(_recomputable_layer, routed, this_pass, index, parts, hidden, kwargs, use_reentrant=False)
     return _layer(routed, index, parts, hidden, kwargs)
+
+
+def _recomputable_layer(routed: RoutedModel, this_pass: tuple, index: int, parts: LayerParts, hidden: torch.Tensor,
+                        kwargs: dict) -> torch.Tensor:
+    """_layer under checkpointing: run in the forward pass, and again in backward. By then other passes may have run
+    (gradient accumulation), and a policy's own generator is not replayed, so the second run goes back to its own
+    pass and reuses that pass's decisions."""
+    state = this_pass[0]
+    if state.gates[index][0] is None:  # the forward pass itself
+        return _layer(routed, index, parts, hidden, kwargs)
+    live = routed.state, routed._folds, routed._sparse, routed._argmax, routed._replay
+    routed.state, routed._folds, routed._sparse = this_pass
+    routed._argmax, routed._replay = None, state
+    try:
+        return _layer(routed, index, parts, hidden, kwargs)
+    finally:
+        routed.state, routed._folds, routed._sparse, routed._argmax, routed._replay = live
 
 
 def _layer(routed: RoutedModel, index: int, parts: LayerParts, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -38,13 +38,15 @@ def skip_all(layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
 
 
 def from_masks(masks: torch.Tensor) -> Policy:
-    """Fixed decisions: a (num_layers, 2, batch, seq) bool tensor, index 0 attention, 1 MLP."""
+    """Fixed decisions: a (num_layers, 2, batch, seq) bool tensor, index 0 attention, 1 MLP (copied: the sparsity
+    meter keeps the decisions of past passes, so a caller refilling the tensor must not change them)."""
+    masks = masks.to(torch.bool, copy=True)
 
     def policy(layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
         m = masks[layer, KIND_INDEX[kind]]
         if m.shape != x.shape[:-1]:
             raise ValueError(f"mask for layer {layer} {kind} has shape {tuple(m.shape)}, input {tuple(x.shape[:-1])}")
-        return m.to(x.device, torch.bool)
+        return m.to(x.device)
 
     return policy
 
