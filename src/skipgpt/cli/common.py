@@ -63,8 +63,8 @@ def add_command(sub: argparse._SubParsersAction, doc: str, epilog: str | None = 
 # -- argparse types ---------------------------------------------------------------------------------------
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """argparse type: a whole number >= minimum (else argparse's one-line error, exit status 2)."""
+def int_at_least(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """argparse type: a whole number >= minimum (and <= maximum) (else argparse's one-line error, exit status 2)."""
 
     def parse(text: str) -> int:
         try:
@@ -73,6 +73,8 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     parse.__name__ = "int" if minimum == 1 else f"int >= {minimum}"
@@ -178,7 +180,8 @@ def add_model_flags(parser: argparse.ArgumentParser, *, note: str | None = None,
         parser.add_argument("--device", default=None, help=f"torch device: cpu, cuda or cuda:N (default: {shown})")
         parser.set_defaults(device_default=device)
     if threads:
-        parser.add_argument("--threads", type=positive_int, default=None,
+        # torch takes a C int; far more threads than any machine has cores is a typo
+        parser.add_argument("--threads", type=int_at_least(1, 4096), default=None,
                             help="CPU threads for torch (default: torch's choice)")
 
 
