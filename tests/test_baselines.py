@@ -17,6 +17,7 @@ from skipgpt.baselines import (
     shortgpt,
     static_modules,
 )
+from skipgpt.baselines.static import static_routed
 from skipgpt.errors import ArtifactError, ConfigError
 
 from conftest import TINY, make_tiny, one_error_line, run_cli
@@ -325,6 +326,52 @@ def test_static_baselines_accept_a_tokenizers_batch_encoding():
     from_dicts = static_modules(deep_tiny(layers=8), None, 0.25, data)
     from_encodings = static_modules(deep_tiny(layers=8), None, 0.25, [tf.BatchEncoding(b) for b in data])
     assert from_encodings.config.extra["block_influence"] == from_dicts.config.extra["block_influence"]
+
+
+def test_one_text_or_one_batch_is_one_calibration_batch_and_empty_texts_are_skipped():
+    """list() split one text into characters and one BatchEncoding into its key names, silently."""
+    tok, text = CharTokenizer(), "a calibration sentence of some length"
+    data = batches()[0]
+    one = static_modules(deep_tiny(layers=8), tok, 0.25, text).config.extra["block_influence"]
+    assert one == static_modules(deep_tiny(layers=8), tok, 0.25, [text, ""]).config.extra["block_influence"]
+    assert (static_modules(deep_tiny(layers=8), None, 0.25, tf.BatchEncoding(data)).config.extra["block_influence"]
+            == static_modules(deep_tiny(layers=8), None, 0.25, [data]).config.extra["block_influence"])
+    with pytest.raises(ConfigError, match="dict with input_ids"):
+        shortgpt(deep_tiny(layers=8), None, 0.25, data["input_ids"])  # was "Boolean value of Tensor ... ambiguous"
+
+
+@pytest.mark.parametrize("refused", [
+    lambda m: static_modules(m, None, 0.25, batches(), kinds="ATTN"),
+    lambda m: shortgpt(m, None, 0.25, []),
+    lambda m: mod_d(m, 0.25, thresholds=[[0.0, 0.0]]),
+    lambda m: random_routing(m, 0.25, skip_rates=torch.ones(2, 2)),
+    lambda m: static_routed(m, torch.ones(3, 2), "static", 0.25),
+], ids=["kinds", "no calibration", "thresholds", "skip rates", "keep table"])
+def test_a_refused_baseline_leaves_the_plain_model_as_it_was(refused):
+    """The builders routed the caller's model before checking their input: a refused call left it routed, and the
+    retry with good input was refused as "already routed"."""
+    model = deep_tiny(layers=8)
+    ids = torch.arange(12)[None]
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    with pytest.raises(ConfigError):
+        refused(model)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+    assert shortgpt(model, None, 0.25, batches()).config.extra["realised_param_sparsity"] > 0
+
+
+def test_static_routed_takes_a_0_1_keep_table():
+    """~keep on integers is a bitwise not: the recorded sparsity was -1.75 for a model that skips a quarter."""
+    keep = torch.ones(8, 2, dtype=torch.int64)
+    keep[:2] = 0
+    routed = static_routed(deep_tiny(layers=8), keep, "static", 0.25)
+    assert routed.config.extra["realised_param_sparsity"] == pytest.approx(0.25)
+    with torch.no_grad():
+        routed(**batches()[0])
+    assert routed.sparsity().param == pytest.approx(0.25)
+    with pytest.raises(ConfigError, match="table of bools"):
+        static_routed(deep_tiny(layers=8), keep * 2, "static", 0.25)
 
 
 @pytest.mark.slow

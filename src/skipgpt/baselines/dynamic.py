@@ -22,26 +22,26 @@ def mod_d(model, sparsity: float = 0.25, config: SkipConfig | None = None,
     Every module executing the same fraction of tokens makes the parameter sparsity equal `sparsity`; `config`
     is the router design when `model` is a plain HF model.
     """
-    routed = routed_at(model, sparsity, config)
-    L = len(routed.layers)
-    if thresholds is not None:  # the policy indexes a tensor at every forward: a list or a bad table fails here
-        thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
-        if thresholds.shape != (L, 2):
-            raise ConfigError(f"thresholds must be a ({L}, 2) table of scores, got shape {tuple(thresholds.shape)}")
-        if not torch.isfinite(thresholds).all():
-            raise ConfigError("thresholds must be finite scores; the table holds NaN or infinite values")
-    capacity = torch.full((L, 2), 1.0 - sparsity, dtype=torch.float64)
-    policy = ModPolicy(routed, capacity, thresholds)
-    routed.config.extra.update({"routing": "mod-d", "capacity": capacity.tolist()})
-    if thresholds is not None:
-        routed.config.extra["thresholds"] = thresholds.tolist()
-    routed.force(policy)
+    with routed_at(model, sparsity, config) as routed:
+        L = len(routed.layers)
+        if thresholds is not None:  # the policy indexes a tensor at every forward: a list or a bad table fails here
+            thresholds = torch.as_tensor(thresholds, dtype=torch.float64)
+            if thresholds.shape != (L, 2):
+                raise ConfigError(f"thresholds must be a ({L}, 2) table of scores, got shape {tuple(thresholds.shape)}")
+            if not torch.isfinite(thresholds).all():
+                raise ConfigError("thresholds must be finite scores; the table holds NaN or infinite values")
+        capacity = torch.full((L, 2), 1.0 - sparsity, dtype=torch.float64)
+        policy = ModPolicy(routed, capacity, thresholds)
+        routed.config.extra.update({"routing": "mod-d", "capacity": capacity.tolist()})
+        if thresholds is not None:
+            routed.config.extra["thresholds"] = thresholds.tolist()
+        routed.force(policy)
     return routed
 
 
 def coupled(model, sparsity: float = 0.25, config: SkipConfig | None = None) -> RoutedModel:
     """A RoutedModel whose layer-level router skips attention and MLP together (train it like SkipGPT)."""
-    routed = routed_at(model, sparsity, config)
-    routed.config.extra["routing"] = "coupled"
-    routed.force(CoupledPolicy(routed))
+    with routed_at(model, sparsity, config) as routed:
+        routed.config.extra["routing"] = "coupled"
+        routed.force(CoupledPolicy(routed))
     return routed

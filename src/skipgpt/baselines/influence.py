@@ -54,6 +54,8 @@ def block_influence(model, batches: Iterable[dict[str, torch.Tensor]]) -> dict[s
     try:
         with routed.using(policy="execute", mode="masked", track=False):
             for batch in batches:
+                if batch["input_ids"].shape[-1] == 0:  # an empty text: nothing to measure (and HF fails on it)
+                    continue
                 states.clear()
                 routed(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False)
                 ids = batch["input_ids"]

@@ -9,7 +9,8 @@ wins; the realised ratio is recorded in routed.config.extra["realised_param_spar
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 
@@ -62,24 +63,38 @@ def removal_order(influence: dict[str, torch.Tensor], unit: str = "layer", kinds
     return [[(f // 2, f % 2)] for f in flat if torch.isfinite(bi.reshape(-1)[f])]
 
 
-def routed_at(model, sparsity: float, config: SkipConfig | None = None) -> RoutedModel:
+@contextmanager
+def routed_at(model, sparsity: float, config: SkipConfig | None = None) -> Iterator[RoutedModel]:
     """`model` as a RoutedModel (wrapped with `config`, the router design, unless it is one) whose config targets
-    `sparsity`, a fraction in [0, 1). Every baseline starts here."""
+    `sparsity`, a fraction in [0, 1), for the block that builds a baseline on it. Every baseline starts here. A
+    wrapper made here is taken off again when the block fails, so a refused call leaves the caller's model as it
+    was (routed, it could not be routed again)."""
     check_sparsity(sparsity)
-    routed = model if isinstance(model, RoutedModel) else RoutedModel(model, config or SkipConfig())
-    routed.config.target_sparsity = sparsity
-    return routed
+    owned = not isinstance(model, RoutedModel)
+    routed = RoutedModel(model, config or SkipConfig()) if owned else model
+    try:
+        routed.config.target_sparsity = sparsity
+        yield routed
+    except BaseException:
+        if owned:
+            routed.unpatch()
+        raise
 
 
 def static_routed(model, keep: torch.Tensor, method: str, target: float, extra: dict | None = None) -> RoutedModel:
-    """A RoutedModel that removes the modules where keep is False, for every token."""
-    routed = routed_at(model, target)
-    params = _param_table(routed.costs)
-    realised = float((params * (~keep)).sum() / params.sum())
-    routed.config.extra.update(
-        {"routing": method, "keep": keep.int().tolist(), "realised_param_sparsity": realised, **(extra or {})}
-    )
-    routed.force(policies.static(keep))
+    """A RoutedModel that removes the modules where keep ((L, 2), bool or 0/1) is False, for every token."""
+    with routed_at(model, target) as routed:
+        keep = torch.as_tensor(keep)
+        shape = (len(routed.layers), 2)
+        if keep.shape != shape or not ((keep == 0) | (keep == 1)).all():
+            raise ConfigError(f"keep must be a {shape} table of bools (or 0/1), got shape {tuple(keep.shape)}")
+        keep = keep.bool()
+        params = _param_table(routed.costs)
+        realised = float((params * (~keep)).sum() / params.sum())
+        routed.config.extra.update(
+            {"routing": method, "keep": keep.int().tolist(), "realised_param_sparsity": realised, **(extra or {})}
+        )
+        routed.force(policies.static(keep))
     return routed
 
 
@@ -103,11 +118,11 @@ def static_modules(
 def _removed_by_influence(model, tokenizer, sparsity: float, calibration_batches, unit: str, kinds: str,
                           method: str) -> RoutedModel:
     """The least influential groups of `unit` ("layer" or "module") removed, up to `sparsity` in parameters."""
-    routed = routed_at(model, sparsity)
-    bi = block_influence(routed, _need_batches(calibration_batches, tokenizer))
-    keep = closest_prefix(removal_order(bi, unit, kinds), _param_table(routed.costs), sparsity)
-    extra = {"kinds": kinds} if unit == "module" else {}  # layer removal takes both kinds of a layer
-    return static_routed(routed, keep, method, sparsity, {**extra, "block_influence": bi[unit].tolist()})
+    with routed_at(model, sparsity) as routed:
+        bi = block_influence(routed, _need_batches(calibration_batches, tokenizer))
+        keep = closest_prefix(removal_order(bi, unit, kinds), _param_table(routed.costs), sparsity)
+        extra = {"kinds": kinds} if unit == "module" else {}  # layer removal takes both kinds of a layer
+        return static_routed(routed, keep, method, sparsity, {**extra, "block_influence": bi[unit].tolist()})
 
 
 def random_routing(model, sparsity: float = 0.25, skip_rates: torch.Tensor | None = None, seed: int = 0) -> RoutedModel:
@@ -117,28 +132,30 @@ def random_routing(model, sparsity: float = 0.25, skip_rates: torch.Tensor | Non
     Pass the per-module rates of a trained SkipGPT (report.per_layer_attention / per_layer_mlp) to
     copy its layer profile while randomising which tokens skip.
     """
-    routed = routed_at(model, sparsity)
-    L = len(routed.layers)
-    if skip_rates is None:
-        rates = torch.full((L, 2), float(sparsity))
-    else:
-        rates = torch.as_tensor(skip_rates, dtype=torch.float64)
-    if rates.shape != (L, 2):
-        raise ConfigError(f"skip_rates must be a ({L}, 2) table of probabilities, got shape {tuple(rates.shape)}")
-    if not ((rates >= 0) & (rates <= 1)).all():  # written so that NaN fails too (saved, it would not load)
-        raise ConfigError("skip_rates must be probabilities in [0, 1]; it holds other values or NaN")
-    params = _param_table(routed.costs)
-    routed.config.extra.update(
-        {"routing": "random", "skip_rates": rates.tolist(), "seed": seed,
-         "expected_param_sparsity": float((params * rates).sum() / params.sum())}
-    )
-    routed.force(policies.random(rates.float(), seed))
+    with routed_at(model, sparsity) as routed:
+        L = len(routed.layers)
+        if skip_rates is None:
+            rates = torch.full((L, 2), float(sparsity))
+        else:
+            rates = torch.as_tensor(skip_rates, dtype=torch.float64)
+        if rates.shape != (L, 2):
+            raise ConfigError(f"skip_rates must be a ({L}, 2) table of probabilities, got shape {tuple(rates.shape)}")
+        if not ((rates >= 0) & (rates <= 1)).all():  # written so that NaN fails too (saved, it would not load)
+            raise ConfigError("skip_rates must be probabilities in [0, 1]; it holds other values or NaN")
+        params = _param_table(routed.costs)
+        routed.config.extra.update(
+            {"routing": "random", "skip_rates": rates.tolist(), "seed": seed,
+             "expected_param_sparsity": float((params * rates).sum() / params.sum())}
+        )
+        routed.force(policies.random(rates.float(), seed))
     return routed
 
 
 def _need_batches(batches, tokenizer=None) -> list:
     """Calibration batches as dicts with input_ids; plain strings are tokenised one sequence each."""
-    batches = list(batches or [])
+    if isinstance(batches, (str, Mapping)):  # one text or one tokenised batch (list() would split it)
+        batches = [batches]
+    batches = [] if batches is None else list(batches)
     if not batches:
         raise ConfigError("static baselines need calibration_batches (texts, or dicts with input_ids) "
                           "to measure Block Influence")
