@@ -174,6 +174,47 @@ def test_a_drawing_error_writes_no_file(tmp_path, monkeypatch):
     assert (tmp_path / "per_layer_skip.csv").read_text() == "old\n"
 
 
+def test_a_failed_write_leaves_every_earlier_file_as_it_was(tmp_path, monkeypatch):
+    """The eight files were renamed one by one: a full disk half-way left new figures beside stale ones."""
+    from skipgpt import io
+
+    routed = skipgpt.RoutedModel(make_tiny("llama"))
+    routed.force(position_policy)
+    first = write_analysis(routed, CharTokenizer(), TEXT, tmp_path, seq_len=40)
+    before = {p.name: p.read_bytes() for p in first}
+    calls = []
+
+    def full_disk(path):
+        calls.append(path)
+        if len(calls) == 5:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "settle", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_analysis(routed, CharTokenizer(), TEXT[:200], tmp_path, seq_len=20)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary left either
+    monkeypatch.undo()
+    (tmp_path / "module_sparsity.png").unlink()
+    (tmp_path / "module_sparsity.png").mkdir()
+    with pytest.raises(IsADirectoryError, match="module_sparsity.png"):
+        write_analysis(routed, CharTokenizer(), TEXT[:200], tmp_path, seq_len=20)
+    assert all((tmp_path / name).read_bytes() == data for name, data in before.items() if name != "module_sparsity.png")
+
+
+def test_windows_fill_even_where_tokens_are_long():
+    """The text was cut at 16 characters per token before tokenising: text of long tokens (runs of spaces, rules)
+    gave fewer windows, or shorter ones, than asked for."""
+    from skipgpt.analysis.figures import text_windows
+
+    class RunTokenizer:  # one token per run of 40 equal characters
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            return {"input_ids": torch.tensor([[ord(text[i]) % 128 for i in range(0, len(text) - 39, 40)]])}
+
+    text = "".join(c * 40 for c in "ab" * 400)  # 800 tokens
+    assert tuple(text_windows(RunTokenizer(), text, seq_len=40, max_windows=4).shape) == (4, 40)
+    assert tuple(text_windows(RunTokenizer(), text, seq_len=256, max_windows=1).shape) == (1, 256)
+
+
 def test_write_analysis_measures_with_tracking_off_and_keeps_the_callers_meter(tmp_path):
     routed = skipgpt.RoutedModel(make_tiny("llama"))
     routed(input_ids=torch.randint(0, 128, (2, 20)))  # the caller has counted 40 tokens of its own

@@ -45,6 +45,14 @@ def test_wikitext_release_files_read_as_text(tmp_path):
     assert read_texts(str(tmp_path)) == [DOCS[1], DOCS[0]]
 
 
+def test_a_byte_order_mark_is_not_read_as_text(tmp_path):
+    """Windows editors start UTF-8 files with U+FEFF: it was trained on as text, and a .jsonl's first line failed."""
+    (tmp_path / "a.txt").write_text("\ufeff" + DOCS[0], encoding="utf-8")
+    (tmp_path / "b.jsonl").write_text("\ufeff" + "\n".join(json.dumps({"text": d}) for d in DOCS[1:]), encoding="utf-8")
+    assert read_texts(str(tmp_path / "a.txt")) == DOCS[:1]
+    assert read_texts(str(tmp_path / "b.jsonl")) == DOCS[1:]
+
+
 def test_text_field_is_selectable(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"body": "hello world"}) + "\n")

@@ -144,6 +144,8 @@ def test_empty_and_missing_files(tmp_path):
     empty.write_text("\n")
     assert f"{empty}: file is empty" in one_line_error(load_task, "boolq", empty)
     assert "file is empty" in one_line_error(load_perplexity_text, "ptb", empty)
+    empty.write_text("\ufeff\n", encoding="utf-8")  # what an editor saving an empty file as UTF-8 may write
+    assert "file is empty" in one_line_error(load_perplexity_text, "ptb", empty)
     assert "no such file" in one_line_error(find_file, "boolq", tmp_path / "nope")
     other = tmp_path / "other"
     other.mkdir()

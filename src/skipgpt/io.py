@@ -6,6 +6,7 @@ removed by a later write of the same file (once it is a minute old).
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -87,6 +88,33 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> None:
             f.write(data)
 
     _atomic(Path(path), write)
+
+
+def write_files_atomic(folder: str | Path, files: dict[str, str | bytes]) -> list[Path]:
+    """Write several files of one folder as a set: every temporary first, then the renames. A write that fails
+    (a full disk) leaves the folder's earlier files all as they were, not half of them replaced."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in files:  # a rename onto a folder fails: refuse before replacing anything
+        if (folder / name).is_dir():
+            raise IsADirectoryError(errno.EISDIR, "a folder is in the way of a file to write", str(folder / name))
+    temps: list[tuple[str, Path]] = []
+    try:
+        for name, content in files.items():
+            remove_temporaries(folder / name)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            temps.append((tmp, folder / name))
+            with os.fdopen(fd, "wb") as f:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            settle(tmp)
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in temps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
+    return [path for _, path in temps]
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -18,15 +18,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ..errors import DataError  # noqa: E402
-from ..io import write_bytes_atomic, write_text_atomic  # noqa: E402
+from ..io import write_bytes_atomic, write_files_atomic, write_text_atomic  # noqa: E402
 
 ATTN_COLOR, MLP_COLOR = "#d62728", "#1f77b4"
 
 
 def text_windows(tokenizer, text: str, seq_len: int = 256, max_windows: int = 16) -> torch.Tensor:
     """Token ids (windows, T) of consecutive windows of `text`, T = seq_len or the whole text if shorter."""
-    text = text[: seq_len * max_windows * 16]  # tokens average well under 16 characters: enough text
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    # A book need not be tokenised whole: a prefix of 16 characters per token is usually enough, but runs of
+    # spaces or rules are single tokens of up to 80 characters, so the prefix grows until the windows fill.
+    cut = seq_len * max_windows * 16
+    while True:
+        ids = tokenizer(text[:cut], return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+        if ids.numel() >= seq_len * max_windows or cut >= len(text):
+            break
+        cut *= 4
     if ids.numel() < 2:
         raise DataError("the analysis text is empty or shorter than two tokens")
     seq_len = min(seq_len, ids.numel())
@@ -173,9 +179,7 @@ def write_analysis(routed, tokenizer, text: str, output_dir: str | Path, seq_len
         **heatmap_figure(decisions[0, :, :, :T], tokens, title),
         **module_sparsity_figure(report, title),
     }
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)  # only once there is something to write
-    return [_write(out / name, content) for name, content in files.items()]
+    return write_files_atomic(output_dir, files)  # the folder is made only once there is something to write
 
 
 def _describe(routed) -> str:

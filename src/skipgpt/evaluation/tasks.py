@@ -131,9 +131,9 @@ def find_file(name: str, path: str | Path) -> Path:
 
 
 def read_text(path: Path) -> str:
-    """A UTF-8 text file that must not be empty (one-line DataError otherwise)."""
+    """A UTF-8 text file that must not be empty (one-line DataError otherwise); a byte-order mark is no text."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
         raise DataError(f"{path}: not a UTF-8 text file") from None
     if not text.strip():

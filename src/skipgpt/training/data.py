@@ -42,14 +42,14 @@ class PackedData:
 
 def _read_txt(path: Path) -> list[str]:
     try:
-        return [path.read_text(encoding="utf-8")]
+        return [path.read_text(encoding="utf-8-sig")]  # a byte-order mark is no text
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None
 
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
     try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # not splitlines: JSON strings may hold U+2028
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text (a .jsonl file holds one JSON object per line)") from None
     texts = []
