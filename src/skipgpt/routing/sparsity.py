@@ -22,7 +22,7 @@ class ModuleCosts:
 
     attn_params: torch.Tensor  # all attention weights, its input norm included
     mlp_params: torch.Tensor  # all MLP weights, its input norm included
-    attn_flops: torch.Tensor  # per executing token: q and o projections (and q/k norms)
+    attn_flops: torch.Tensor  # per executing token: q and o projections (norms are elementwise: not counted)
     attn_kv_flops: torch.Tensor  # per token, always paid: k and v projections
     attn_ctx_flops: torch.Tensor  # per executing token and per visible key: QK^T and AV
     mlp_flops: torch.Tensor  # per executing token
