@@ -370,7 +370,7 @@ def test_static_routed_takes_a_0_1_keep_table():
     with torch.no_grad():
         routed(**batches()[0])
     assert routed.sparsity().param == pytest.approx(0.25)
-    with pytest.raises(ConfigError, match="table of bools"):
+    with pytest.raises(ConfigError, match="holds other values"):
         static_routed(deep_tiny(layers=8), keep * 2, "static", 0.25)
 
 

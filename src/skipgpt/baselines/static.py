@@ -86,8 +86,10 @@ def static_routed(model, keep: torch.Tensor, method: str, target: float, extra: 
     with routed_at(model, target) as routed:
         keep = torch.as_tensor(keep)
         shape = (len(routed.layers), 2)
-        if keep.shape != shape or not ((keep == 0) | (keep == 1)).all():
+        if keep.shape != shape:
             raise ConfigError(f"keep must be a {shape} table of bools (or 0/1), got shape {tuple(keep.shape)}")
+        if not ((keep == 0) | (keep == 1)).all():
+            raise ConfigError("keep must hold bools (or 0/1); it holds other values")
         keep = keep.bool()
         params = _param_table(routed.costs)
         realised = float((params * (~keep)).sum() / params.sum())
