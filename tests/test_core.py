@@ -330,14 +330,16 @@ def test_gradient_checkpointing_gives_the_same_router_gradients():
 
 
 def _two_passes_then_backward(routed: RoutedModel, seed: int):
-    """Gradient accumulation: two forward passes, one backward; the gradients, and what the meter counted."""
+    """Gradient accumulation: two forward passes, one backward; the gradients, and what the meter counted. The
+    second pass runs under other settings, which are back to the first's when backward recomputes both."""
     g = torch.Generator().manual_seed(seed)
     a, b = torch.randint(0, 128, (2, 12), generator=g), torch.randint(0, 128, (3, 7), generator=g)
     routed.reset_sparsity()
     torch.manual_seed(5)
     loss = routed(input_ids=a, use_cache=False).logits.float().pow(2).mean()
     decided = routed.decisions().clone()
-    loss = loss + routed(input_ids=b, use_cache=False).logits.float().pow(2).mean()
+    with routed.using(temperature=0.5, noise=0.0):
+        loss = loss + routed(input_ids=b, use_cache=False).logits.float().pow(2).mean()
     last = routed.decisions().clone()
     loss.backward()
     assert torch.equal(routed.decisions(), last)  # backward left the last pass's decisions alone
@@ -345,26 +347,38 @@ def _two_passes_then_backward(routed: RoutedModel, seed: int):
     return grads, decided, last, routed.sparsity()
 
 
-@pytest.mark.parametrize("routing", ["random policy", "frozen routers", "training routers"])
+@pytest.mark.parametrize("routing", ["random policy", "frozen routers", "training routers", "sampled, dropout",
+                                     "mod-d, frozen routers"])
 def test_checkpointed_layers_recompute_the_decisions_their_pass_made(routing):
-    """Recomputation in backward belongs to its own pass (another may have run since) and must not decide again:
-    the random baseline's generator is not replayed, so a second draw trained the base on decisions never made."""
+    """Recomputation in backward belongs to its own pass (another may have run since) and settings, and must
+    make its decisions as the forward did: the random baseline's generator is not replayed (a second draw
+    trained the base on decisions never made), while a sample from the global RNG must be drawn again (dropout
+    after it draws from the same stream), and a policy that runs router layers saves nothing to recompute."""
+    from skipgpt.baselines import mod_d
+
     results = []
     for ckpt in (False, True):
-        routed = RoutedModel(make_tiny("llama")) if routing != "frozen routers" else varied_routers(1)
+        routed = varied_routers(1, model=make_tiny("llama", attention_dropout=0.3 * (routing == "sampled, dropout")))
         if routing == "random policy":
             routed.force(policies.random(torch.full((len(routed.layers), 2), 0.5), seed=0))
         if routing == "training routers":
             routed.freeze_base()
             routed.routers.train()
+        if routing == "sampled, dropout":
+            routed.sample = True
+            routed.model.train()
+        if routing == "mod-d, frozen routers":  # router parameters still require grad, as loaded
+            routed = mod_d(routed, 0.5)
+            calibration = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(9))
+            with torch.no_grad():
+                routed.policy.calibrate([{"input_ids": calibration}])
         routed.gradient_checkpointing = ckpt
         results.append(_two_passes_then_backward(routed, seed=3))
     (g0, first0, last0, report0), (g1, first1, last1, report1) = results
     assert torch.equal(first0, first1) and torch.equal(last0, last1)
     assert report0.tokens == report1.tokens == 2 * 12 + 3 * 7
     assert report0.param == pytest.approx(report1.param)
-    if routing != "training routers":
-        assert 0 < last0.float().mean() < 1  # some skip, some execute: the test sees a wrong decision
+    assert 0 < last0.float().mean() < 1  # some skip, some execute: the test sees a wrong decision
     torch.testing.assert_close(g0, g1)
     assert g0.abs().sum() > 0
 

@@ -16,7 +16,7 @@ import copy
 import functools
 import inspect
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -229,16 +229,18 @@ class RoutedModel(nn.Module):
             x = x.detach()
         if self._argmax is not None:
             g = self._argmax[layer][k].executes(x)
-        elif self._replay is not None and not self._replay.gates[layer][k].requires_grad:
-            g = self._replay.gates[layer][k]  # recomputing a checkpointed layer: the decision its pass made
-            return g if g.device == x.device else g.to(x.device)
         elif self.policy is not None:
-            g = self.policy(layer, kind, x)
-            if self.training_routers:
+            with torch.no_grad() if self._folds is not None else nullcontext():  # (a policy may run router layers)
+                g = self.policy(layer, kind, x)
+            if self._replay is not None and not self._replay.gates[layer][k].requires_grad:
+                # Checkpointing recomputes the layer: the policy ran again, drawing from the restored global RNG as
+                # its forward did, but its own generator (the random baseline's) is not replayed: the pass's stands.
+                g = self._replay.gates[layer][k]
+            elif self.training_routers:
                 g = g.to(torch.float32)
             elif g.dtype != torch.bool:
                 g = g > 0.5
-        else:  # a straight-through sample is drawn again when recomputed, for its graph (the RNG state is restored)
+        else:
             g = self.decide(self.routers.get(layer, kind), x, None if self._folds is None else self._folds[layer][k])
         self.state.gates[layer][k] = g  # on the routers' device, with every other gate, for the loss and the meter
         # routers sit on the first device of a model spread over several: the layer needs its gate on its own
@@ -428,26 +430,31 @@ def _routed_layer_forward(
         # Recompute the layer in backward; the saved RNG state replays the same Gumbel noise.
         # A KV cache would be appended to twice, so training under checkpointing runs without one.
         kwargs = {**kwargs, "cache": None, "use_cache": False}
-        this_pass = (routed.state, routed._folds, routed._sparse)
+        this_pass = {name: getattr(routed, name) for name in PASS_FIELDS}
         return checkpoint(_recomputable_layer, routed, this_pass, index, parts, hidden, kwargs, use_reentrant=False)
     return _layer(routed, index, parts, hidden, kwargs)
 
 
-def _recomputable_layer(routed: RoutedModel, this_pass: tuple, index: int, parts: LayerParts, hidden: torch.Tensor,
+# What a layer recomputed by checkpointing must see as its forward did: its pass, and the settings that decide.
+PASS_FIELDS = ("state", "_folds", "_argmax", "_sparse", "policy", "sample", "temperature", "noise")
+
+
+def _recomputable_layer(routed: RoutedModel, this_pass: dict, index: int, parts: LayerParts, hidden: torch.Tensor,
                         kwargs: dict) -> torch.Tensor:
     """_layer under checkpointing: run in the forward pass, and again in backward. By then other passes may have run
-    (gradient accumulation), and a policy's own generator is not replayed, so the second run goes back to its own
-    pass and reuses that pass's decisions."""
-    state = this_pass[0]
-    if state.gates[index][0] is None:  # the forward pass itself
+    (gradient accumulation) and settings may have changed (`using`), so the second run goes back to its own pass
+    and settings; the restored RNG state then draws every sample again as the forward did."""
+    if this_pass["state"].gates[index][0] is None:  # the forward pass itself
         return _layer(routed, index, parts, hidden, kwargs)
-    live = routed.state, routed._folds, routed._sparse, routed._argmax, routed._replay
-    routed.state, routed._folds, routed._sparse = this_pass
-    routed._argmax, routed._replay = None, state
+    live = {name: getattr(routed, name) for name in (*PASS_FIELDS, "_replay")}
+    for name, value in this_pass.items():
+        setattr(routed, name, value)
+    routed._replay = this_pass["state"]
     try:
         return _layer(routed, index, parts, hidden, kwargs)
     finally:
-        routed.state, routed._folds, routed._sparse, routed._argmax, routed._replay = live
+        for name, value in live.items():
+            setattr(routed, name, value)
 
 
 def _layer(routed: RoutedModel, index: int, parts: LayerParts, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
