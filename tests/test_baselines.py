@@ -361,6 +361,13 @@ def test_a_refused_baseline_leaves_the_plain_model_as_it_was(refused):
     assert shortgpt(model, None, 0.25, batches()).config.extra["realised_param_sparsity"] > 0
 
 
+def test_a_refused_baseline_leaves_a_callers_routed_model_at_its_target():
+    routed = skipgpt.RoutedModel(deep_tiny(layers=8), skipgpt.SkipConfig(target_sparsity=0.1))
+    with pytest.raises(ConfigError):
+        mod_d(routed, 0.4, thresholds=[[0.0, 0.0]])
+    assert routed.config.target_sparsity == 0.1
+
+
 def test_static_routed_takes_a_0_1_keep_table():
     """~keep on integers is a bitwise not: the recorded sparsity was -1.75 for a model that skips a quarter."""
     keep = torch.ones(8, 2, dtype=torch.int64)

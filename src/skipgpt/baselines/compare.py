@@ -125,7 +125,7 @@ class Builder:
             settings["informed"] = (f"rank {INFORMED_RANK}, {INFORMED_ROUTER} routers, {FIT_SEQUENCES} fit sequences, "
                                     f"{cfg.forecaster_steps} forecaster steps at lr {cfg.forecaster_lr:g}")
             if cfg.forecaster_distill is not None:  # unset, the builds made before it existed stay current
-                settings["informed"] += f", forecaster distill {cfg.forecaster_distill:g}"
+                settings["informed"] += f", forecaster distill {cfg.forecaster_distill!r}"
         return settings
 
     def fresh(self):

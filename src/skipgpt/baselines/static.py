@@ -72,12 +72,15 @@ def routed_at(model, sparsity: float, config: SkipConfig | None = None) -> Itera
     check_sparsity(sparsity)
     owned = not isinstance(model, RoutedModel)
     routed = RoutedModel(model, config or SkipConfig()) if owned else model
+    before = routed.config.target_sparsity
     try:
         routed.config.target_sparsity = sparsity
         yield routed
     except BaseException:
         if owned:
             routed.unpatch()
+        else:
+            routed.config.target_sparsity = before
         raise
 
 

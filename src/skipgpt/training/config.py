@@ -150,7 +150,8 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": (
         "continue from OUTPUT/checkpoint.safetensors if present (identical result to an uninterrupted run); "
         "every other option must match the run that wrote it, except --checkpoint-every, --progress, "
-        "--report-to, --calibrate, --forecaster-steps and --forecaster-lr, and so must the number of processes")})
+        "--report-to, --calibrate, --forecaster-steps, --forecaster-lr and --forecaster-distill, and so must the "
+        "number of processes")})
     report_to: str = field(default="none", metadata={"choices": REPORTERS, "help": (
         "also log to tensorboard or wandb (the CSV log is always written)")})
     mixed_precision: str = field(default="no", metadata={"choices": PRECISIONS, "help": (
