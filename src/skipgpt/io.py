@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,53 +60,21 @@ def remove_temporaries(path: Path) -> None:
             pass  # removed meanwhile, or not ours to remove: the write goes on
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_temporaries(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        settle(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic(Path(path), write)
-
-
-def write_bytes_atomic(path: str | Path, data: bytes) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    _atomic(Path(path), write)
-
-
-def write_files_atomic(folder: str | Path, files: dict[str, str | bytes]) -> list[Path]:
-    """Write several files of one folder as a set: every temporary first, then the renames. A write that fails
-    (a full disk) leaves the folder's earlier files all as they were, not half of them replaced."""
-    folder = Path(folder)
+def _write_set(folder: Path, writers: dict[str, Callable[[str], None]]) -> list[Path]:
+    """Write files of one folder (name -> a function writing it at the path given) as a set: every temporary
+    first, then the renames. A write that fails (a full disk) leaves the folder's earlier files all as they were."""
     folder.mkdir(parents=True, exist_ok=True)
-    for name in files:  # a rename onto a folder fails: refuse before replacing anything
+    for name in writers:  # a rename onto a folder fails: refuse before replacing anything
         if (folder / name).is_dir():
             raise IsADirectoryError(errno.EISDIR, "a folder is in the way of a file to write", str(folder / name))
     temps: list[tuple[str, Path]] = []
     try:
-        for name, content in files.items():
+        for name, write in writers.items():
             remove_temporaries(folder / name)
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+            os.close(fd)
             temps.append((tmp, folder / name))
-            with os.fdopen(fd, "wb") as f:
-                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            write(tmp)
             settle(tmp)
         for tmp, path in temps:
             os.replace(tmp, path)
@@ -117,6 +86,28 @@ def write_files_atomic(folder: str | Path, files: dict[str, str | bytes]) -> lis
     return [path for _, path in temps]
 
 
+def write_files_atomic(folder: str | Path, files: dict[str, str | bytes]) -> list[Path]:
+    """Several files of one folder (name -> text or bytes), written as a set (see _write_set)."""
+
+    def writer(content: str | bytes) -> Callable[[str], None]:
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+        return write
+
+    return _write_set(Path(folder), {name: writer(content) for name, content in files.items()})
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    path = Path(path)
+    write_files_atomic(path.parent, {path.name: text})
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    write_files_atomic(path.parent, {path.name: data})
+
+
 def write_json_atomic(path: str | Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -124,7 +115,8 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
 def save_safetensors_atomic(
     path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
 ) -> None:
-    _atomic(Path(path), lambda tmp: save_tensors(tensors, tmp, metadata))
+    path = Path(path)
+    _write_set(path.parent, {path.name: lambda tmp: save_tensors(tensors, tmp, metadata)})
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ..errors import DataError  # noqa: E402
-from ..io import write_bytes_atomic, write_files_atomic, write_text_atomic  # noqa: E402
+from ..io import write_files_atomic  # noqa: E402
 
 ATTN_COLOR, MLP_COLOR = "#d62728", "#1f77b4"
 
@@ -71,8 +71,7 @@ def render(fig) -> bytes:
 
 def _write(path: Path, content: str | bytes) -> Path:
     """Write through a temporary and a rename: a reader never sees half a file."""
-    (write_text_atomic if isinstance(content, str) else write_bytes_atomic)(path, content)
-    return path
+    return write_files_atomic(path.parent, {path.name: content})[0]
 
 
 def save_figure(fig, path: Path) -> Path:
