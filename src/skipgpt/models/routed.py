@@ -224,9 +224,6 @@ class RoutedModel(nn.Module):
         """Execute gate (batch, seq) for module `kind` of `layer`, given its router input x: float in {0, 1}
         with a straight-through gradient while routers train, a bool decision otherwise."""
         k = KIND_INDEX[kind]
-        if x.requires_grad and self._folds is not None:
-            # A bool decision has no gradient. Recording none also lets checkpointing's recomputation reuse it.
-            x = x.detach()
         if self._argmax is not None:
             g = self._argmax[layer][k].executes(x)
         elif self.policy is not None:
