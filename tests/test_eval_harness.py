@@ -317,6 +317,14 @@ def test_a_perplexity_text_shorter_than_a_window_is_refused_before_any_task_runs
         evaluate(model, tokenizer, tasks, limit=2, seq_len=256, progress=False)  # the model's whole context
 
 
+@pytest.mark.parametrize("seq_len", [0, 1])
+def test_windows_that_score_nothing_are_refused_not_replaced_by_the_default(model, tokenizer, seq_len):
+    # seq_len=0 used to mean "the default" (2,048 tokens, the model's whole context here), silently
+    with pytest.raises(ConfigError, match=f"windows of {seq_len} tokens score nothing"):
+        evaluate(model, tokenizer, {"wikitext2": str(FIX / "hf" / "wikitext2")}, limit=1, seq_len=seq_len,
+                 progress=False)
+
+
 def test_evaluate_measures_with_tracking_off_and_keeps_the_callers_meter(model, tokenizer):
     routed = RoutedModel(model, SkipConfig())
     try:

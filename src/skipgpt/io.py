@@ -132,6 +132,13 @@ def check_output(path: str | Path, folder: bool = False, flag: str = "--output")
         raise ConfigError(f"{flag} {path} is a file; give a folder (it is created if missing)")
     if not folder and path.is_dir():
         raise ConfigError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'results.json'}")
+    # A link to nowhere (the output or a missing folder above it) would fail only at the write, after the work.
+    for part in (path.absolute(), *path.absolute().parents):
+        if part.exists():
+            break
+        if part.is_symlink():
+            raise ConfigError(f"{flag} {path} cannot be written: {part} is a link to {os.readlink(part)}, which "
+                              f"does not exist; create its target or choose another {flag}")
     existing = path if folder and path.is_dir() else path.absolute().parent
     while not existing.exists():
         existing = existing.parent

@@ -45,7 +45,10 @@ def check_context(model, positions: int, what: str) -> None:
 
 def default_seq_len(model, wanted: int | None = None, default: int = 2048) -> int:
     """The window length: `wanted` (refused past the model's maximum context), else `default` capped by it."""
-    if wanted:
+    if wanted is not None:  # 0 is a mistake to refuse, not "the default"
+        if wanted < 2:
+            raise ConfigError(f"windows of {wanted} tokens score nothing; give at least 2 (a window scores all "
+                              "its tokens but the first)")
         check_context(model, wanted, f"windows of {wanted} tokens")
         return int(wanted)
     limit = max_length(model)
