@@ -299,29 +299,3 @@ def test_no_calibrate_keeps_the_threshold_through_forecaster_tuning(tmp_path, mo
     result = trainer.train(cfg, routed=routed, data=PackedData(ids, ids[:4], "t"))
     assert result.routed.threshold == before
     assert "forecaster_tuning" in result.routed.config.extra
-
-
-@pytest.mark.parametrize("distill, forecaster_distill, used", [(0.0, None, 0.0), (0.0, 1.0, 1.0), (1.0, 0.0, 0.0)])
-def test_forecaster_steps_train_on_their_own_loss(tmp_path, monkeypatch, distill, forecaster_distill, used):
-    """--forecaster-distill sets the loss of the forecaster steps only (unset, --distill's); the router steps keep
-    --distill, and the run records the forecasters' loss."""
-    seen = {"router": set(), "forecaster": set()}
-
-    def recording(phase, real):
-        def wrapped(routed, batches, cfg, *args, **kwargs):
-            seen[phase].add(cfg.distill)
-            return real(routed, batches, cfg, *args, **kwargs)
-        return wrapped
-
-    monkeypatch.setattr(trainer, "step_gradients", recording("router", trainer.step_gradients))
-    monkeypatch.setattr(forecast, "step_gradients", recording("forecaster", forecast.step_gradients))
-    ids = torch.randint(0, 128, (12, 16), generator=torch.Generator().manual_seed(0))
-    cfg = TrainConfig(output=str(tmp_path / "out"), steps=2, seq_len=16, batch_size=2, checkpoint_every=0,
-                      progress=False, val_sequences=4, forecaster_rank=2, forecaster_steps=2, distill=distill,
-                      forecaster_distill=forecaster_distill)
-    routed = RoutedModel(make_tiny("llama"), SkipConfig(forecaster_rank=2))
-    result = trainer.train(cfg, routed=routed, data=PackedData(ids, ids[:4], "t"))
-    assert seen == {"router": {distill}, "forecaster": {used}}
-    assert result.routed.config.extra["forecaster_tuning"]["distill"] == used
-    with pytest.raises(ConfigError, match="forecaster_distill must be in"):
-        TrainConfig(forecaster_distill=1.5).validate()

@@ -220,7 +220,7 @@ def test_resume_may_change_the_forecaster_tuning_options(checkpoint, tiny_dir, t
     out = tmp_path / "out"
     shutil.copytree(checkpoint.parent, out)
     argv = [*common(tiny_dir, out), "--steps", "2", "--checkpoint-every", "1", "--resume"]
-    assert run_cli([*argv, "--forecaster-lr", "1e-4", "--forecaster-steps", "5", "--forecaster-distill", "1"]) == 0
+    assert run_cli([*argv, "--forecaster-lr", "1e-4", "--forecaster-steps", "5"]) == 0
 
 
 def test_resume_refuses_routers_whose_content_changed(tiny_dir, tmp_path, capsys):

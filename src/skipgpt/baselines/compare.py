@@ -62,7 +62,6 @@ class CompareSettings:
     alpha: float = TrainConfig.alpha
     lr: float = TrainConfig.lr
     distill: float = TrainConfig.distill
-    forecaster_distill: float | None = TrainConfig.forecaster_distill
     seed: int = TrainConfig.seed
 
 
@@ -95,8 +94,7 @@ def check_targets(s: CompareSettings, sparsities: list[float]) -> None:
 def _train_config(s: CompareSettings, stage: str, sparsity: float, output: Path, routers: Path | None = None):
     return TrainConfig(stage=stage, model=s.model, data=s.data, output=str(output), target_sparsity=sparsity,
                        steps=s.steps, seq_len=s.seq_len, batch_size=s.batch_size, alpha=s.alpha, lr=s.lr,
-                       distill=s.distill, forecaster_distill=s.forecaster_distill, seed=s.seed,
-                       routers=None if routers is None else str(routers),
+                       distill=s.distill, seed=s.seed, routers=None if routers is None else str(routers),
                        dtype=s.dtype, progress=False, checkpoint_every=0)
 
 
@@ -124,8 +122,6 @@ class Builder:
             cfg = _train_config(self.s, "router", 0.25, Path(self.s.workdir))
             settings["informed"] = (f"rank {INFORMED_RANK}, {INFORMED_ROUTER} routers, {FIT_SEQUENCES} fit sequences, "
                                     f"{cfg.forecaster_steps} forecaster steps at lr {cfg.forecaster_lr:g}")
-            if cfg.forecaster_distill is not None:  # unset, the builds made before it existed stay current
-                settings["informed"] += f", forecaster distill {cfg.forecaster_distill!r}"
         return settings
 
     def fresh(self):

@@ -74,7 +74,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=None, help="comma-separated subset of the methods below (default: all)")
     p.add_argument("--steps", type=positive_int, default=CompareSettings.steps,
                    help="training steps of each trained method (default %(default)s)")
-    # The training options --data to --forecaster-distill are TrainConfig's (defaults included); only --data is read
+    # The training options --data to --distill are TrainConfig's (defaults included); only --data is read
     # differently here: for calibration too, and cached under --workdir.
     add_field_flag(p, TrainConfig, "data", help="training and calibration text: a .txt/.jsonl/.parquet file or "
                    "folder, a hub dataset, or 'self' (sampled from the dense model)")
@@ -86,7 +86,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "(default: the evaluator's, 2048 or the model's maximum)")
     p.add_argument("--calibration-sequences", type=positive_int, default=CompareSettings.calibration_sequences,
                    help="training sequences used for Block Influence and random-routing rates (default %(default)s)")
-    for name in ("alpha", "lr", "distill", "forecaster_distill"):
+    for name in ("alpha", "lr", "distill"):
         add_field_flag(p, TrainConfig, name)
     add_field_flag(p, TrainConfig, "seed", note="a build made with another seed is rebuilt; run-to-run spread "
                    "comes from tables that differ only in it")

@@ -29,7 +29,7 @@ RNG_KEY = "rng.torch"
 # The forecaster options act only after the last router step, past every checkpoint (so the NaN error's advice,
 # a lower --forecaster-lr, can be followed with --resume).
 RESUME_MAY_CHANGE = frozenset({"resume", "progress", "report_to", "checkpoint_every", "output", "calibrate",
-                               "forecaster_steps", "forecaster_lr", "forecaster_distill"})
+                               "forecaster_steps", "forecaster_lr"})
 # Options naming local files: the same file under another spelling (relative, absolute, ~) is the same option.
 PATH_OPTIONS = frozenset({"data", "model", "routers"})
 

@@ -126,9 +126,6 @@ class TrainConfig:
         "informed skipping: after router tuning, train the forecasters for N steps on the training loss, "
         "routers frozen at their calibrated decisions and the base frozen; 0 = keep the closed-form fit")})
     forecaster_lr: float = field(default=5e-4, metadata={"help": "peak learning rate of those forecaster steps"})
-    forecaster_distill: float | None = field(default=None, metadata={"help": (
-        "loss of those forecaster steps, on --distill's scale: 0 = LM loss, 1 = KL from the dense model (in a "
-        "pilot it carried better off the training text) (default: --distill's)")})
     execute_bias: float = field(default=2.0, metadata={
         "help": "new routers: initial execute-logit margin, so training starts from the dense model"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
@@ -150,8 +147,7 @@ class TrainConfig:
     resume: bool = field(default=False, metadata={"help": (
         "continue from OUTPUT/checkpoint.safetensors if present (identical result to an uninterrupted run); "
         "every other option must match the run that wrote it, except --checkpoint-every, --progress, "
-        "--report-to, --calibrate, --forecaster-steps, --forecaster-lr and --forecaster-distill, and so must the "
-        "number of processes")})
+        "--report-to, --calibrate, --forecaster-steps and --forecaster-lr, and so must the number of processes")})
     report_to: str = field(default="none", metadata={"choices": REPORTERS, "help": (
         "also log to tensorboard or wandb (the CSV log is always written)")})
     mixed_precision: str = field(default="no", metadata={"choices": PRECISIONS, "help": (
@@ -197,10 +193,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value < 0:  # (finite numbers: checked with the types above)
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
-        for name in ("distill", "forecaster_distill"):
-            value = getattr(self, name)
-            if value is not None and not 0.0 <= value <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1] (0 = LM loss, 1 = KL to the dense model), got {value}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise ConfigError(f"distill must be in [0, 1] (0 = LM loss, 1 = KL to the dense model), got {self.distill}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio < 1.0:

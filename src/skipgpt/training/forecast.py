@@ -170,11 +170,6 @@ def fit_dense(routed: RoutedModel, data: PackedData, cfg: TrainConfig, device: t
     routed.config.extra["forecaster_fit_tokens"] = fit["tokens"]
 
 
-def forecaster_distill(cfg: TrainConfig) -> float:
-    """The distillation weight of the forecaster steps: their own, else the run's."""
-    return cfg.distill if cfg.forecaster_distill is None else cfg.forecaster_distill
-
-
 def tune_forecasters(routed: RoutedModel, data: PackedData, cfg: TrainConfig, accelerator: Accelerator) -> int:
     """Train the forecasters alone for cfg.forecaster_steps steps on the stage's loss (no sparsity term: the
     routers are frozen at their argmax decisions, so only skipped tokens reach a forecaster's gradient);
@@ -183,7 +178,7 @@ def tune_forecasters(routed: RoutedModel, data: PackedData, cfg: TrainConfig, ac
     bank = routed.forecasters
     bank.float().requires_grad_(True)  # master weights in fp32 whatever the base dtype
     optimizer = torch.optim.AdamW(bank.parameters(), lr=cfg.forecaster_lr, weight_decay=0.0)
-    loss_cfg = dataclasses.replace(cfg, alpha=0.0, distill=forecaster_distill(cfg))
+    loss_cfg = dataclasses.replace(cfg, alpha=0.0)
     world = accelerator.num_processes
     tokens = 0
     for step in range(cfg.forecaster_steps):
@@ -239,6 +234,5 @@ def fit_and_tune(routed: RoutedModel, data: PackedData, cfg: TrainConfig, val: l
             print(f"forecaster tuning raised held-out perplexity ({math.exp(fitted_nll):.2f} -> "
                   f"{math.exp(tuned_nll):.2f}): kept the fitted forecasters")
     extra["forecaster_tuning"] = {"held_out_ppl_fitted": math.exp(fitted_nll),
-                                  "held_out_ppl_tuned": math.exp(tuned_nll), "kept": kept,
-                                  "distill": forecaster_distill(cfg)}
+                                  "held_out_ppl_tuned": math.exp(tuned_nll), "kept": kept}
     return True  # both candidates calibrated, or neither (bisection from fixed bounds: repeatable)
