@@ -132,6 +132,7 @@ def test_compare_argument_errors():
     row = {"method": "shortgpt", "target_sparsity": 0.254, "sparsity": {"param": 0.25, "attention": 0.25, "mlp": 0.25},
            "tasks": {}, "average_acc": None, "retention": None}
     assert "| shortgpt | 25.4% |" in markdown_table([row])  # not rounded to the 25% row's target
+    assert "| shortgpt | 25.45% |" in markdown_table([{**row, "target_sparsity": 0.2545}])  # nor to 25.4%'s
     from skipgpt.baselines.compare import check_methods
 
     with pytest.raises(ConfigError, match="unknown methods"):
@@ -143,16 +144,19 @@ def test_compare_command_writes_json_markdown_and_figure(tiny_folder, tmp_path):
     from skipgpt.cli.main import main
 
     out = tmp_path / "cmp.json"
-    code = main(["compare", "--model", str(tiny_folder), "--methods", "dense,shortgpt", "--sparsity", "0.25",
+    code = main(["compare", "--model", str(tiny_folder), "--methods", "dense,shortgpt,random", "--sparsity", "0.25",
                  "--task", f"wikitext2={DATA / 'wikitext2' / 'wiki.test.raw'}", "--limit", "2",
                  "--eval-seq-len", "32", "--data", str(DATA / "text" / "tinyshakespeare.txt"), "--seq-len", "32",
                  "--calibration-sequences", "2", "--seed", "3", "--output", str(out)])
     assert code == 0
     rows = json.loads(out.read_text())
-    assert [r["method"] for r in rows] == ["dense", "shortgpt"]
-    # --seed reaches the build (a run-to-run spread comes from tables that differ only in it)
-    build = json.loads((tmp_path / "cmp_artifacts" / "shortgpt-25" / "build.json").read_text())
+    assert [r["method"] for r in rows] == ["dense", "shortgpt", "random"]
+    # --seed reaches a seeded build (a run-to-run spread comes from tables that differ only in it); Block Influence
+    # on file data does not read it
+    build = json.loads((tmp_path / "cmp_artifacts" / "random-25" / "build.json").read_text())
     assert build["settings"]["seed"] == "3"
+    assert "seed" not in json.loads((tmp_path / "cmp_artifacts" / "shortgpt-25" / "build.json").read_text())[
+        "settings"]
     for row in rows:  # the row shape scripts outside the repository read
         assert set(row) >= {"method", "sparsity", "tasks", "average_acc", "retention"}
         assert set(row["sparsity"]) == {"param", "attention", "mlp"}
@@ -315,3 +319,74 @@ def test_compare_reevaluates_when_a_task_file_changes_under_the_same_path(small,
     want = run_comparison(dataclasses.replace(s, workdir=tmp_path / "fresh"), [0.25], log=lambda _: None)
     ppl = [rows[0]["tasks"]["wikitext2"]["ppl"] for rows in (first, again, want)]
     assert ppl[1] != ppl[0] and ppl[1] == ppl[2]
+
+
+def rebuilt(s: CompareSettings, logs: list[str]) -> set[str]:
+    return {name for name in ("shortgpt-25", "skipgpt-rt-25", "skipgpt-rt-lora-25")
+            if any(f"{name} was built with other settings" in m for m in logs)}
+
+
+def test_compare_rebuilds_only_the_builds_a_changed_setting_reaches(small, tmp_path):
+    model, eval_text, data = small
+    s = small_settings(model, eval_text, data, tmp_path / "work", ["shortgpt", "skipgpt-rt"])
+    run_comparison(s, [0.25], log=lambda _: None)
+    for change, want in [({"steps": 2}, {"skipgpt-rt-25"}),  # Block Influence reads no training recipe
+                         ({"calibration_sequences": 3}, {"shortgpt-25"}),  # router tuning reads no calibration set
+                         ({"seed": 1}, {"skipgpt-rt-25"}),  # file data: the calibration sequences need no seed
+                         ({"seq_len": 16}, {"shortgpt-25", "skipgpt-rt-25"})]:
+        s = dataclasses.replace(s, **change)
+        logs: list[str] = []
+        run_comparison(s, [0.25], log=logs.append)
+        assert rebuilt(s, logs) == want, change
+    # a build log that recorded more settings than its build reads (an older version's) stays current
+    path = artifact_dir(s, "shortgpt", 0.25) / "build.json"
+    log = json.loads(path.read_text())
+    path.write_text(json.dumps({**log, "settings": {**log["settings"], "steps": "99", "alpha": "0.5"}}))
+    logs = []
+    run_comparison(s, [0.25], log=logs.append)
+    assert not rebuilt(s, logs) and sum("reusing" in m for m in logs) == 2
+
+
+def test_a_lora_build_logs_its_own_stage_not_stage_1(small, tmp_path, monkeypatch):
+    """Its build seconds and token counts are the LoRA stage's, whether stage 1 was built in the same call."""
+    model, eval_text, data = small
+    clock = [0.0]
+    real_train = compare.train
+
+    def timed_train(cfg, **kwargs):
+        clock[0] += 1000.0 if cfg.stage == "router" else 10.0
+        return real_train(cfg, **kwargs)
+
+    monkeypatch.setattr(compare, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    monkeypatch.setattr(compare, "train", timed_train)
+    s = small_settings(model, eval_text, data, tmp_path / "work", ["skipgpt-informed-lora"])
+    run_comparison(s, [0.25], log=lambda _: None)
+    stage1, lora = (json.loads((artifact_dir(s, m, 0.25) / "build.json").read_text())
+                    for m in ("skipgpt-informed", "skipgpt-informed-lora"))
+    assert stage1["seconds"] == 1000.0 and stage1["fit_tokens"] > 0 and stage1["tune_tokens"] > 0
+    assert lora["seconds"] == 10.0 and lora["fit_tokens"] == lora["tune_tokens"] == 0
+
+
+def test_compare_refuses_training_sequences_past_the_context_before_the_dense_evaluation(small, tmp_path):
+    model, eval_text, data = small  # the tiny model has 256 positions
+    s = dataclasses.replace(small_settings(model, eval_text, data, tmp_path / "work", ["dense", "shortgpt"]),
+                            seq_len=300)
+    with pytest.raises(ConfigError, match="training sequences of 300 tokens exceed the model's maximum context"):
+        run_comparison(s, [0.25], log=lambda _: None)
+    assert not list(tmp_path.rglob("eval-*.json")) and not list(tmp_path.rglob("build.json"))
+
+
+def test_compare_command_refuses_its_output_as_workdir_and_drops_a_stale_chart(small, tmp_path, capfd):
+    model, eval_text, data = small
+    out = tmp_path / "cmp.json"
+    argv = ["compare", "--model", str(model), "--task", f"wikitext2={eval_text}", "--limit", "1", "--eval-seq-len",
+            "32", "--data", str(data), "--seq-len", "32", "--calibration-sequences", "2", "--output", str(out)]
+    for workdir in (out, out.with_suffix(".png")):
+        capfd.readouterr()
+        assert run_cli([*argv, "--methods", "dense", "--workdir", str(workdir)]) == 2
+        assert "is where the results are written" in one_error_line(capfd.readouterr().err, "compare")
+        assert not list(tmp_path.iterdir())
+    assert run_cli([*argv, "--methods", "dense,shortgpt"]) == 0 and out.with_suffix(".png").exists()
+    assert run_cli([*argv, "--methods", "dense"]) == 0
+    assert not out.with_suffix(".png").exists()  # the earlier chart showed a method these results lack
+    assert [r["method"] for r in json.loads(out.read_text())] == ["dense"]

@@ -5,6 +5,8 @@ unmodified model's when every module executes), --compare-dense prints both, bad
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,6 +181,41 @@ def test_generate_refuses_a_reply_past_the_models_context(model_dir, capsys):
     assert run_cli(_generate_cli(model_dir, "--max-new-tokens", str(64 - prompt))) == 0  # exactly fits
 
 
+def test_a_prompt_that_is_not_utf8_is_one_line_before_the_model_loads(model_dir, capsys):
+    # bytes that are not UTF-8 reach Python as lone surrogates (what a shell passes for $'\\xff'); the tokenizer
+    # refused them with a traceback
+    assert run_cli(["generate", "--model", model_dir, "--prompt", "bad \udcff\udcfe bytes", "--device", "cpu"]) == 2
+    assert one_error_line(capsys.readouterr().err, "generate").endswith("--prompt is not valid UTF-8 text")
+
+
+def test_the_reply_is_greedy_whatever_the_models_generation_config_asks(model_dir, tmp_path):
+    """A model may ship a repetition penalty (Qwen2-Instruct's does) or an n-gram ban: generate() would
+    apply them under do_sample=False. The reply must be the argmax continuation, computed here step by step."""
+    folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    gen_config = json.loads((folder / "generation_config.json").read_text())
+    gen_config.update(repetition_penalty=0.05)  # below 1 it favours seen tokens: it surely changes this reply
+    (folder / "generation_config.json").write_text(json.dumps(gen_config))
+    model, tok = skipgpt.load_model(str(folder))
+    assert model.generation_config.repetition_penalty == 0.05
+    ids = prompt_ids(tok, PROMPT)
+    reply, _ = generate(model, tok, ids, NEW)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    seq = ids
+    with torch.no_grad():
+        for _ in range(NEW):
+            token = model(input_ids=seq).logits[:, -1:].argmax(-1)
+            seq = torch.cat([seq, token], dim=1)
+            if int(token) in eos:
+                break
+    argmax = seq[0, ids.shape[1]:].tolist()
+    assert reply.new_ids == argmax
+    with torch.no_grad():  # the model's settings do change this reply: the check above can fail
+        penalised = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                                   do_sample=False, pad_token_id=tok.pad_token_id)
+    assert penalised[0, ids.shape[1]:].tolist() != argmax
+
+
 def test_empty_prompt_is_one_line(model_dir, capsys):
     argv = ["generate", "--model", model_dir, "--prompt", "", "--raw-prompt", "--device", "cpu"]
     assert run_cli(argv) == 2
@@ -200,6 +237,25 @@ def test_bench_reports_batch_1_beside_batch_n(model_dir, varied_dir, batch, tmp_
         assert 0 < result["decode_sparsity"]["param"] < 1
     out = capsys.readouterr().out
     assert f"\nbatch {batch}: param sparsity" in out and out.count("\nbatch 1: param sparsity") == 1
+    assert r["routing"] == "routers" and r["target_sparsity"] is None  # the routers' own threshold decides
+
+
+def test_bench_records_the_random_stand_ins_target_exactly(model_dir, tmp_path):
+    path = tmp_path / "bench.json"
+    assert run_cli(["bench", "--model", model_dir, "--device", "cpu", "--seq-len", "8", "--batch-size", "1",
+                    "--decode-tokens", "2", "--repeats", "1", "--sparsity", "0.125", "--output", str(path)]) == 0
+    r = json.loads(path.read_text())
+    assert r["target_sparsity"] == 0.125 and r["routing"] == "random per-token skip of 12.5% per module"
+
+
+@pytest.mark.parametrize("batch", ["65537", "99999999999999999999"])
+def test_bench_refuses_an_absurd_batch_before_the_model_loads(model_dir, batch, tmp_path, capsys):
+    # it failed in torch with a traceback: randint's size overflowed, or the allocator gave up
+    argv = ["bench", "--model", model_dir, "--device", "cpu", "--seq-len", "8", "--batch-size", batch,
+            "--output", str(tmp_path / "bench.json")]
+    assert run_cli(argv) == 2
+    assert f"must be at most 65536, got {batch}" in one_error_line(capsys.readouterr().err, "bench")
+    assert not (tmp_path / "bench.json").exists()
 
 
 @pytest.mark.parametrize("seq_len, decode", [(63, 2), (100000000000, 2)])

@@ -22,6 +22,7 @@ from ..config import FILES_KEY, SkipConfig
 from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..evaluation import tasks as task_data
+from ..evaluation.perplexity import check_context
 from ..io import write_json_atomic
 from ..models.adapters import fingerprint
 from ..models.loading import load_model
@@ -37,8 +38,12 @@ from .static import random_routing, shortgpt, static_modules
 
 # Written last: marks a finished build, keeps its wall time for reruns, and the settings it was built with.
 BUILD_LOG = "build.json"
-BUILD_SETTINGS = ("model", "dtype", "steps", "data", "seq_len", "batch_size", "calibration_sequences", "alpha",
-                  "lr", "distill", "seed")
+# The settings each kind of build reads (a change to any other reuses it): trained methods read the training
+# recipe; Block Influence and random routing read only the calibration sequences (random routing: also its seed
+# and, through its reference rates, the SkipGPT-RT build). Sampled ('self') data depends on the seed too.
+TRAINED_SETTINGS = ("model", "dtype", "steps", "data", "seq_len", "batch_size", "alpha", "lr", "distill", "seed")
+CALIBRATED_SETTINGS = ("model", "dtype", "data", "seq_len", "calibration_sequences")
+CALIBRATED_METHODS = ("shortgpt", "static-modules", "random")
 
 
 @dataclass
@@ -113,7 +118,12 @@ class Builder:
     def settings(self, method: str, sparsity: float) -> dict:
         """What a build of `method` depends on; informed methods add their fixed recipe and random routing the
         SkipGPT-RT build whose rates it copies, so a build made under another one is rebuilt rather than reused."""
-        settings = {k: str(getattr(self.s, k)) for k in BUILD_SETTINGS}
+        if method in CALIBRATED_METHODS:
+            seeded = method == "random" or self.s.data == "self"
+            keys = CALIBRATED_SETTINGS + (("seed",) if seeded else ())
+        else:
+            keys = TRAINED_SETTINGS
+        settings = {k: str(getattr(self.s, k)) for k in keys}
         settings.update(data_sha256=self.data_sha256, base_fingerprint=self.fingerprint)
         if method == "random":
             rt = self._current("skipgpt-rt", sparsity)
@@ -178,6 +188,7 @@ class Builder:
             first = method.removesuffix("-lora")
             rt = artifact_dir(self.s, first, sparsity)
             self.build(first, sparsity)  # reused when current; a stage 1 of other settings is rebuilt first
+            tic = time.perf_counter()  # this row's build is the LoRA stage; stage 1's time is in its own log
             routed = load_routers(model, rt)
             data = self.data(routed, tok)
             cfg = _train_config(self.s, "lora", sparsity, out, routers=rt)
@@ -188,7 +199,8 @@ class Builder:
             raise ConfigError(f"unknown method {method}")
         seconds = time.perf_counter() - tic
         # forward-only forecaster fitting and forecaster tuning read training text too: their tokens go on record
-        extra = routed.config.extra if isinstance(routed, RoutedModel) else {}
+        # (a LoRA stage does neither: the counts its routers carry are stage 1's, in stage 1's own log)
+        extra = routed.config.extra if isinstance(routed, RoutedModel) and not method.endswith("-lora") else {}
         write_json_atomic(out / BUILD_LOG, {"method": method, "sparsity": sparsity, "seconds": seconds,
                                             "settings": self.settings(method, sparsity),
                                             "fit_tokens": int(extra.get("forecaster_fit_tokens", 0)),
@@ -234,8 +246,10 @@ class Builder:
     def _current(self, method: str, sparsity: float) -> Path | None:
         """The folder of `method`'s build at this sparsity if it finished with the current settings."""
         log = self._finished(method, sparsity)
+        saved = dict(log.get("settings") or {}) if log is not None else {}
+        # Only the settings this build reads are compared: logs that recorded more (older versions) stay current.
         current = (log is not None and log.get("sparsity") == sparsity  # not another target printed alike
-                   and dict(log.get("settings") or {}) == self.settings(method, sparsity))
+                   and all(saved.get(k, "<absent>") == v for k, v in self.settings(method, sparsity).items()))
         return artifact_dir(self.s, method, sparsity) if current else None
 
 
@@ -319,6 +333,8 @@ def run_comparison(s: CompareSettings, sparsities: list[float], log: Callable[[s
     rows: list[dict] = []
     # Retention needs the dense average whether or not dense is listed.
     model, tok, _ = builder.build("dense", 0.0)
+    if any(m != "dense" for m in methods):  # past the context, training and Block Influence give wrong numbers
+        check_context(model, s.seq_len, f"training sequences of {s.seq_len} tokens")
     key = eval_key(s, builder.fingerprint)
     log("dense: evaluating")
     dense_result, seconds = evaluate_method(s, model, tok, artifact_dir(s, "dense", 0.0) / f"eval-{key}.json")

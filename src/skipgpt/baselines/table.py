@@ -42,7 +42,7 @@ def markdown_table(rows: list[dict]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         sp = r["sparsity"]
-        cells = [r["method"], f"{100 * r.get('target_sparsity', 0.0):.3g}%",  # 25%, and 25.4% not rounded to it
+        cells = [r["method"], f"{100 * r.get('target_sparsity', 0.0):g}%",  # as the build folders: 25%, 25.4%, 25.45%
                  f"{100 * sp['param']:.1f}% ({100 * sp['attention']:.0f} / {100 * sp['mlp']:.0f})"]
         cells += [_mc_cell(n, r["tasks"].get(n, {})) for n in mc]
         cells += [_fmt(r.get("average_acc"), "acc"), _fmt(r.get("retention"), "pct")]

@@ -29,6 +29,7 @@ from .common import (
     add_model_flags,
     add_output,
     add_routers,
+    int_at_least,
     model_options,
     positive_int,
     sparsity,
@@ -49,7 +50,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="fraction of parameters to skip, e.g. 0.25 (default: 0.25 without --routers, "
                         "the routers' own threshold with them)")
     p.add_argument("--seq-len", type=positive_int, default=512, help="prompt length in tokens (default %(default)s)")
-    p.add_argument("--batch-size", type=positive_int, default=4,
+    # (bounded: an absurd batch would fail in torch with a traceback, in randint's size or the allocator)
+    p.add_argument("--batch-size", type=int_at_least(1, 65536), default=4,
                    help="sequences per batch; batch 1 is always measured too (default %(default)s)")
     p.add_argument("--decode-tokens", type=positive_int, default=32,
                    help="greedy decode steps timed (default %(default)s)")
@@ -83,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
                                    decode_tokens=args.decode_tokens, repeats=args.repeats, sparsity=target)
     result["model"] = args.model
     result["routers"] = args.routers
+    result["target_sparsity"] = args.sparsity if args.routers else target  # exact: "routing" prints it rounded
     write_results(args.output, result)
     print(f"{result['device']}, {result['dtype']}, prompt {args.seq_len} tokens, {args.decode_tokens} decode steps")
     batches = [(args.batch_size, result)] + ([(1, result["batch_1"])] if args.batch_size != 1 else [])

@@ -122,6 +122,9 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"--output {output}: {side} is a folder, and the table and the chart are written "
                               "beside the JSON under its name with .md and .png; choose another --output")
     check_output(workdir, folder=True, flag="--workdir")
+    if workdir.resolve() in {p.resolve() for p in (output, output.with_suffix(".md"), output.with_suffix(".png"))}:
+        raise ConfigError(f"--workdir {workdir} is where the results are written (--output {output}, with .md and "
+                          ".png beside it); choose another --workdir")
     read = {"tasks": tasks, "methods": methods, "workdir": workdir}  # every other setting is the flag of its name
     settings = CompareSettings(**read, **{f.name: getattr(args, f.name) for f in dataclasses.fields(CompareSettings)
                                           if f.name not in read})
@@ -136,5 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
         written.append(comparison_figure(rows, output.with_suffix(".png"),
                                          f"{args.model}: every method at equal parameter sparsity"))
+    else:  # a chart from an earlier run under this name would show methods these results do not have
+        output.with_suffix(".png").unlink(missing_ok=True)
     print("wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -2,7 +2,8 @@
 
 Load MODEL and the routers in --routers (sparse mode: a module a token skips is not computed), send
 --prompt as one user turn of the tokenizer's chat template (instruction-tuned models such as
-SmolLM2-Instruct expect it; --raw-prompt sends the text as it is), stream the greedy reply token by
+SmolLM2-Instruct expect it; --raw-prompt sends the text as it is), stream the greedy reply (a repetition
+penalty or sampling in the model's generation_config is not applied) token by
 token, then print the decode speed in tokens/s (the new tokens after the first, prefill excluded) and
 the prefill time (prompt forward to first new token). Without --routers the unmodified model
 generates; with them, the realised sparsity of the routed generation follows. --compare-dense also
@@ -45,6 +46,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise ConfigError("--prompt is empty")
+    try:  # bytes that are not UTF-8 arrive as lone surrogates, which the tokenizer refuses with a traceback
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError("--prompt is not valid UTF-8 text") from None
     if args.compare_dense and not args.routers:
         raise ConfigError("--compare-dense compares routed with dense generation: give --routers DIR")
     if args.routers:

@@ -229,7 +229,7 @@ def measure_speed(
     )
     result["shape"] = {"seq_len": seq_len, "batch_size": batch_size, "decode_tokens": decode_tokens,
                        "repeats": repeats, "threads": torch.get_num_threads()}
-    result["routing"] = "routers" if sparsity is None else f"random per-token skip of {sparsity:.0%} per module"
+    result["routing"] = "routers" if sparsity is None else f"random per-token skip of {100 * sparsity:g}% per module"
     return result
 
 

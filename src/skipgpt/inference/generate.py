@@ -20,6 +20,10 @@ from ..errors import ConfigError
 from ..models.adapters import unwrap
 from ..routing.sparsity import SparsityMeter
 
+# Greedy whatever the model's generation_config asks for (Qwen2-Instruct's sets a repetition penalty, which
+# generate() would apply under do_sample=False): only the argmax reply is comparable token by token.
+GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+
 
 def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
     """(1, T) token ids of `prompt`, as one user turn of the tokenizer's chat template when it has one
@@ -93,7 +97,7 @@ def generate(model, tokenizer, ids: torch.Tensor, max_new_tokens: int, echo: boo
     ids = ids.to(device)
     streamer = TimedStreamer(tokenizer, echo=echo, meter=meter)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False, pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+                         pad_token_id=tokenizer.pad_token_id, streamer=streamer, **GREEDY)
     new = out[0, ids.shape[1]:].tolist()
     t = streamer.times
     # t[0]: prompt handed over, t[1]: first new token, t[-1]: last new token
