@@ -390,3 +390,15 @@ def test_compare_command_refuses_its_output_as_workdir_and_drops_a_stale_chart(s
     assert run_cli([*argv, "--methods", "dense"]) == 0
     assert not out.with_suffix(".png").exists()  # the earlier chart showed a method these results lack
     assert [r["method"] for r in json.loads(out.read_text())] == ["dense"]
+
+
+def test_a_cached_evaluation_that_is_not_a_results_dict_is_evaluated_again(small, tmp_path):
+    model, eval_text, data = small
+    s = small_settings(model, eval_text, data, tmp_path / "work", ["dense"])
+    first = run_comparison(s, [0.25], log=lambda _: None)
+    (cache,) = artifact_dir(s, "dense", 0.0).glob("eval-*.json")
+    for broken in ([1, 2], "text", None):  # valid JSON, but no results dict: make_row failed with a traceback
+        cache.write_text(json.dumps({"result": broken, "seconds": 1.0}))
+        again = run_comparison(s, [0.25], log=lambda _: None)
+        assert again[0]["tasks"]["wikitext2"]["ppl"] == first[0]["tasks"]["wikitext2"]["ppl"]
+        assert isinstance(json.loads(cache.read_text())["result"], dict)

@@ -293,9 +293,10 @@ def evaluate_method(s: CompareSettings, model, tokenizer, cache: Path) -> tuple[
     if cache.exists():
         try:
             saved = json.loads(cache.read_text(encoding="utf-8"))
-            return saved["result"], float(saved["seconds"])
+            if isinstance(saved["result"], dict):
+                return saved["result"], float(saved["seconds"])
         except (ValueError, KeyError, TypeError):
-            pass  # a cache, not user data: evaluate again
+            pass  # a cache, not user data: evaluate again (also when its result is not a results dict)
 
     tic = time.perf_counter()
     result = evaluate(model, tokenizer, dict(s.tasks), limit=s.limit, batch_size=s.eval_batch_size,
