@@ -446,6 +446,12 @@ def test_yaml_config_roundtrip_and_flags_override(tmp_path):
     flags = {a.dest for a in parser._subparsers._group_actions[0].choices["train"]._actions}
     assert {f.name for f in dataclasses.fields(TrainConfig)} <= flags
 
+    # a YAML list is cleaned as the comma-separated flag is; all blank is refused before a model loads
+    path.write_text('lora_targets: [" q_proj ", "", v_proj]\n')
+    assert TrainConfig.load(path).lora_targets == ["q_proj", "v_proj"]
+    path.write_text('lora_targets: ["", " "]\n')
+    with pytest.raises(ConfigError, match="lora_targets must name at least one module"):
+        TrainConfig.load(path)
     path.write_text("steps: 3\nbogus: 1\n")
     with pytest.raises(ConfigError, match=r"c.yaml: unknown options \['bogus'\]"):
         TrainConfig.load(path)

@@ -208,8 +208,9 @@ class TrainConfig:
                               "regulariser holds the sparsity")
         if self.checkpoint_every < 0:
             raise ConfigError(f"checkpoint_every must be >= 0 (0 = never), got {self.checkpoint_every}")
-        if isinstance(self.lora_targets, str):
-            self.lora_targets = [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        # "q_proj, v_proj" from the command line, or a YAML list: blanks and spaces are slips either way
+        targets = self.lora_targets.split(",") if isinstance(self.lora_targets, str) else self.lora_targets
+        self.lora_targets = [t.strip() for t in targets if t.strip()]
         if not self.lora_targets:
             raise ConfigError("lora_targets must name at least one module (e.g. q_proj)")
 
