@@ -211,6 +211,8 @@ WINO_ITEM = {"sentence": "The cup fell off the shelf because _ was wobbly.", "op
              "option2": "the shelf", "answer": "2"}
 HF_ARC_ITEM = {"id": "q1", "question": "Which is a liquid?", "choices": {"text": ["water", "stone"],
                "label": ["A", "B"]}, "answerKey": "A"}
+HS_ITEM = {"activity_label": "Cooking", "ctx_a": "A man cracks an egg.", "ctx_b": "he", "endings": ["fries it.",
+           "reads it.", "sings.", "swims."], "label": 0}
 
 
 @pytest.mark.parametrize("name, good, bad, why", [
@@ -230,6 +232,11 @@ HF_ARC_ITEM = {"id": "q1", "question": "Which is a liquid?", "choices": {"text":
     ("piqa", PIQA_ITEM, {**PIQA_ITEM, "label": float("inf")}, "label inf, not an integer"),
     ("piqa", PIQA_ITEM, {**PIQA_ITEM, "label": True}, "label True, not an integer"),
     ("piqa", PIQA_ITEM, {**PIQA_ITEM, "sol2": None}, "sol2 that is not text"),
+    # a blank choice: lm-eval's traceback after the model loaded (first item), or an acc_norm over zero characters
+    ("piqa", PIQA_ITEM, {**PIQA_ITEM, "sol1": ""}, "a choice with no text"),
+    ("arc_easy", HF_ARC_ITEM, {**HF_ARC_ITEM, "choices": {"text": ["water", "  "], "label": ["A", "B"]}},
+     "a choice with no text"),
+    ("hellaswag", HS_ITEM, {**HS_ITEM, "endings": ["a", "", "c", "d"]}, "a choice with no text"),
 ])
 def test_malformed_item_names_file_and_item(tmp_path, name, good, bad, why):
     from skipgpt.cli.eval import parse_tasks
@@ -241,6 +248,39 @@ def test_malformed_item_names_file_and_item(tmp_path, name, good, bad, why):
     assert f"{bad_file}: item 2 " in msg and why in msg
     with pytest.raises(DataError, match="item 2"):  # the CLI's check before the model loads
         parse_tasks([f"{name}={bad_file}"])
+
+
+def test_blank_ending_in_llamacpp_hellaswag_text_is_refused(tmp_path):
+    text = tmp_path / "hellaswag_val_full.txt"
+    text.write_text("Cooking: A man cracks an egg. he\n0\nfries it.\nreads it.\n\nswims.\n")
+    assert f"{text}: item 1 has a choice with no text" in one_line_error(load_task, "hellaswag", text)
+
+
+def test_arc_ids_of_mixed_types_are_read_as_text(tmp_path):
+    # a number, a string and no id: pyarrow refused the mix with a traceback after the model loaded
+    rows = [{**HF_ARC_ITEM, "id": 1}, {**HF_ARC_ITEM, "id": "x2"}, {k: v for k, v in HF_ARC_ITEM.items() if k != "id"}]
+    data = load_task("arc_easy", write_jsonl(tmp_path / "test.jsonl", rows))
+    assert [d["id"] for d in data.docs] == ["1", "x2", "2"]
+
+
+def test_json_nested_past_the_parsers_stack_is_not_json(tmp_path):
+    for name in ("ARC-Easy-Test.jsonl", "test.json"):
+        deep = tmp_path / name
+        deep.write_text("[" * 200_000)
+        assert f"{deep}: line 1 is not JSON" in one_line_error(load_task, "arc_easy", deep)
+
+
+def test_a_folder_with_several_files_for_the_split_is_refused_not_read_in_part(tmp_path):
+    # ai2_arc's layout: both tasks' test splits under one folder; or one split in shards
+    write_jsonl(tmp_path / "ai2_arc" / "ARC-Challenge" / "test.jsonl", [{**HF_ARC_ITEM, "id": "chal"}])
+    write_jsonl(tmp_path / "ai2_arc" / "ARC-Easy" / "test.jsonl", [{**HF_ARC_ITEM, "id": "easy"}])
+    msg = one_line_error(find_file, "arc_easy", tmp_path / "ai2_arc")
+    assert "2 files could hold the 'test' split of arc_easy" in msg and "ARC-Challenge/test.jsonl" in msg
+    assert find_file("arc_easy", tmp_path / "ai2_arc" / "ARC-Easy").parent.name == "ARC-Easy"
+    for shard in ("validation-00000-of-00002.jsonl", "validation-00001-of-00002.jsonl"):
+        write_jsonl(tmp_path / "piqa" / shard, [PIQA_ITEM])
+    assert "2 files could hold the 'validation' split of piqa" in one_line_error(find_file, "piqa",
+                                                                                 tmp_path / "piqa")
 
 
 def test_whole_number_labels_still_read(tmp_path):

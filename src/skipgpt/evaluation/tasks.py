@@ -89,8 +89,10 @@ def _hf_file(name: str, folder: Path) -> Path | None:
     for wanted in SPLIT_NAMES[split]:
         hits = [p for p in files if p.name.startswith(wanted) or p.parent.name == wanted]
         if hits:
-            if len(hits) > 1 and hits[0].suffix == ".parquet":
-                raise DataError(f"{folder}: split {wanted!r} is sharded over {len(hits)} files; pass one file")
+            if len(hits) > 1:  # shards, or several tasks' splits (ai2_arc's ARC-Easy and ARC-Challenge): not one
+                names = ", ".join(str(p.relative_to(folder)) for p in hits[:4]) + (", ..." if len(hits) > 4 else "")
+                raise DataError(f"{folder}: {len(hits)} files could hold the {wanted!r} split of {name} ({names}); "
+                                "pass the one file, or the folder of one task")
             return hits[0]
     if len(files) == 1:
         # A lone file of unmarked name is taken as the split asked for; one that names another task's
@@ -157,7 +159,7 @@ def read_records(path: Path) -> list[dict]:
     if path.suffix == ".json" and text.lstrip()[:1] in "[{":
         try:
             data = json.loads(text)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):  # (nesting deeper than the parser's stack: not data)
             data = None  # JSON lines under a .json name, as the HF json builder accepts
         if isinstance(data, list):
             rows = data
@@ -175,7 +177,7 @@ def read_records(path: Path) -> list[dict]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise DataError(f"{path}: line {number} is not JSON (expected one JSON object per line)") from None
         if not isinstance(row, dict):
             raise DataError(f"{path}: line {number} is not a JSON object")
@@ -192,6 +194,13 @@ def _need(path: Path, row: dict, keys: tuple[str, ...], index: int, what: str, t
     bad = [k for k in text if not isinstance(row[k], str)]
     if bad:
         raise DataError(f"{path}: item {index + 1} has {', '.join(bad)} that is not text")
+
+
+def _no_blank_choice(path: Path, index: int, choices: list[str]) -> None:
+    """A choice with no text cannot be scored: lm-eval fails on it with a traceback after the model loaded, or
+    (past the first item) scores it with an acc_norm that divides by its length, zero."""
+    if any(not c.strip() for c in choices):
+        raise DataError(f"{path}: item {index + 1} has a choice with no text")
 
 
 # -- multiple-choice tasks: convert to the HF schema the stock harness task reads ---------------------------
@@ -216,6 +225,7 @@ def _gold_index(path: Path, index: int, value, n: int) -> int:
 def _piqa(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
     for i, r in enumerate(rows):
         _need(path, r, ("goal", "sol1", "sol2"), i, "PIQA (goal, sol1, sol2)", text=("goal", "sol1", "sol2"))
+        _no_blank_choice(path, i, [r["sol1"], r["sol2"]])
     labels_file = path.with_name(path.stem + "-labels.lst")
     hf = all("label" in r for r in rows)
     if not hf:
@@ -260,6 +270,7 @@ def _hellaswag_jsonl(path: Path, rows: list[dict]) -> tuple[str, list[dict]]:
         endings = r["endings"]
         if not isinstance(endings, list) or len(endings) < 2 or not all(isinstance(e, str) for e in endings):
             raise DataError(f"{path}: item {i + 1} has no list of text endings")
+        _no_blank_choice(path, i, endings)
         gold = _gold_index(path, i, r["label"], len(endings))
         docs.append({"activity_label": r["activity_label"], "ctx_a": r["ctx_a"], "ctx_b": r["ctx_b"],
                      "endings": list(endings), "label": str(gold)})
@@ -275,6 +286,7 @@ def _hellaswag_text(path: Path) -> list[dict]:
     for i in range(len(lines) // 6):
         block = lines[6 * i : 6 * i + 6]
         gold = _gold_index(path, i, block[1].strip(), 4)
+        _no_blank_choice(path, i, block[2:6])
         docs.append({"query": block[0], "choices": block[2:6], "label": str(gold)})
     return docs
 
@@ -305,10 +317,12 @@ def _arc(path: Path, rows: list[dict], stem_key: str) -> tuple[str, list[dict]]:
         if len(texts) != len(labels) or len(texts) < 2:
             raise DataError(f"{path}: item {i + 1} has {len(texts)} choice texts and {len(labels)} labels; "
                             "expected one label per choice, at least 2 choices")
+        _no_blank_choice(path, i, texts)
         key = str(r["answerKey"]).strip()
         if key not in labels:
             raise DataError(f"{path}: item {i + 1} has answerKey {key!r}, not among its choice labels {labels}")
-        docs.append({"id": r.get("id", str(i)), stem_key: stem, "choices": {"text": texts, "label": labels},
+        # ids as text: a file mixing numbers, text and no id failed in pyarrow after the model loaded
+        docs.append({"id": str(r.get("id", i)), stem_key: stem, "choices": {"text": texts, "label": labels},
                      "answerKey": key})
     return fmt, docs
 
