@@ -317,6 +317,20 @@ def test_a_perplexity_text_shorter_than_a_window_is_refused_before_any_task_runs
         evaluate(model, tokenizer, tasks, limit=2, seq_len=256, progress=False)  # the model's whole context
 
 
+def test_no_progress_means_no_bars_from_the_harness_either(model, tokenizer, capfd):
+    import lm_eval.api.task
+    import tqdm
+
+    tasks = {"piqa": str(FIX / "piqa")}
+    for progress in (True, False):
+        capfd.readouterr()
+        evaluate(model, tokenizer, tasks, limit=2, progress=progress, seq_len=8)
+        bars = [b for b in ("Tokenizing inputs", "Running loglikelihood requests", "it/s]")
+                if b in capfd.readouterr().err]
+        assert bool(bars) == progress, (progress, bars)  # with progress the harness does draw them
+    assert lm_eval.api.task.tqdm is tqdm.tqdm  # its own bar is given back
+
+
 @pytest.mark.parametrize("seq_len", [0, 1])
 def test_windows_that_score_nothing_are_refused_not_replaced_by_the_default(model, tokenizer, seq_len):
     # seq_len=0 used to mean "the default" (2,048 tokens, the model's whole context here), silently

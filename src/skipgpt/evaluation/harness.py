@@ -17,11 +17,18 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import datasets
+import lm_eval.api.model
+import lm_eval.api.task
+import lm_eval.models.huggingface
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
+from tqdm import tqdm
 
 from ..artifact import ADAPTER_DIR, apply_adapter, load_adapter, load_routers
 from ..errors import ConfigError, DataError
@@ -183,6 +190,33 @@ def build_task(data: TaskData | None, name: str | None = None):
         return ConfigurableTask(config=config)
     finally:
         harness_logger.setLevel(level)
+
+
+# The harness modules whose progress bars no argument of evaluate() turns off (request building, tokenising,
+# scoring): each imports tqdm by name.
+HARNESS_BAR_MODULES = (lm_eval.api.task, lm_eval.api.model, lm_eval.models.huggingface)
+
+
+def _no_bar(*args, **kwargs) -> tqdm:
+    return tqdm(*args, **{**kwargs, "disable": True})  # over the caller's own disable=, which a partial would keep
+
+
+@contextmanager
+def quiet_bars() -> Iterator[None]:
+    """No progress bars from the harness or datasets in the block (what --no-progress promises): datasets has a
+    switch; the harness modules get a disabled tqdm meanwhile. Both are restored afterwards."""
+    was_on = datasets.is_progress_bar_enabled()
+    saved = [module.tqdm for module in HARNESS_BAR_MODULES]
+    datasets.disable_progress_bars()
+    for module in HARNESS_BAR_MODULES:
+        module.tqdm = _no_bar
+    try:
+        yield
+    finally:
+        for module, bar in zip(HARNESS_BAR_MODULES, saved):
+            module.tqdm = bar
+        if was_on:
+            datasets.enable_progress_bars()
 
 
 def run_task(lm: HFLM, task, limit: int | None = None, log_samples: bool = False) -> dict:

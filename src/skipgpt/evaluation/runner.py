@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from ..errors import DataError
 from ..models.routed import RoutedModel
 from . import tasks as task_data
-from .harness import SkipGPTLM, build_task, run_task
+from .harness import SkipGPTLM, build_task, quiet_bars, run_task
 from .perplexity import check_one_window, default_seq_len, perplexity, tokenize_text
 
 COLUMNS = ("task", "n", "acc", "acc_norm", "ppl", "tokens", "seq_len", "param", "attention", "mlp")
@@ -94,10 +94,10 @@ def evaluate(
                 data = task_data.load_task(name, path) if path else None
                 if data is not None and limit is not None:
                     data.docs = data.docs[:limit]  # the first N items, in file order
-                task = build_task(data, name)
-                if lm is None:
-                    lm = SkipGPTLM(model, tokenizer=tokenizer, batch_size=batch_size)
-                with torch.no_grad():
+                with torch.no_grad(), nullcontext() if progress else quiet_bars():
+                    task = build_task(data, name)
+                    if lm is None:
+                        lm = SkipGPTLM(model, tokenizer=tokenizer, batch_size=batch_size)
                     result = run_task(lm, task, limit=limit if data is None else None)
                 row = {**result, "metric": task_data.paper_metric(name),
                        "source": data.source if data else None, "format": data.format if data else "hub"}
