@@ -216,7 +216,8 @@ def test_an_adapter_of_another_peft_method_is_refused(tmp_path):
 
 def test_an_adapter_that_replaces_a_routed_module_is_one_error(tmp_path):
     """modules_to_save wraps the whole MLP: the routed forward would run the stale one, so it is refused (before:
-    a bare RuntimeError, a traceback on the command line)."""
+    a bare RuntimeError, a traceback on the command line), and before PEFT changes the caller's model (before:
+    its q_proj LoRA merged and its MLPs swapped)."""
     from peft import LoraConfig, get_peft_model
 
     directory = tmp_path / "r"
@@ -226,5 +227,11 @@ def test_an_adapter_that_replaces_a_routed_module_is_one_error(tmp_path):
     edit_config(directory, lambda c: c[FILES_KEY].update(
         {p.relative_to(directory).as_posix(): file_sha256(p) for p in (directory / ADAPTER_DIR).rglob("*")
          if p.is_file()}))
-    with pytest.raises(ArtifactError, match="replaces a whole decoder layer, attention or MLP module"):
-        load_routers(make_tiny("llama"), directory, lora="attach")
+    for lora in ("attach", "merge"):  # refused before PEFT touches the model: merged, q_proj had changed
+        model = make_tiny("llama")
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(ArtifactError, match=r"saves whole modules \(\['mlp'\]\), which routing runs itself"):
+            load_routers(model, directory, lora=lora)
+        after = model.state_dict()
+        assert untouched(model) and after.keys() == before.keys()
+        assert all(torch.equal(before[k], after[k]) for k in before)

@@ -249,6 +249,13 @@ def test_stage2_cli_from_stage1_routers(tmp_path, tiny_dir, capsys):
     assert json.loads((tmp_path / "s2" / "skip_config.json").read_text())["target_sparsity"] == 0.4
     assert (tmp_path / "s2" / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "s2" / "train_summary.json").exists()
+    # eval records the adapter the router directory applied (it said "lora": null, as if none had been)
+    for routers, lora in (("s2", str(tmp_path / "s2" / "adapter")), ("s1", None)):
+        out = tmp_path / f"eval-{routers}.json"
+        assert run_cli(["eval", "--model", str(tiny_dir / "model"), "--routers", str(tmp_path / routers), "--task",
+                        f"wikitext2={tiny_dir / 'text.txt'}", "--seq-len", "16", "--limit", "1", "--no-progress",
+                        "--output", str(out)]) == 0
+        assert json.loads(out.read_text())["lora"] == lora
 
 
 def test_stage2_refuses_a_target_other_than_its_frozen_routers(tmp_path, tiny_dir, capsys):

@@ -134,8 +134,10 @@ def load_routers(model: nn.Module, directory: str | Path, check: bool = True, lo
     """The model exactly as a run saved it: `model` (an HF causal LM) routed by the routers in `directory`,
     with a baseline's policy restored and the stage-2 adapter in DIR/adapter applied.
 
-    lora: "merge" folds the adapter into the base weights (fastest inference), "attach" keeps it as a
-    PEFT adapter (routed.model becomes a PeftModel), "none" ignores it. check: refuse routers trained
+    lora: "merge" folds the adapter into the base weights (fastest inference; on a bf16/fp16 base the merged
+    weights round otherwise than the run computed, so logits move slightly and a rare decision flips), "attach"
+    keeps it as a PEFT adapter (routed.model becomes a PeftModel: exactly the run, in any dtype), "none" ignores
+    it. check: refuse routers trained
     on another base model (check=False pairs them with `model`: its fingerprint is what a later save records).
     """
     if lora not in LORA_ACTIONS:
@@ -201,9 +203,13 @@ def check_adapter(directory: str | Path) -> Path:
         raise ArtifactError(f"{directory}: not a LoRA adapter folder (no adapter_config.json)")
     if not (directory / "adapter_model.safetensors").is_file():
         raise ArtifactError(f"{directory}: no adapter_model.safetensors (only safetensors adapters are read)")
-    kind = _adapter_config(directory).get("peft_type")
+    config = _adapter_config(directory)
+    kind = config.get("peft_type")
     if kind != "LORA":  # another PEFT method (prompt tuning, IA3...) has no LoRA weights to merge
         raise ArtifactError(f"{directory}: its peft_type is {kind!r}; skipgpt reads LoRA adapters only")
+    if config.get("modules_to_save"):  # refused here: after PEFT's load and merge the caller's model has changed
+        raise ArtifactError(f"{directory}: its adapter saves whole modules ({config['modules_to_save']}), which "
+                            "routing runs itself; skipgpt applies LoRA on the Linear projections only")
     return directory
 
 
@@ -288,6 +294,13 @@ def read_config(directory: str | Path) -> SkipConfig:
     """The config of a router directory, once every file it lists is there and unchanged (ArtifactError
     otherwise): commands call it to refuse a bad --routers before loading a model."""
     return _read(Path(directory))[0]
+
+
+def stage2_adapter(directory: str | Path) -> Path | None:
+    """The stage-2 adapter folder that load_routers(model, directory) applies, or None: what a command that
+    loaded those routers records and describes."""
+    directory = Path(directory)
+    return directory / ADAPTER_DIR if has_adapter(directory, _read(directory)[1]) else None
 
 
 def has_adapter(directory: Path, files: dict[str, str] | None) -> bool:
