@@ -188,17 +188,13 @@ def test_a_prompt_that_is_not_utf8_is_one_line_before_the_model_loads(model_dir,
     assert one_error_line(capsys.readouterr().err, "generate").endswith("--prompt is not valid UTF-8 text")
 
 
-def test_the_reply_is_greedy_whatever_the_models_generation_config_asks(model_dir, tmp_path):
-    """A model may ship a repetition penalty (Qwen2-Instruct's does) or an n-gram ban: generate() would
+@pytest.mark.parametrize("asks", [{"repetition_penalty": 0.05},  # below 1 it favours seen tokens
+                                  {"suppress_tokens": "FIRST"}, {"num_beams": 2, "length_penalty": 5.0}])
+def test_the_reply_is_greedy_whatever_the_models_generation_config_asks(model_dir, tmp_path, asks):
+    """A model may ship a repetition penalty (Qwen2-Instruct's does), suppressed tokens or beams: generate() would
     apply them under do_sample=False. The reply must be the argmax continuation, computed here step by step."""
-    folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
-    gen_config = json.loads((folder / "generation_config.json").read_text())
-    gen_config.update(repetition_penalty=0.05)  # below 1 it favours seen tokens: it surely changes this reply
-    (folder / "generation_config.json").write_text(json.dumps(gen_config))
-    model, tok = skipgpt.load_model(str(folder))
-    assert model.generation_config.repetition_penalty == 0.05
+    model, tok = skipgpt.load_model(model_dir)
     ids = prompt_ids(tok, PROMPT)
-    reply, _ = generate(model, tok, ids, NEW)
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     seq = ids
@@ -209,11 +205,21 @@ def test_the_reply_is_greedy_whatever_the_models_generation_config_asks(model_di
             if int(token) in eos:
                 break
     argmax = seq[0, ids.shape[1]:].tolist()
+
+    folder = Path(shutil.copytree(model_dir, tmp_path / "model"))
+    gen_config = json.loads((folder / "generation_config.json").read_text())
+    gen_config.update({k: [argmax[0]] if v == "FIRST" else v for k, v in asks.items()})
+    (folder / "generation_config.json").write_text(json.dumps(gen_config))
+    model, tok = skipgpt.load_model(str(folder))
+    before = model.generation_config.to_dict()
+    reply, _ = generate(model, tok, ids, NEW)
     assert reply.new_ids == argmax
-    with torch.no_grad():  # the model's settings do change this reply: the check above can fail
-        penalised = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+    assert model.generation_config.to_dict() == before  # the model's own settings are back after the call
+    if "num_beams" not in asks:  # the model's settings do change this reply: the check above can fail
+        with torch.no_grad():
+            asked = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
                                    do_sample=False, pad_token_id=tok.pad_token_id)
-    assert penalised[0, ids.shape[1]:].tolist() != argmax
+        assert asked[0, ids.shape[1]:].tolist() != argmax
 
 
 def test_empty_prompt_is_one_line(model_dir, capsys):

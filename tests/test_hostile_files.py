@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from skipgpt import RoutedModel, SkipConfig, load_routers, save_routers
-from skipgpt.artifact import ADAPTER_DIR, CONFIG_NAME, FORECASTERS_NAME, WEIGHTS_NAME, check_adapter
+from skipgpt.artifact import ADAPTER_DIR, CONFIG_NAME, FORECASTERS_NAME, WEIGHTS_NAME, apply_adapter, check_adapter
 from skipgpt.config import FILES_KEY
 from skipgpt.errors import ArtifactError
 from skipgpt.io import file_sha256
@@ -230,8 +230,15 @@ def test_an_adapter_that_replaces_a_routed_module_is_one_error(tmp_path):
     for lora in ("attach", "merge"):  # refused before PEFT touches the model: merged, q_proj had changed
         model = make_tiny("llama")
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        with pytest.raises(ArtifactError, match=r"saves whole modules \(\['mlp'\]\), which routing runs itself"):
+        with pytest.raises(ArtifactError, match=r"saves model.layers.0.mlp whole \(modules_to_save\)"):
             load_routers(model, directory, lora=lora)
         after = model.state_dict()
         assert untouched(model) and after.keys() == before.keys()
         assert all(torch.equal(before[k], after[k]) for k in before)
+    # a module routing does not run (the LM head, saved whole for added tokens) is PEFT's business: applied
+    adapter = tmp_path / "head"
+    get_peft_model(make_tiny("llama"), LoraConfig(r=2, target_modules=["q_proj"],
+                                                  modules_to_save=["lm_head"])).save_pretrained(adapter)
+    routed = RoutedModel(make_tiny("llama"))
+    apply_adapter(routed, adapter, merge=False)
+    assert any("modules_to_save" in n for n, _ in routed.model.named_modules())

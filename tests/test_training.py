@@ -459,6 +459,12 @@ def test_yaml_config_roundtrip_and_flags_override(tmp_path):
     path.write_text('lora_targets: ["", " "]\n')
     with pytest.raises(ConfigError, match="lora_targets must name at least one module"):
         TrainConfig.load(path)
+    # an option earlier versions wrote into train_config.yaml: null reads as absent, a value is refused
+    path.write_text("steps: 3\nforecaster_distill: null\n")
+    assert TrainConfig.load(path).steps == 3
+    path.write_text("steps: 3\nforecaster_distill: 1.0\n")
+    with pytest.raises(ConfigError, match="option forecaster_distill was removed"):
+        TrainConfig.load(path)
     path.write_text("steps: 3\nbogus: 1\n")
     with pytest.raises(ConfigError, match=r"c.yaml: unknown options \['bogus'\]"):
         TrainConfig.load(path)

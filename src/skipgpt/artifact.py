@@ -203,13 +203,9 @@ def check_adapter(directory: str | Path) -> Path:
         raise ArtifactError(f"{directory}: not a LoRA adapter folder (no adapter_config.json)")
     if not (directory / "adapter_model.safetensors").is_file():
         raise ArtifactError(f"{directory}: no adapter_model.safetensors (only safetensors adapters are read)")
-    config = _adapter_config(directory)
-    kind = config.get("peft_type")
+    kind = _adapter_config(directory).get("peft_type")
     if kind != "LORA":  # another PEFT method (prompt tuning, IA3...) has no LoRA weights to merge
         raise ArtifactError(f"{directory}: its peft_type is {kind!r}; skipgpt reads LoRA adapters only")
-    if config.get("modules_to_save"):  # refused here: after PEFT's load and merge the caller's model has changed
-        raise ArtifactError(f"{directory}: its adapter saves whole modules ({config['modules_to_save']}), which "
-                            "routing runs itself; skipgpt applies LoRA on the Linear projections only")
     return directory
 
 
@@ -275,9 +271,23 @@ def _check_lora_weights(model: nn.Module, directory: Path, merge: bool) -> set[s
 
 def apply_adapter(routed: RoutedModel, directory: str | Path, merge: bool = True) -> RoutedModel:
     """load_adapter on routed.model; the routed layers stay the modules the model runs."""
+    _check_saved_modules(routed, check_adapter(directory))
     routed.model = load_adapter(routed.model, directory, merge=merge)
     check_layers(routed)
     return routed
+
+
+def _check_saved_modules(routed: RoutedModel, directory: Path) -> None:
+    """Refuse, before PEFT changes the model, an adapter whose modules_to_save wraps a module routing runs
+    itself (a decoder layer, its attention or MLP): the routed forward would run the stale one. Others (an
+    lm_head saved whole for added tokens) are PEFT's business."""
+    saved = _adapter_config(directory).get("modules_to_save") or []
+    routed_ids = {id(m) for parts in routed.layers for m in (parts.layer, parts.attn, parts.mlp)}
+    hits = [name for name, module in routed.model.named_modules() if id(module) in routed_ids
+            and any(name == t or name.endswith("." + t) for t in saved if isinstance(t, str))]
+    if hits:
+        raise ArtifactError(f"{directory}: its adapter saves {hits[0]} whole (modules_to_save), a module routing "
+                            "runs itself; skipgpt applies LoRA on the Linear projections only")
 
 
 def check_layers(routed: RoutedModel) -> None:

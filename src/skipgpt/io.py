@@ -132,8 +132,9 @@ def check_output(path: str | Path, folder: bool = False, flag: str = "--output")
         raise ConfigError(f"{flag} {path} is a file; give a folder (it is created if missing)")
     if not folder and path.is_dir():
         raise ConfigError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'results.json'}")
-    # A link to nowhere (the output or a missing folder above it) would fail only at the write, after the work.
-    for part in (path.absolute(), *path.absolute().parents):
+    # A link to nowhere as a folder to create (the output folder, or one above the output) fails only at the
+    # write, after the work: mkdir refuses it. (An output file that is one is replaced by the atomic rename.)
+    for part in ((path.absolute(),) if folder else ()) + tuple(path.absolute().parents):
         if part.exists():
             break
         if part.is_symlink():

@@ -14,15 +14,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from transformers import TextStreamer
+from transformers import GenerationConfig, TextStreamer
 
 from ..errors import ConfigError
 from ..models.adapters import unwrap
 from ..routing.sparsity import SparsityMeter
-
-# Greedy whatever the model's generation_config asks for (Qwen2-Instruct's sets a repetition penalty, which
-# generate() would apply under do_sample=False): only the argmax reply is comparable token by token.
-GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
@@ -96,8 +92,18 @@ def generate(model, tokenizer, ids: torch.Tensor, max_new_tokens: int, echo: boo
     device = next(unwrap(model).parameters()).device
     ids = ids.to(device)
     streamer = TimedStreamer(tokenizer, echo=echo, meter=meter)
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id, streamer=streamer, **GREEDY)
+    # Greedy whatever the model's generation_config asks for: generate() fills every field a call leaves unset
+    # from it (Qwen2-Instruct's repetition penalty, suppressed tokens, beams), so for the call it holds only the
+    # special token ids. Only the argmax reply is reproducible and comparable token by token.
+    hf = unwrap(model)
+    own = hf.generation_config
+    hf.generation_config = GenerationConfig(bos_token_id=own.bos_token_id, eos_token_id=own.eos_token_id,
+                                            pad_token_id=own.pad_token_id)
+    try:
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+    finally:
+        hf.generation_config = own
     new = out[0, ids.shape[1]:].tolist()
     t = streamer.times
     # t[0]: prompt handed over, t[1]: first new token, t[-1]: last new token

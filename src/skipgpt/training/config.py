@@ -29,6 +29,8 @@ STAGES = ("router", "lora", "joint")
 SCHEDULES = ("auto", "constant", "cosine")
 REPORTERS = ("none", "tensorboard", "wandb")
 PRECISIONS = ("no", "bf16", "fp16")
+# Options that earlier versions had (and wrote into train_config.yaml): why each went (docs/RESULTS.md has the finding).
+RETIRED = {"forecaster_distill": "KL tuning of the forecasters did not lift accuracy"}
 SEED_LIMIT = 2**32  # micro_seed multiplies the seed by about 4e9: a larger one overflows torch's 64-bit seeds
 
 
@@ -258,6 +260,9 @@ class TrainConfig:
             raise ConfigError(f"{source}: option names must be text, got {odd[0]!r} (quote it)")
         fields = {f.name: str(f.type).removesuffix(" | None") for f in dataclasses.fields(cls)}
         data = {k.replace("-", "_"): v for k, v in data.items()}
+        for name, why in RETIRED.items():  # train_config.yaml of earlier versions write them: null reads as absent
+            if name in data and data.pop(name) is not None:
+                raise ConfigError(f"{source}: option {name} was removed ({why}); drop it")
         unknown = sorted(set(data) - set(fields))
         if unknown:
             raise ConfigError(f"{source}: unknown options {unknown}")
