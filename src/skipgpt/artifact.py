@@ -274,6 +274,7 @@ def apply_adapter(routed: RoutedModel, directory: str | Path, merge: bool = True
     _check_saved_modules(routed, check_adapter(directory))
     routed.model = load_adapter(routed.model, directory, merge=merge)
     check_layers(routed)
+    routed.adapter = Path(directory)
     return routed
 
 
@@ -304,13 +305,6 @@ def read_config(directory: str | Path) -> SkipConfig:
     """The config of a router directory, once every file it lists is there and unchanged (ArtifactError
     otherwise): commands call it to refuse a bad --routers before loading a model."""
     return _read(Path(directory))[0]
-
-
-def stage2_adapter(directory: str | Path) -> Path | None:
-    """The stage-2 adapter folder that load_routers(model, directory) applies, or None: what a command that
-    loaded those routers records and describes."""
-    directory = Path(directory)
-    return directory / ADAPTER_DIR if has_adapter(directory, _read(directory)[1]) else None
 
 
 def has_adapter(directory: Path, files: dict[str, str] | None) -> bool:

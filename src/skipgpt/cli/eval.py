@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import argparse
 
-from ..artifact import check_adapter, read_config, stage2_adapter
+from ..artifact import check_adapter, read_config
 from ..io import check_output
+from ..models.routed import RoutedModel
 from .common import (
     add_command,
     add_model_flags,
@@ -81,11 +82,11 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = prepare_model(args.model, args.routers, args.lora, args.mode, options["dtype"],
                                      options["device"])
     # the adapter applied: --lora's, or the one the router directory holds (load_routers merged it)
-    own = stage2_adapter(args.routers) if args.routers else None
-    lora = args.lora or (str(own) if own is not None else None)
+    applied = model.adapter if isinstance(model, RoutedModel) else args.lora
     results = evaluate(
         model, tokenizer, tasks, limit=args.limit, batch_size=args.batch_size, seq_len=args.seq_len,
-        progress=not args.no_progress, model_name=args.model, routers=args.routers, lora=lora,
+        progress=not args.no_progress, model_name=args.model, routers=args.routers,
+        lora=None if applied is None else str(applied),
         windows=args.windows,
     )
     print(markdown_table(results))

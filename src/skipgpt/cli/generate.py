@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..artifact import load_routers, read_config, stage2_adapter
+from ..artifact import load_routers, read_config
 from ..errors import ConfigError
 from ..evaluation.perplexity import check_context
 from ..inference.generate import generate, prompt_ids
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     # load_routers merged a stage-2 adapter into the weights: the reference is then those weights, unrouted
-    merged = stage2_adapter(args.routers) is not None
+    merged = routed.adapter is not None
     print("--- dense (LoRA merged, no routing) ---" if merged else "--- dense (unmodified model) ---")
     with routed.unrouted() as hf:
         _warm_up(hf, tokenizer, ids)

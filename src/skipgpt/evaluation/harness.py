@@ -30,7 +30,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
-from ..artifact import apply_adapter, load_adapter, load_routers, stage2_adapter
+from ..artifact import apply_adapter, load_adapter, load_routers
 from ..errors import ConfigError, DataError
 from ..models.loading import load_model
 from ..models.routed import RoutedModel
@@ -70,10 +70,10 @@ def prepare_model(
     model, tokenizer = load_model(pretrained, dtype=dtype, device=device)
     if not routers:
         return (load_adapter(model, lora) if lora else model), tokenizer
-    own = stage2_adapter(routers)
+    routed = load_routers(model, routers)  # applies routers/adapter (the same as --lora DIR/adapter)
+    own = routed.adapter
     if lora and own is not None and Path(lora).resolve() != own.resolve():
         raise ConfigError(f"{routers} holds its own stage-2 adapter ({own}); drop --lora {lora}")
-    routed = load_routers(model, routers)  # applies routers/adapter (the same as --lora DIR/adapter)
     if lora and own is None:
         apply_adapter(routed, lora)
     routed.set_mode(mode)

@@ -18,6 +18,7 @@ import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -116,6 +117,7 @@ class RoutedModel(nn.Module):
         self.costs = module_costs(model, self.layers, 0 if rank == 0 else self.forecasters.params_per_module())
         self.meter = SparsityMeter(self.costs)
         self.gradient_checkpointing = False  # trade compute for activation memory in training
+        self.adapter: Path | None = None  # the LoRA adapter folder applied to the model (artifact.apply_adapter)
         # settings (see using())
         self.mode = "masked"
         self.policy: Policy | None = None  # decisions that do not come from the routers
