@@ -132,16 +132,13 @@ def check_output(path: str | Path, folder: bool = False, flag: str = "--output")
         raise ConfigError(f"{flag} {path} is a file; give a folder (it is created if missing)")
     if not folder and path.is_dir():
         raise ConfigError(f"{flag} {path} is a folder; give a file name, e.g. {path / 'results.json'}")
-    # A link to nowhere as a folder to create (the output folder, or one above the output) fails only at the
-    # write, after the work: mkdir refuses it. (An output file that is one is replaced by the atomic rename.)
-    for part in ((path.absolute(),) if folder else ()) + tuple(path.absolute().parents):
-        if part.exists():
-            break
-        if part.is_symlink():
-            raise ConfigError(f"{flag} {path} cannot be written: {part} is a link to {os.readlink(part)}, which "
-                              f"does not exist; create its target or choose another {flag}")
-    existing = path if folder and path.is_dir() else path.absolute().parent
+    existing = path.absolute() if folder else path.absolute().parent
     while not existing.exists():
+        # A link to nowhere as a folder to create (the output folder, or one above the output) fails only at the
+        # write, after the work: mkdir refuses it. (An output file that is one is replaced by the atomic rename.)
+        if existing.is_symlink():
+            raise ConfigError(f"{flag} {path} cannot be written: {existing} is a link to {os.readlink(existing)}, "
+                              f"which does not exist; create its target or choose another {flag}")
         existing = existing.parent
     if not existing.is_dir():
         raise ConfigError(f"{flag} {path} cannot be created: {existing} is a file, not a folder")
