@@ -402,3 +402,40 @@ def test_a_cached_evaluation_that_is_not_a_results_dict_is_evaluated_again(small
         again = run_comparison(s, [0.25], log=lambda _: None)
         assert again[0]["tasks"]["wikitext2"]["ppl"] == first[0]["tasks"]["wikitext2"]["ppl"]
         assert isinstance(json.loads(cache.read_text())["result"], dict)
+
+
+def test_another_spelling_of_the_same_paths_reuses_builds_and_evaluations(small, tmp_path, monkeypatch):
+    """Relative, absolute and linked spellings of one model, data or task file name the same inputs; a build log
+    written under an older spelling stays current."""
+    model, eval_text, data = small
+    s = small_settings(model, eval_text, data, tmp_path / "work", ["dense", "shortgpt"])
+    run_comparison(s, [0.25], log=lambda _: None)
+    (tmp_path / "link").symlink_to(model.parent)
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    evaluated: list[str] = []
+    monkeypatch.setattr(compare, "evaluate", lambda *a, **k: evaluated.append("x") or {})
+    for spelling in (Path("link"), Path("./sub/../link"), model.parent):
+        respelled = dataclasses.replace(s, model=str(spelling / model.name), data=str(spelling / data.name),
+                                        tasks={"wikitext2": str(spelling / eval_text.name)}, workdir=Path("work"))
+        logs: list[str] = []
+        run_comparison(respelled, [0.25], log=logs.append)
+        assert not rebuilt(logs) and any("reusing" in m for m in logs) and not evaluated, spelling
+    path = artifact_dir(s, "shortgpt", 0.25) / "build.json"
+    log = json.loads(path.read_text())
+    path.write_text(json.dumps({**log, "settings": {**log["settings"], "data": str(Path("link") / data.name)}}))
+    logs = []
+    run_comparison(s, [0.25], log=logs.append)
+    assert not rebuilt(logs) and not evaluated
+    # a different file is not taken for the same one
+    other = write_words(tmp_path / "other.txt", 1)  # the same words: only the spelling would tell them apart
+    assert compare.spelled(str(other)) != compare.spelled(str(data))
+
+
+def test_compare_refuses_text_too_short_to_train_on_before_the_dense_evaluation(small, tmp_path, capfd):
+    model, eval_text, _ = small
+    short = write_words(tmp_path / "short.txt", 1, count=20)
+    s = small_settings(model, eval_text, short, tmp_path / "work", ["dense", "skipgpt-rt"])
+    with pytest.raises(DataError, match=r"only \d+ sequences of 32 tokens.*a shorter --seq-len or \(train\)"):
+        run_comparison(s, [0.25], log=lambda _: None)
+    assert not list(tmp_path.rglob("eval-*.json"))

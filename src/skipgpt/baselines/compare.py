@@ -25,7 +25,7 @@ from ..evaluation import tasks as task_data
 from ..evaluation.perplexity import check_context
 from ..io import write_json_atomic
 from ..models.adapters import fingerprint
-from ..models.loading import load_model
+from ..models.loading import ALIASES, load_model
 from ..models.routed import RoutedModel
 from ..routing.calibrate import calibrate_threshold
 from ..training import TrainConfig, train
@@ -123,7 +123,7 @@ class Builder:
             keys = CALIBRATED_SETTINGS + (("seed",) if seeded else ())
         else:
             keys = TRAINED_SETTINGS
-        settings = {k: str(getattr(self.s, k)) for k in keys}
+        settings = {k: spelled(getattr(self.s, k)) if k in PATH_SETTINGS else str(getattr(self.s, k)) for k in keys}
         settings.update(data_sha256=self.data_sha256, base_fingerprint=self.fingerprint)
         if method == "random":
             rt = self._current("skipgpt-rt", sparsity)
@@ -247,10 +247,26 @@ class Builder:
         """The folder of `method`'s build at this sparsity if it finished with the current settings."""
         log = self._finished(method, sparsity)
         saved = dict(log.get("settings") or {}) if log is not None else {}
-        # Only the settings this build reads are compared: logs that recorded more (older versions) stay current.
+        # Only the settings this build reads are compared: logs that recorded more (older versions) stay current, and
+        # so do logs that spelled a path another way (their content digests are compared beside them).
         current = (log is not None and log.get("sparsity") == sparsity  # not another target printed alike
-                   and all(saved.get(k, "<absent>") == v for k, v in self.settings(method, sparsity).items()))
+                   and all(_same(k, saved.get(k, "<absent>"), v) for k, v in self.settings(method, sparsity).items()))
         return artifact_dir(self.s, method, sparsity) if current else None
+
+
+PATH_SETTINGS = ("model", "data")
+
+
+def spelled(name) -> str:
+    """One spelling of a model or data path, however it was given (relative, absolute, with ~ or through a
+    link): the resolved absolute path when it exists; an alias, a hub name or 'self' as given."""
+    name = str(name)
+    path = Path(name).expanduser()
+    return str(path.resolve()) if name not in ALIASES and name != "self" and path.exists() else name
+
+
+def _same(key: str, saved: str, current: str) -> bool:
+    return saved == current or (key in PATH_SETTINGS and spelled(saved) == current)
 
 
 def _routers_digest(folder: Path) -> str:
@@ -281,8 +297,8 @@ def _task_digest(name: str, path: str | None) -> str | None:
 def eval_key(s: CompareSettings, base_fingerprint: str) -> str:
     """A cached evaluation is reused only for the same tasks (their content, not only their paths), settings and
     base weights (the dense folder has no build log to go stale with its model's)."""
-    tasks = sorted((k, str(v), _task_digest(k, v)) for k, v in s.tasks.items())
-    spec = [tasks, s.limit, s.eval_batch_size, s.eval_seq_len, s.dtype, s.model, base_fingerprint]
+    tasks = sorted((k, str(v) if v is None else spelled(v), _task_digest(k, v)) for k, v in s.tasks.items())
+    spec = [tasks, s.limit, s.eval_batch_size, s.eval_seq_len, s.dtype, spelled(s.model), base_fingerprint]
     if s.windows is not None:  # keeps the keys of evaluations cached before --windows existed
         spec.append(s.windows)
     return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:10]
@@ -336,6 +352,8 @@ def run_comparison(s: CompareSettings, sparsities: list[float], log: Callable[[s
     model, tok, _ = builder.build("dense", 0.0)
     if any(m != "dense" for m in methods):  # past the context, training and Block Influence give wrong numbers
         check_context(model, s.seq_len, f"training sequences of {s.seq_len} tokens")
+        if s.data != "self":  # text too short to train on fails here, not after the dense evaluation
+            builder.data(model, tok)  # ('self' samples from a routed model: it is made with the first build)
     key = eval_key(s, builder.fingerprint)
     log("dense: evaluating")
     dense_result, seconds = evaluate_method(s, model, tok, artifact_dir(s, "dense", 0.0) / f"eval-{key}.json")

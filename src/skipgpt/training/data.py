@@ -173,7 +173,7 @@ def split(sequences: torch.Tensor, val_sequences: int, source: str) -> PackedDat
         raise DataError(
             f"{source}: only {sequences.shape[0]} sequences of {seq_len} tokens; need at least "
             f"{val_sequences + 1} ({val_sequences} held out for validation + 1 to train). Give more text, "
-            f"a shorter --seq-len or fewer --val-sequences"
+            f"a shorter --seq-len or (train) fewer --val-sequences"
         )
     return PackedData(sequences[:-val_sequences], sequences[-val_sequences:], source)
 
