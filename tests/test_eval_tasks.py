@@ -257,10 +257,11 @@ def test_blank_ending_in_llamacpp_hellaswag_text_is_refused(tmp_path):
 
 
 def test_arc_ids_of_mixed_types_are_read_as_text(tmp_path):
-    # a number, a string and no id: pyarrow refused the mix with a traceback after the model loaded
-    rows = [{**HF_ARC_ITEM, "id": 1}, {**HF_ARC_ITEM, "id": "x2"}, {k: v for k, v in HF_ARC_ITEM.items() if k != "id"}]
+    # a number, a string, no id and a null one: pyarrow refused the mix with a traceback after the model loaded
+    rows = [{**HF_ARC_ITEM, "id": 1}, {**HF_ARC_ITEM, "id": "x2"}, {k: v for k, v in HF_ARC_ITEM.items() if k != "id"},
+            {**HF_ARC_ITEM, "id": None}]
     data = load_task("arc_easy", write_jsonl(tmp_path / "test.jsonl", rows))
-    assert [d["id"] for d in data.docs] == ["1", "x2", "2"]
+    assert [d["id"] for d in data.docs] == ["1", "x2", "2", "3"]
 
 
 def test_json_nested_past_the_parsers_stack_is_not_json(tmp_path):

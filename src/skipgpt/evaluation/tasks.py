@@ -321,9 +321,10 @@ def _arc(path: Path, rows: list[dict], stem_key: str) -> tuple[str, list[dict]]:
         key = str(r["answerKey"]).strip()
         if key not in labels:
             raise DataError(f"{path}: item {i + 1} has answerKey {key!r}, not among its choice labels {labels}")
-        # ids as text: a file mixing numbers, text and no id failed in pyarrow after the model loaded
-        docs.append({"id": str(r.get("id", i)), stem_key: stem, "choices": {"text": texts, "label": labels},
-                     "answerKey": key})
+        # ids as text: a file mixing numbers, text and no id failed in pyarrow after the model loaded; a null id is
+        # a missing one (not the text "None")
+        docs.append({"id": str(i if r.get("id") is None else r["id"]), stem_key: stem,
+                     "choices": {"text": texts, "label": labels}, "answerKey": key})
     return fmt, docs
 
 
