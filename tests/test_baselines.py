@@ -449,3 +449,29 @@ def test_bench_calibrates_a_coupled_baseline_and_refuses_a_fixed_one(tmp_path, t
     for folder, says in (("shortgpt", "routing: shortgpt baseline"), ("coupled", "threshold +0.000")):
         assert run_cli(["info", "--model", model_dir, "--routers", str(tmp_path / folder)]) == 0
         assert says in capfd.readouterr().out
+
+
+def test_mod_d_at_full_capacity_executes_every_token_once_calibrated():
+    """The calibrated threshold is a quantile of the scores: at capacity 1 it is the lowest score, which must
+    execute (a strict comparison skipped it in every module)."""
+    routed = mod_d(make_tiny("llama"), 0.0)
+    with torch.no_grad():
+        for r in (*routed.routers.attn, *routed.routers.mlp):
+            r.net.weight.normal_(0, 1.0)
+    data = batches(pad=False)
+    routed.policy.calibrate(data)
+    routed.reset_sparsity()
+    with torch.no_grad():
+        routed(**data[0])
+    assert routed.sparsity().module == 0.0
+
+
+def test_a_mod_d_baseline_saved_before_calibration_is_refused(tmp_path):
+    """Uncalibrated, MoD-D routes each sequence on top-k, so a token's decision would read later tokens."""
+    routed = mod_d(make_tiny("llama"), 0.25)
+    skipgpt.save_routers(routed, tmp_path / "r")
+    with pytest.raises(ArtifactError, match="saved before its thresholds were calibrated"):
+        skipgpt.load_routers(make_tiny("llama"), tmp_path / "r")
+    routed.policy.calibrate(batches())
+    skipgpt.save_routers(routed, tmp_path / "r")
+    assert skipgpt.load_routers(make_tiny("llama"), tmp_path / "r").policy.thresholds is not None

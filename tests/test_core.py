@@ -763,3 +763,84 @@ def test_routing_runs_inside_accelerate_device_hooks_and_leaves_them_in_place():
             routed.unpatch()
             torch.testing.assert_close(model(input_ids=ids).logits, dense, rtol=0, atol=0)
             assert Counting.calls == 4 * layers
+
+
+@pytest.mark.parametrize("shift", [100.0, -100.0])
+def test_calibration_reaches_a_target_past_its_first_interval(shift):
+    """Trained routers' margins reach the hundreds: a target beyond +-30 widens the search (the first version
+    stopped at the interval's end without a word: every token skipped at target 0.4)."""
+    from skipgpt.routing import calibrate
+
+    routed = _varied(RoutedModel(make_tiny("llama")))
+    with torch.no_grad():  # every margin (skip - execute) moves by `shift`
+        for r in (*routed.routers.attn, *routed.routers.mlp):
+            r.net.bias[policies.SKIP] += shift
+    batches = [{"input_ids": torch.randint(0, 100, (2, 32), generator=torch.Generator().manual_seed(i))}
+               for i in range(2)]
+    threshold = calibrate.calibrate_threshold(routed, batches, 0.4)
+    assert abs(threshold) > 30 and routed.threshold == threshold
+    routed.reset_sparsity()
+    with torch.no_grad():
+        for b in batches:
+            routed(**b)
+    assert routed.sparsity().param == pytest.approx(0.4, abs=0.03)
+
+
+def test_calibration_leaves_the_callers_statistics_and_refuses_what_it_cannot_set():
+    from skipgpt.routing import calibrate
+
+    routed = _varied(RoutedModel(make_tiny("llama")))
+    batch = {"input_ids": torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))}
+    with torch.no_grad():
+        routed(**batch)
+    counted = routed.sparsity()
+    calibrate.calibrate_threshold(routed, [batch], 0.3)
+    assert routed.sparsity() == counted  # its own passes on a meter of its own
+    passes = []
+    hook = find_decoder(routed.model).register_forward_hook(lambda *_: passes.append(1))
+    routed.threshold = 0.7
+    with pytest.raises(ConfigError, match="accounting must be one of"):
+        calibrate.calibrate_threshold(routed, [batch], 0.3, accounting="params")
+    routed.force(policies.static(torch.ones(3, 2, dtype=torch.bool)))
+    with pytest.raises(ConfigError, match="does not read the threshold"):
+        calibrate.calibrate_threshold(routed, [batch], 0.3)
+    hook.remove()
+    assert not passes and routed.threshold == 0.7  # refused before any pass, threshold kept
+
+
+def test_a_tie_executes_in_training_as_at_inference():
+    """Zero-initialised routers with no execute bias tie every margin: with the noise off, the straight-through
+    gate must take the inference decision (execute), not the opposite one."""
+    routed = RoutedModel(make_tiny("llama"), SkipConfig(execute_bias=0.0))
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        routed(input_ids=ids)
+    inference = routed.decisions()
+    routed.routers.train()
+    with routed.using(noise=0.0, temperature=1.0):
+        routed(input_ids=ids)
+    assert torch.equal(routed.decisions(), inference) and inference.all()
+
+
+def test_api_misuse_is_one_clear_error():
+    routed = RoutedModel(make_tiny("llama"))
+    with pytest.raises(RuntimeError, match="no complete routed forward pass"):
+        routed.decisions()
+    with pytest.raises(ConfigError, match="covers 2 layers, the model has 3"):
+        routed.force(torch.ones(2, 2, 1, 4, dtype=torch.bool))
+    with pytest.raises(ConfigError, match=r"\(num_layers, 2, batch, seq\)"):
+        routed.force(torch.ones(3, 1, 4, dtype=torch.bool))
+    for make in (policies.static, policies.random):
+        with pytest.raises(ConfigError, match=r"\(num_layers, 2\)"):
+            make(torch.ones(3))
+        routed.force(make(torch.ones(2, 2)))  # too few layers: found at the layer that has none
+        with pytest.raises(ConfigError, match="covers 2 layers; the model has more"):
+            routed(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    routed.force(None)
+    routed(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ConfigError, match="accounting must be one of"):
+        routed.realised_sparsity("params")
+    from skipgpt.models.routers import Router
+
+    with pytest.raises(ConfigError, match="router kind must be one of"):
+        Router(32, "Linear")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import SkipConfig
+from ..config import ACCOUNTINGS, SkipConfig
 from ..errors import ConfigError
 from ..routing import policies
 from ..routing.policies import KIND_INDEX, Policy
@@ -318,7 +318,10 @@ class RoutedModel(nn.Module):
                 raise ConfigError(f"force() takes 'execute', 'skip', a mask, a policy or None, got {what!r}")
             what = table[what]
         elif isinstance(what, torch.Tensor):
-            what = policies.from_masks(what)
+            policy = policies.from_masks(what)  # checks the (L, 2, B, T) form
+            if what.shape[0] != len(self.layers):
+                raise ConfigError(f"the decision mask covers {what.shape[0]} layers, the model has {len(self.layers)}")
+            what = policy
         self.policy = what
         return self
 
@@ -352,6 +355,8 @@ class RoutedModel(nn.Module):
 
     def realised_sparsity(self, accounting: str = "param") -> dict[str, torch.Tensor]:
         """Ratios of the last forward pass, differentiable through straight-through gates."""
+        if accounting not in ACCOUNTINGS:
+            raise ConfigError(f"accounting must be one of {ACCOUNTINGS}, got {accounting!r}")
         if self.state is None or not self.state.complete:
             raise RuntimeError("no complete routed forward pass has run yet")
         r = ratios(self.state.totals(self.costs), self.costs)
@@ -360,6 +365,8 @@ class RoutedModel(nn.Module):
 
     def decisions(self) -> torch.Tensor:
         """Execute decisions of the last forward pass as a (L, 2, B, T) bool tensor."""
+        if self.state is None or not self.state.complete:
+            raise RuntimeError("no complete routed forward pass has run yet")
         return self.state.stacked()[0] > 0.5
 
     def router_parameters(self):

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import SkipConfig
+from ..config import ROUTER_KINDS, SkipConfig
 from ..errors import ConfigError
 from ..routing.policies import EXECUTE, SKIP
 
@@ -27,6 +27,8 @@ class Router(nn.Module):
 
     def __init__(self, hidden_size: int, kind: str = "linear", execute_bias: float = 2.0):
         super().__init__()
+        if kind not in ROUTER_KINDS:
+            raise ConfigError(f"router kind must be one of {ROUTER_KINDS}, got {kind!r}")
         if kind == "linear":
             self.net = nn.Linear(hidden_size, 2)
             last = self.net
@@ -124,8 +126,9 @@ class RouterBank(nn.Module):
         """Every router's fold for `threshold`, [layer][kind], rebuilt only when a weight changed (an
         optimizer step, a load, an in-place edit, a reassignment of a weight or of a whole router) or the
         threshold did since the last call; read once per inference forward pass. An edit through `.data`,
-        or a fused optimizer step, bypasses the version counter this keys on: such an edit is picked up at
-        the next train() / eval() switch."""
+        or a fused optimizer step, bypasses the version counter this keys on, and a layer replaced inside a
+        router is not among the parameters it watches: such changes are picked up at the next train() /
+        eval() switch."""
         routers = (*self.attn, *self.mlp)
         if routers != self._routers:  # a router module replaced: its parameters are other objects
             self._routers = routers
@@ -190,7 +193,7 @@ def straight_through_gumbel(logits: torch.Tensor, temperature: float, noise: flo
     while the gradient stays the tempered softmax's (a deterministic straight-through estimator).
     """
     soft = F.softmax((logits.float() + noise * _gumbel(logits)) / temperature, dim=-1)[..., EXECUTE]
-    hard = (soft > 0.5).to(soft.dtype)
+    hard = (soft >= 0.5).to(soft.dtype)  # a tie executes, as the inference decision (margin <= threshold) does
     return hard - soft.detach() + soft
 
 

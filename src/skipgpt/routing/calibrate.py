@@ -14,7 +14,9 @@ from collections.abc import Iterable
 
 import torch
 
-from ..config import check_sparsity
+from ..config import ACCOUNTINGS, check_sparsity
+from ..errors import ConfigError
+from . import policies
 
 
 @torch.no_grad()
@@ -23,6 +25,10 @@ def measure(routed, batches: Iterable[dict[str, torch.Tensor]], accounting: str 
     for batch in batches:
         routed(**batch)
     return getattr(routed.sparsity(), accounting)
+
+
+BRACKET = 30.0  # the first search interval, +-; trained routers' margins reach the hundreds: it widens on demand
+WIDEST = 1e7
 
 
 @torch.no_grad()
@@ -34,34 +40,58 @@ def calibrate_threshold(
     iterations: int = 14,
     tolerance: float = 0.002,
 ) -> float:
-    """Set and return the threshold whose realised `accounting` sparsity on `batches` is closest to target."""
+    """Set and return the threshold whose realised `accounting` sparsity on `batches` is closest to target.
+
+    Bisection over [-30, 30]; when every step went one way (the target lies past an end), the interval widens
+    fourfold past that end until it holds the target, and the bisection runs again inside. The caller's
+    statistics and meter are left as they were."""
     check_sparsity(target)
+    if accounting not in ACCOUNTINGS:
+        raise ConfigError(f"accounting must be one of {ACCOUNTINGS}, got {accounting!r}")
+    if not policies.reads_threshold(routed.policy):
+        raise ConfigError("the routing policy in force does not read the threshold: calibrating it would change "
+                          "nothing but the saved threshold")
     batches = list(batches)  # measured once per bisection step: a generator would be spent after the first
     if not batches:
         raise ValueError("calibration needs at least one batch of text")
-    lo, hi = -30.0, 30.0  # higher threshold -> fewer skips
     original = routed.threshold
     best = (float("inf"), original)
-    # Deterministic argmax decisions (no Gumbel sample), statistics on; they are cleared afterwards. A search
-    # cut short (an error, Ctrl-C) leaves the caller's threshold, not a half-searched one.
-    with routed.using(sample=False, track=True):
+
+    def at(threshold: float) -> float:
+        nonlocal best
+        routed.threshold = threshold
+        s = measure(routed, batches, accounting)
+        if abs(s - target) < best[0]:
+            best = (abs(s - target), threshold)
+        return s
+
+    def bisect(lo: float, hi: float) -> tuple[float, float] | None:  # higher threshold -> fewer skips
+        for _ in range(iterations):
+            mid = (lo + hi) / 2
+            s = at(mid)
+            if abs(s - target) <= tolerance:
+                return None
+            lo, hi = (mid, hi) if s > target else (lo, mid)
+        return lo, hi
+
+    # Deterministic argmax decisions (no Gumbel sample), on a meter of its own. A search cut short (an error,
+    # Ctrl-C) leaves the caller's threshold, not a half-searched one.
+    with routed.using(sample=False), routed.measuring():
         try:
-            for _ in range(iterations):
-                mid = (lo + hi) / 2
-                routed.threshold = mid
-                s = measure(routed, batches, accounting)
-                if abs(s - target) < best[0]:
-                    best = (abs(s - target), mid)
-                if abs(s - target) <= tolerance:
-                    break
-                if s > target:
-                    lo = mid
-                else:
-                    hi = mid
+            bracket = bisect(-BRACKET, BRACKET)
+            if bracket is not None and BRACKET in (bracket[1], -bracket[0]):  # every step went one way
+                side = 1.0 if bracket[1] == BRACKET else -1.0  # +: still too many skips at +30; -: too few at -30
+                inner, outer = side * BRACKET, side * 4 * BRACKET
+                while abs(outer) <= WIDEST:
+                    s = at(outer)
+                    if abs(s - target) <= tolerance or (s > target) != (side > 0):  # met, or crossed
+                        break
+                    inner, outer = outer, 4 * outer
+                if abs(outer) <= WIDEST and best[0] > tolerance:
+                    bisect(min(inner, outer), max(inner, outer))
         except BaseException:
             best = (0.0, original)
             raise
         finally:
             routed.threshold = best[1]
-            routed.reset_sparsity()
     return best[1]

@@ -8,8 +8,9 @@ MoD-D (Mixture-of-Depths with attention and MLP routed separately): each module'
 score per token (execute logit - skip logit); the top-k tokens of each sequence execute, with
 k = capacity x real tokens. The forward gate is exactly 0/1 and the gradient reaches the router
 through sigmoid(score) (straight-through). Top-k is non-causal (a token's decision depends on later
-tokens' scores), so it is used only while the routers train; at inference a token executes iff its
-score exceeds a per-module threshold calibrated on text, module by module in forward order.
+tokens' scores), so it is used while the routers train and, before calibration, for the trainer's
+held-out loss; once calibrated a token executes iff its score reaches a per-module threshold set on
+text, module by module in forward order. A saved MoD-D baseline without thresholds is refused.
 
 Coupled: the attention router of a layer decides attention and MLP together (the ablation of
 SkipGPT's module decoupling).
@@ -37,13 +38,28 @@ def skip_all(layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
     return torch.zeros(x.shape[:-1], dtype=torch.bool, device=x.device)
 
 
+def _per_module(table: torch.Tensor, name: str, dims: int) -> None:
+    """Refuse a table that is not (num_layers, 2, ...) with `dims` dimensions, when the policy is made."""
+    if not isinstance(table, torch.Tensor) or table.dim() != dims or table.shape[1] != 2:
+        shape = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+        extra = ", batch, seq" if dims == 4 else ""
+        raise ConfigError(f"{name} must be a (num_layers, 2{extra}) tensor (attention, MLP), got {shape}")
+
+
+def _layer_row(table: torch.Tensor, layer: int, name: str) -> torch.Tensor:
+    if layer >= table.shape[0]:
+        raise ConfigError(f"{name} covers {table.shape[0]} layers; the model has more (layer {layer} asked)")
+    return table[layer]
+
+
 def from_masks(masks: torch.Tensor) -> Policy:
     """Fixed decisions: a (num_layers, 2, batch, seq) bool tensor, index 0 attention, 1 MLP (copied: the sparsity
     meter keeps the decisions of past passes, so a caller refilling the tensor must not change them)."""
+    _per_module(masks, "the decision mask", 4)
     masks = masks.to(torch.bool, copy=True)
 
     def policy(layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
-        m = masks[layer, KIND_INDEX[kind]]
+        m = _layer_row(masks, layer, "the decision mask")[KIND_INDEX[kind]]
         if m.shape != x.shape[:-1]:
             raise ValueError(f"mask for layer {layer} {kind} has shape {tuple(m.shape)}, input {tuple(x.shape[:-1])}")
         return m.to(x.device)
@@ -53,20 +69,23 @@ def from_masks(masks: torch.Tensor) -> Policy:
 
 def static(keep: torch.Tensor) -> Policy:
     """The same decision for every token: keep is a (num_layers, 2) bool tensor (module removal)."""
+    _per_module(keep, "keep", 2)
 
     def policy(layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
-        return torch.full(x.shape[:-1], bool(keep[layer, KIND_INDEX[kind]]), dtype=torch.bool, device=x.device)
+        keeps = bool(_layer_row(keep, layer, "keep")[KIND_INDEX[kind]])
+        return torch.full(x.shape[:-1], keeps, dtype=torch.bool, device=x.device)
 
     return policy
 
 
 def random(skip_rates: torch.Tensor, seed: int = 0) -> Policy:
     """Each token skips module (layer, kind) with probability skip_rates[layer, kind], independently."""
+    _per_module(skip_rates, "skip_rates", 2)
     generator = torch.Generator().manual_seed(seed)
 
     def policy(layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
         u = torch.rand(x.shape[:-1], generator=generator)
-        return (u >= float(skip_rates[layer, KIND_INDEX[kind]])).to(x.device)
+        return (u >= float(_layer_row(skip_rates, layer, "skip_rates")[KIND_INDEX[kind]])).to(x.device)
 
     return policy
 
@@ -96,7 +115,7 @@ class ModPolicy:
             hard = self._topk(s, float(self.capacity[layer, k_index]))
         else:
             t = 0.0 if self.thresholds is None else float(self.thresholds[layer, k_index])
-            hard = (s > t).float()
+            hard = (s >= t).float()  # the lowest score executes at capacity 1 (the quantile is that score)
         soft = torch.sigmoid(s)
         return hard + soft - soft.detach() if training else hard
 
@@ -175,14 +194,16 @@ def from_extra(routed, source: str = "routers") -> Policy | None:
             raise ValueError(f"{name} holds values other than true and false")
         return table.to(dtype)
 
+    if kind == "mod-d" and extra.get("thresholds") is None:  # uncalibrated, it would route on top-k: later tokens
+        raise ArtifactError(f"{source}: a MoD-D baseline saved before its thresholds were calibrated (its top-k "
+                            "routing reads later tokens); calibrate it and save again")
     try:
         if kind in ("shortgpt", "static-modules"):
             return static(per_module("keep", torch.bool))
         if kind == "random":
             return random(per_module("skip_rates", fraction=True), int(extra.get("seed", 0)))
         if kind == "mod-d":
-            thresholds = None if extra.get("thresholds") is None else per_module("thresholds", torch.float64)
-            return ModPolicy(routed, per_module("capacity", fraction=True), thresholds)
+            return ModPolicy(routed, per_module("capacity", fraction=True), per_module("thresholds", torch.float64))
         if kind == "coupled":
             return CoupledPolicy(routed)
     except (KeyError, TypeError, ValueError, RuntimeError) as e:

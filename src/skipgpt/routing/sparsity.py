@@ -7,6 +7,8 @@ Three ratios, all over non-pad tokens only:
           still computes its keys and values (they stay visible to later tokens).
 With forecasters (informed skipping) param and flop are net: a skipped module saves its own cost
 minus its forecaster's. The module ratio counts skip decisions.
+Real tokens are those the attention mask marks: in batched generate(), a row that has finished goes on
+receiving pad tokens under mask 1 (Hugging Face's convention), which are computed and counted.
 """
 
 from __future__ import annotations
