@@ -239,7 +239,7 @@ def test_train_flags_come_from_the_field_types():
     flags = [s for a in subcommand("train")._actions for s in a.option_strings]
     assert len(flags) == len(set(flags))  # model, dtype, output: once, from TrainConfig
     args = parse("train", "--lora-targets", "q_proj, o_proj", "--max-tokens", "100", "--warmup-ratio", "0.1",
-                 "--no-calibrate")
+                 "--no-calibrate", "--data", "text.txt")
     cfg = config_from_args(args)
     assert (cfg.lora_targets, cfg.max_tokens, cfg.warmup_ratio, cfg.calibrate) == (
         ["q_proj", "o_proj"], 100, 0.1, False)
@@ -256,7 +256,7 @@ def test_field_type():
 
 def test_train_config_round_trip(tmp_path):
     cfg = TrainConfig(stage="joint", steps=7, lora_targets=["q_proj"], distill=1.0, warmup_ratio=0.05,
-                      max_tokens=1000, routers="r", dtype="bfloat16", output="o")
+                      max_tokens=1000, routers="r", dtype="bfloat16", output="o", data="text.txt")
     data = cfg.to_dict()
     assert set(data) == {f.name for f in dataclasses.fields(TrainConfig)}
     assert not any(isinstance(v, dict) for v in data.values())  # no metadata

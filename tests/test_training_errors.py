@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from skipgpt import RoutedModel, load_model, save_routers
+from skipgpt.training import trainer
 from skipgpt.training.checkpoint import CHECKPOINT_NAME
 
 from conftest import one_error_line, run_cli
@@ -69,7 +70,8 @@ def test_resume_with_other_options_names_them_and_changes_nothing(tmp_path, tiny
     assert run_cli([*argv, "--steps", "2", "--resume", "--checkpoint-every", "1", "--progress"]) == 0
 
 
-def test_other_bad_input_creates_no_output_folder(tmp_path, tiny_dir, capsys):
+def test_other_bad_input_creates_no_output_folder(tmp_path, tiny_dir, capsys, monkeypatch):
+    monkeypatch.setitem(trainer.REPORTER_MODULES, "wandb", ("skipgpt_test_absent_module",))  # wandb not installed
     (tmp_path / "empty.txt").write_text("")
     out = tmp_path / "out"
     cases = [
@@ -79,11 +81,21 @@ def test_other_bad_input_creates_no_output_folder(tmp_path, tiny_dir, capsys):
         (["--val-sequences", "100000"], "need at least"),
         # the tiny model has 64 positions: the routers would have learned on positions it never saw
         (["--seq-len", "65"], "training sequences of 65 tokens exceed the model's maximum context of 64 tokens"),
+        (["--data", "self", "--max-tokens", "64"], "sampled data ('self') is sized by self_sequences"),
+        (["--routers", ""], "routers is empty"),  # an unset $R: fresh routers without a word
+        (["--report-to", "wandb"], "needs the wandb package, which is not installed"),  # would log nothing
     ]
     for extra, message in cases:
         assert run_cli([*common(tiny_dir, out), *extra]) == 2
         assert message in one_line_error(capsys)
         assert not out.exists(), extra
+
+
+def test_an_empty_output_is_refused_not_the_working_folder(tmp_path, tiny_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # an unset $OUT: the run's files went into the working folder
+    assert run_cli([*common(tiny_dir, Path("x"))[:-1], ""]) == 2
+    assert "output is empty" in one_line_error(capsys)
+    assert not list(tmp_path.iterdir())
 
 
 # -- a checkpoint that is not this run's as it wrote it --------------------------------------------------------

@@ -87,7 +87,8 @@ class TrainConfig:
         "what sparsity counts: param = skipped decoder parameters per token (the paper's number), "
         "module = skipped modules, flop = skipped FLOPs")})
     alpha: float = field(default=8.0, metadata={
-        "help": "weight of the sparsity regulariser alpha * |target - realised sparsity| (the paper: 8)"})
+        "help": "weight of the sparsity regulariser alpha * |target - realised sparsity| (the paper: 8), "
+                "averaged over sequences so that micro-batches add up exactly"})
     steps: int = field(default=150, metadata={
         "help": "optimizer steps of this stage (the temperature anneals over exactly these)"})
     seq_len: int = field(default=256, metadata={"help": "tokens per packed training sequence"})
@@ -186,6 +187,14 @@ class TrainConfig:
             raise ConfigError("seq_len must be at least 2 (one token predicts the next)")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be a positive integer (or unset: all the data), got {self.max_tokens}")
+        if self.max_tokens is not None and self.data == "self":
+            raise ConfigError("max_tokens reads part of a text; sampled data ('self') is sized by self_sequences")
+        # an unset shell variable ($OUT, $R): an empty output would write into the working folder, empty routers
+        # would start from fresh ones without a word
+        if not self.output.strip():
+            raise ConfigError("output is empty: name the folder the run writes")
+        if self.routers is not None and not self.routers.strip():
+            raise ConfigError("routers is empty: name a router folder, or leave the option out for new routers")
         rank = self.forecaster_rank
         if rank < 0:  # (a whole number: checked with the types above)
             raise ConfigError(f"forecaster_rank must be a whole number >= 0 (0 = plain skip), got {rank!r}")

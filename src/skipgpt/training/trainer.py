@@ -20,6 +20,7 @@ The maths of one step is in step.py; this module runs the stages and writes the 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import math
 import os
@@ -76,6 +77,7 @@ LOG_FIELDS = ("step", "loss", "lm_loss", "kd_loss", "reg", "sparsity", "attentio
 # Baselines whose saved policy (routing/policies.py, from_extra) decides every token without asking the routers,
 # so a loss under it has no gradient for them. MoD-D and coupled routing score tokens with the routers: they train.
 FIXED_POLICIES = ("shortgpt", "static-modules", "random")
+REPORTER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)}  # what accelerate looks for
 # TrainConfig's design of new routers: routers loaded with --routers keep their own.
 ROUTER_DESIGN = ("router", "router_input", "forecaster_rank", "execute_bias")
 
@@ -162,6 +164,9 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
     output = Path(cfg.output).expanduser()
     ckpt = output / CHECKPOINT_NAME
     # Bad input fails here, before minutes of model loading and before anything is written to `output`.
+    if cfg.report_to != "none" and not any(importlib.util.find_spec(m) for m in REPORTER_MODULES[cfg.report_to]):
+        # accelerate would drop the tracker with a warning lost among others, and log nothing
+        raise ConfigError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package, which is not installed")
     if cfg.routers and output.exists() and output.resolve() == Path(cfg.routers).expanduser().resolve():
         raise ConfigError(f"output {cfg.output} is the routers folder this stage starts from; saving there would "
                           "replace them: give another output folder")
