@@ -332,3 +332,32 @@ def test_routers_of_a_fixed_policy_baseline_are_not_trained(variant, baselines, 
             train(TrainConfig(stage=stage, routers=str(baselines / variant), output=str(out)))
         assert not out.exists()
     assert run_cli([*argv, "--stage", "lora"]) == 0
+
+
+def test_a_run_that_fails_at_its_first_step_leaves_a_finished_runs_folder_as_it_was(tmp_path, tiny_dir, capsys):
+    out = tmp_path / "out"
+    argv = [*common(tiny_dir, out), "--steps", "2", "--checkpoint-every", "1"]
+    assert run_cli(argv) == 0
+    before = snapshot(out)
+    assert run_cli([*argv, "--alpha", "1e308"]) == 2  # an infinite loss at the first step
+    err = one_line_error(capsys)
+    # the checkpoint there is the earlier run's, which --resume would refuse for these options
+    assert "NaN/inf at step 1" in err and "no checkpoint of this run was written" in err and "--alpha" in err
+    assert snapshot(out) == before  # its config and log were rewritten before the first step
+
+
+@pytest.mark.parametrize("blocked", ["train_log.csv", "train_config.yaml", "checkpoint.safetensors", "cache"])
+def test_something_in_the_way_of_a_run_file_is_refused_before_the_model_loads(blocked, tmp_path, tiny_dir, capsys,
+                                                                             monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    if blocked == "cache":  # sampled text is cached in a folder there
+        (out / blocked).write_text("not a folder")
+    else:
+        (out / blocked).mkdir()
+    before = snapshot(out)
+    monkeypatch.setattr(trainer, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    extra = ["--data", "self", "--self-sequences", "4"] if blocked == "cache" else []
+    assert run_cli([*common(tiny_dir, out), *extra]) == 2
+    assert f"{out / blocked} is a {'file' if blocked == 'cache' else 'folder'}" in one_line_error(capsys)
+    assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == [blocked]

@@ -33,7 +33,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from ..artifact import load_routers, read_config, save_routers
+from ..artifact import CONFIG_NAME, FORECASTERS_NAME, WEIGHTS_NAME, load_routers, read_config, save_routers
 from ..config import SkipConfig
 from ..errors import ConfigError
 from ..evaluation.perplexity import check_context
@@ -164,6 +164,7 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
     output = Path(cfg.output).expanduser()
     ckpt = output / CHECKPOINT_NAME
     # Bad input fails here, before minutes of model loading and before anything is written to `output`.
+    _check_run_files(output, cfg.data == "self" and data is None)
     if cfg.report_to != "none" and not any(importlib.util.find_spec(m) for m in REPORTER_MODULES[cfg.report_to]):
         # accelerate would drop the tracker with a warning lost among others, and log nothing
         raise ConfigError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package, which is not installed")
@@ -232,11 +233,19 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
             print(f"resuming from {ckpt} at step {start}/{cfg.steps}")
     if cfg.report_to != "none":
         accelerator.init_trackers("skipgpt", config={k: str(v) for k, v in cfg.to_dict().items()})
-    if main:
-        output.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(output / "train_config.yaml", cfg.to_yaml())
-        _write_log(output / LOG_NAME, history)
+    # This run's record (train_config.yaml, the log started afresh) replaces a folder's earlier one once a step has
+    # succeeded: a run that fails at its first step (a NaN loss) leaves the earlier run's folder as it was.
+    recorded = False
 
+    def record() -> None:
+        nonlocal recorded
+        if main and not recorded:
+            output.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(output / "train_config.yaml", cfg.to_yaml())
+            _write_log(output / LOG_NAME, history)
+        recorded = True
+
+    ours = cfg.resume and ckpt.exists()  # the checkpoint on disk is this run's (resumed from, or saved below)
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and main), desc=f"train {cfg.stage}",
                dynamic_ncols=True)
     t_start, tokens_seen = time.perf_counter() - before[0], before[1]  # the summary covers the whole run
@@ -253,9 +262,10 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
                                no_sync=lambda: accelerator.no_sync(wrapped), seeds=seeds)
         if not math.isfinite(stats["loss"]):
             bar.close()
-            kept = f"the last good checkpoint is {ckpt}" if ckpt.exists() else "no checkpoint was written yet"
+            kept = f"the last good checkpoint is {ckpt}" if ours else "no checkpoint of this run was written"
             raise TrainingError(f"loss became NaN/inf at step {step + 1}; stopped ({kept}). Lower --lr or "
-                                f"check the data and --dtype")
+                                f"--alpha, or check the data and --dtype")
+        record()
         optimizer.step()
         if cfg.threshold_gain and routed.policy is None:
             steer_threshold(routed, cfg.threshold_gain,
@@ -283,7 +293,9 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
                                  "data_sha256": data.digest, "train_seconds": time.perf_counter() - t_start,
                                  "tokens": tokens_seen, "world": world, "routers_sha256": routers_sha,
                                  "base_fingerprint": routed.config.base.fingerprint})
+            ours = True
     bar.close()
+    record()  # a resumed run with no steps left
     elapsed = time.perf_counter() - t_start
     summary = _finish(routed, cfg, data, history, elapsed, tokens_seen, accelerator)
     if main:
@@ -292,6 +304,17 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
     if cfg.report_to != "none":
         accelerator.end_training()
     return TrainResult(routed, output, history, summary, tokenizer)
+
+
+def _check_run_files(output: Path, samples: bool) -> None:
+    """Refuse, before the model loads, a run folder where something is in the way of a file the run writes (or of
+    the folder that caches sampled text): it would fail after the model loaded and the first steps ran."""
+    for name in ("train_config.yaml", LOG_NAME, CHECKPOINT_NAME, "train_summary.json", CONFIG_NAME, WEIGHTS_NAME,
+                 FORECASTERS_NAME):
+        if (output / name).is_dir():
+            raise ConfigError(f"output {output} cannot hold the run: {output / name} is a folder")
+    if samples and (output / "cache").exists() and not (output / "cache").is_dir():
+        raise ConfigError(f"output {output} cannot hold the sampled text: {output / 'cache'} is a file")
 
 
 def _finish(routed, cfg: TrainConfig, data: PackedData, history: list, elapsed: float, tokens: int,
