@@ -125,7 +125,7 @@ def test_router_weights_of_other_dtypes_are_refused(tmp_path, dtype):
 def test_routing_tables_with_impossible_values_are_refused(tmp_path, routing, field, value, message):
     save_routers(varied_routers(1), tmp_path / "r")
     table = [[0.5, 0.5]] * 3 if field != "keep" else [[True, True]] * 3
-    extra = {"routing": routing, "skip_rates": table, "capacity": table, "keep": table}
+    extra = {"routing": routing, "skip_rates": table, "capacity": table, "keep": table, "thresholds": table}
     extra[field] = [[value, table[0][1]]] * 3
     edit_config(tmp_path / "r", lambda c: c["extra"].update(extra))
     model = make_tiny("llama")
