@@ -67,6 +67,29 @@ def test_1_an_output_that_is_a_file_or_a_folder_is_refused_before_the_model_load
     assert afile.read_text() == "keep me" and list(folder.iterdir()) == []
 
 
+def test_1_an_output_over_or_inside_what_the_command_reads_is_refused(tmp_path, tiny_dir, routers, capfd):
+    """eval and compare wrote their results over the task text they had just read, and eval into the router
+    folder it evaluated (its skip_config.json replaced by the results), both with exit status 0."""
+    model = str(tiny_dir / "model")
+    text = shutil.copy(tiny_dir / "text.txt", tmp_path / "wt.raw")
+    mine = shutil.copytree(routers, tmp_path / "r")
+    before = snapshot(tmp_path)
+    cases = [
+        ["eval", "--model", model, "--task", f"wikitext2={text}", "--output", str(text)],
+        ["eval", "--model", model, "--routers", str(mine), "--task", f"wikitext2={text}", "--output",
+         str(mine / "skip_config.json")],
+        ["eval", "--model", model, "--task", f"wikitext2={text}", "--output", str(tiny_dir / "model" / "r.json")],
+        ["compare", "--model", model, "--methods", "dense", "--task", f"wikitext2={text}", "--output", str(text)],
+        ["compare", "--model", model, "--methods", "dense", "--task", f"wikitext2={text}", "--output",
+         str(tmp_path / "c.json"), "--workdir", str(tiny_dir / "model" / "work")],
+        ["analyze", "--model", model, "--routers", str(mine), "--text", str(text), "--output", str(mine)],
+        ["bench", "--model", model, "--routers", str(mine), "--output", str(mine / "b.json")],
+    ]
+    for argv in cases:
+        assert "which this command reads" in fails(capfd, argv), argv
+    assert snapshot(tmp_path) == before
+
+
 def test_1_an_output_on_a_read_only_mount_is_refused_before_the_model_loads(readonly_dir, tiny_dir, routers, capfd):
     model, text = str(tiny_dir / "model"), str(tiny_dir / "text.txt")
     cases = [

@@ -14,7 +14,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -124,10 +124,21 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
-def check_output(path: str | Path, folder: bool = False, flag: str = "--output") -> Path:
+def check_output(path: str | Path, folder: bool = False, flag: str = "--output", reads: Iterable = ()) -> Path:
     """Refuse, before any work, an output that cannot be written: a folder where a file is meant (or the
-    reverse), a parent that is a file, a read-only or unwritable location. Creates nothing."""
+    reverse), a parent that is a file, a read-only or unwritable location, or one of the files or folders
+    `reads` names (what the command reads: an output there would replace its own input). Creates nothing."""
     path = Path(path).expanduser()
+    target = path.resolve()
+    for source in reads:
+        given = None if source is None else Path(source).expanduser()
+        if given is None or not given.exists():
+            continue  # a hub name, an alias, 'self'
+        read = given.resolve()
+        if target == read or (read.is_dir() and read in target.parents):
+            where = "over" if target == read else "inside"
+            raise ConfigError(f"{flag} {path} would be written {where} {source}, which this command reads; "
+                              f"choose another {flag}")
     if folder and path.exists() and not path.is_dir():
         raise ConfigError(f"{flag} {path} is a file; give a folder (it is created if missing)")
     if not folder and path.is_dir():

@@ -41,9 +41,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output(args.output, folder=True)
-    read_config(args.routers)
     path = Path(args.text)
+    # (a --text that is a folder is refused below as such)
+    check_output(args.output, folder=True, reads=[args.routers, args.model, path if path.is_file() else None])
+    read_config(args.routers)
     if path.is_dir():
         raise DataError(f"text file {path} is a folder; give one text file")
     if not path.exists():

@@ -62,7 +62,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output(args.output)
+    check_output(args.output, reads=[args.routers, args.model])
     if args.routers:
         read_config(args.routers)
     options = model_options(args)

@@ -118,12 +118,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--output {output}: give the JSON's name (e.g. {output.with_suffix('.json')}); the "
                           "table and the chart are written beside it as .md and .png")
     workdir = Path(args.workdir) if args.workdir else output.with_name(output.stem + "_artifacts")
-    check_output(output)
+    reads = [*tasks.values(), args.data, args.model]
+    check_output(output, reads=reads)
     for side in (output.with_suffix(".md"), output.with_suffix(".png")):  # same parent: only a folder is in the way
         if side.is_dir():
             raise ConfigError(f"--output {output}: {side} is a folder, and the table and the chart are written "
                               "beside the JSON under its name with .md and .png; choose another --output")
-    check_output(workdir, folder=True, flag="--workdir")
+        check_output(side, reads=reads)  # (a task file named like the table, say)
+    check_output(workdir, folder=True, flag="--workdir", reads=reads)
     if workdir.resolve() in {p.resolve() for p in (output, output.with_suffix(".md"), output.with_suffix(".png"))}:
         raise ConfigError(f"--workdir {workdir} is where the results are written (--output {output}, with .md and "
                           ".png beside it); choose another --workdir")

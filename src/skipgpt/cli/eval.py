@@ -67,9 +67,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.output:
-        check_output(args.output)
     tasks = parse_tasks(args.task)
+    if args.output:
+        check_output(args.output, reads=[*tasks.values(), args.routers, args.lora, args.model])
     if args.routers:
         read_config(args.routers)
     if args.lora:
