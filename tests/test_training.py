@@ -303,6 +303,22 @@ def test_self_data_is_sampled_once_and_cached(tmp_path, tiny_dir, monkeypatch):
     assert len(list(tmp_path.glob("self-3x10-*.safetensors"))) == 2
 
 
+def test_a_damaged_self_data_cache_is_sampled_again(tmp_path, tiny_dir):
+    """Ids past the embedding, floats or another shape in the cache file were trained on (an IndexError
+    traceback, or a misleading 'only 3 sequences' error); the cache is the project's own: it is rebuilt."""
+    from safetensors.torch import save_file
+
+    from skipgpt import load_model
+
+    model, tok = load_model(str(tiny_dir / "model"))
+    routed = RoutedModel(model)
+    ids = load_self(routed, tok, count=3, seq_len=10, seed=0, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("self-3x10-*.safetensors")
+    for damaged in (ids + 10**7, ids.float(), ids[:2, :5].contiguous(), ids - 10**7):
+        save_file({"input_ids": damaged}, str(path))
+        assert torch.equal(load_self(routed, tok, count=3, seq_len=10, seed=0, cache_dir=tmp_path), ids)
+
+
 def test_self_sequences_shorter_than_a_seed_prompt(tiny_dir):
     """A sequence shorter than its seed prompt ("Once upon a time", the fourth) keeps the prompt's first tokens
     and still samples one."""

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from ..errors import DataError
 from ..io import file_sha256, save_safetensors_atomic
+from ..models.adapters import unwrap
 from ..models.loading import hub_problem
 
 # .tokens/.raw are the WikiText release files: plain text under another name
@@ -224,9 +225,14 @@ def load_self(routed, tokenizer, count: int, seq_len: int, seed: int, cache_dir:
     path = self_cache_path(cache_dir, routed.config.base.fingerprint, count, seq_len, seed, dtype)
     if path.exists():
         try:
-            return load_file(path)["input_ids"]
-        except (SafetensorError, OSError, KeyError):
-            path.unlink()  # a cache, not user data: regenerate
+            ids = load_file(path)["input_ids"]
+            vocab = unwrap(routed.model).get_input_embeddings().num_embeddings
+            # what this run would sample: token ids of this shape (not indices past the embedding, not floats)
+            if ids.dtype == torch.long and ids.shape == (count, seq_len) and 0 <= ids.min() <= ids.max() < vocab:
+                return ids
+        except (SafetensorError, OSError, KeyError, RuntimeError):
+            pass
+        path.unlink()  # a cache, not user data: regenerate
     ids = sample_self(routed, tokenizer, count, seq_len, seed)
     save_safetensors_atomic(path, {"input_ids": ids}, metadata={"format": "skipgpt-self-data"})
     return ids
