@@ -392,12 +392,14 @@ def test_compare_command_refuses_its_output_as_workdir_and_drops_a_stale_chart(s
     assert [r["method"] for r in json.loads(out.read_text())] == ["dense"]
 
 
-def test_a_cached_evaluation_that_is_not_a_results_dict_is_evaluated_again(small, tmp_path):
+def test_a_cached_evaluation_the_table_cannot_read_is_evaluated_again(small, tmp_path):
     model, eval_text, data = small
     s = small_settings(model, eval_text, data, tmp_path / "work", ["dense"])
     first = run_comparison(s, [0.25], log=lambda _: None)
     (cache,) = artifact_dir(s, "dense", 0.0).glob("eval-*.json")
-    for broken in ([1, 2], "text", None):  # valid JSON, but no results dict: make_row failed with a traceback
+    # valid JSON, but not what the table reads: tracebacks in make_row, or (a text ppl) a table without the column
+    for broken in ([1, 2], "text", None, {"tasks": "x"}, {"tasks": {"wikitext2": 5}}, {"tasks": {}},
+                   {"average_acc": "x", "tasks": first[0]["tasks"]}, {"tasks": {"wikitext2": {"ppl": "high"}}}):
         cache.write_text(json.dumps({"result": broken, "seconds": 1.0}))
         again = run_comparison(s, [0.25], log=lambda _: None)
         assert again[0]["tasks"]["wikitext2"]["ppl"] == first[0]["tasks"]["wikitext2"]["ppl"]

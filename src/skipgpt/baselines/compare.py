@@ -309,10 +309,10 @@ def evaluate_method(s: CompareSettings, model, tokenizer, cache: Path) -> tuple[
     if cache.exists():
         try:
             saved = json.loads(cache.read_text(encoding="utf-8"))
-            if isinstance(saved["result"], dict):
+            if _readable(saved["result"], s.tasks):
                 return saved["result"], float(saved["seconds"])
         except (ValueError, KeyError, TypeError):
-            pass  # a cache, not user data: evaluate again (also when its result is not a results dict)
+            pass  # a cache, not user data: evaluate again (also when the table could not read its result)
 
     tic = time.perf_counter()
     result = evaluate(model, tokenizer, dict(s.tasks), limit=s.limit, batch_size=s.eval_batch_size,
@@ -320,6 +320,25 @@ def evaluate_method(s: CompareSettings, model, tokenizer, cache: Path) -> tuple[
     seconds = time.perf_counter() - tic
     write_json_atomic(cache, {"result": result, "seconds": seconds})
     return result, seconds
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _readable(result, tasks: dict) -> bool:
+    """Whether a cached result holds what the table reads: every task asked for, with its perplexity or its
+    accuracy as a number, and an average that is a number or absent."""
+    if not isinstance(result, dict) or not isinstance(result.get("tasks"), dict):
+        return False
+    if result.get("average_acc") is not None and not _number(result["average_acc"]):
+        return False
+    for name in tasks:
+        metrics = result["tasks"].get(name)
+        keys = ("ppl",) if name in task_data.PPL_TASKS else (task_data.paper_metric(name), "acc")
+        if not isinstance(metrics, dict) or not any(_number(metrics.get(k)) for k in keys):
+            return False
+    return True
 
 
 def make_row(method: str, sparsity: float, result: dict, dense_average: float | None) -> dict:
