@@ -222,16 +222,27 @@ def plain_logits(model):
         return ids, model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("field, value", [("lora_alpha", "x"), ("r", None), ("target_modules", 5)])
-def test_an_adapter_config_field_of_the_wrong_type_is_an_artifact_error(field, value, tmp_path):
-    """PEFT raises TypeError for these (before: a traceback from eval --lora DIR)."""
+@pytest.mark.parametrize("fields, message", [
+    ({"lora_alpha": "x"}, "lora_alpha .*holds 'x', not a number"),  # PEFT: TypeError (before: a traceback)
+    ({"r": None}, "r .*holds None, not a whole number"),
+    ({"target_modules": 5}, "cannot load the adapter"),
+    ({"lora_alpha": float("nan")}, "holds nan"),  # before: loaded, every score NaN, exit status 0
+    ({"lora_alpha": 1e30}, r"holds 1e\+30, not a number in \(0, 1e\+06\]"),  # before: loaded, nonsense scores
+    ({"r": 0}, "holds 0, not a whole number"),
+    ({"r": 2.0}, "holds 2.0, not a whole number"),
+    ({"alpha_pattern": {"q_proj": -1}}, r"lora_alpha \(or alpha_pattern\) holds -1"),
+    ({"rank_pattern": {"q_proj": True}}, r"r \(or rank_pattern\) holds True"),
+    ({"use_dora": True}, "a DoRA adapter"),  # before: loaded without its magnitude vectors, with a warning
+], ids=["alpha text", "r null", "targets", "alpha nan", "alpha huge", "r 0", "r float", "alpha pattern",
+        "rank pattern", "dora"])
+def test_an_adapter_config_that_cannot_be_this_adapter_is_an_artifact_error(fields, message, tmp_path):
     from skipgpt.artifact import load_adapter
 
     folder = saved_adapter(tmp_path / "lora")
-    edit_adapter_config(folder, **{field: value})
+    edit_adapter_config(folder, **fields)
     model = make_tiny("llama")
     ids, logits = plain_logits(model)
-    with pytest.raises(ArtifactError, match="cannot load the adapter"):
+    with pytest.raises(ArtifactError, match=message):
         load_adapter(model, folder)
     assert untouched(model, ids, logits)
 

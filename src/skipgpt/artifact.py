@@ -203,10 +203,31 @@ def check_adapter(directory: str | Path) -> Path:
         raise ArtifactError(f"{directory}: not a LoRA adapter folder (no adapter_config.json)")
     if not (directory / "adapter_model.safetensors").is_file():
         raise ArtifactError(f"{directory}: no adapter_model.safetensors (only safetensors adapters are read)")
-    kind = _adapter_config(directory).get("peft_type")
+    config = _adapter_config(directory)
+    kind = config.get("peft_type")
     if kind != "LORA":  # another PEFT method (prompt tuning, IA3...) has no LoRA weights to merge
         raise ArtifactError(f"{directory}: its peft_type is {kind!r}; skipgpt reads LoRA adapters only")
+    if config.get("use_dora"):  # its magnitude vectors are not LoRA weights: PEFT would load without them
+        raise ArtifactError(f"{directory}: a DoRA adapter (use_dora); skipgpt reads plain LoRA adapters only")
+    # The weights are checked for NaN; the scale alpha / r they are multiplied by must be a number too (a NaN or
+    # 1e30 lora_alpha gave NaN or nonsense scores with exit status 0).
+    for name, pattern, whole in (("r", "rank_pattern", True), ("lora_alpha", "alpha_pattern", False)):
+        per_layer = config.get(pattern)
+        bad = [v for v in (config.get(name), *(per_layer.values() if isinstance(per_layer, dict) else ()))
+               if not _scale_number(v, whole)]
+        if bad:
+            raise ArtifactError(f"{directory}: adapter_config.json's {name} (or {pattern}) holds {bad[0]!r}, not a "
+                                f"{'whole number' if whole else 'number'} in (0, {MAX_SCALE:g}]")
     return directory
+
+
+MAX_SCALE = 1e6  # a LoRA rank or alpha beyond this is no adapter anyone trained
+
+
+def _scale_number(value, whole: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not isinstance(value, int)):
+        return False
+    return 0 < value <= MAX_SCALE  # (NaN fails both comparisons)
 
 
 def _adapter_config(directory: Path) -> dict:

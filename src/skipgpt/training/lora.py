@@ -14,9 +14,9 @@ from ..artifact import check_layers, input_embedding
 from ..errors import ConfigError
 
 
-def check_lora_targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -> None:
-    """Every LoRA target must name Linear layers of `model`, none of them tied to the input embedding (checked
-    before any data is read or written)."""
+def check_lora_targets(model: nn.Module, targets: list[str] | tuple[str, ...], rank: int | None = None) -> None:
+    """Every LoRA target must name Linear layers of `model`, none of them tied to the input embedding, each with
+    both sides at least `rank` (checked before any data is read or written)."""
     linear = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     missing = [t for t in targets if t not in linear]
     if missing:
@@ -28,6 +28,14 @@ def check_lora_targets(model: nn.Module, targets: list[str] | tuple[str, ...]) -
         raise ConfigError(f"LoRA target {tied[0]} shares its weight with the input embedding of this model (tied "
                           f"word embeddings): merging its update would change the embedding too; leave it out of "
                           f"--lora-targets")
+    if rank is not None:  # a rank past a layer's smaller side adds nothing a full update lacks, and its weights
+        # (rank x hidden per layer) run out of memory well before the step: 1e8 asked for 230 GB on SmolLM2
+        sides = {t: min(min(m.in_features, m.out_features) for n, m in model.named_modules()
+                        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] == t) for t in targets}
+        target, side = min(sides.items(), key=lambda item: item[1])
+        if rank > side:
+            raise ConfigError(f"LoRA rank {rank} exceeds {target}'s smaller side ({side}); a LoRA update has rank "
+                              f"at most min(in, out): give --lora-r {side} or less")
 
 
 def attach_lora(routed, r: int = 16, alpha: int = 32, dropout: float = 0.1,
@@ -35,7 +43,7 @@ def attach_lora(routed, r: int = 16, alpha: int = 32, dropout: float = 0.1,
     """Wrap routed.model in a PeftModel with fresh LoRA weights (only they require gradients)."""
     from peft import LoraConfig, get_peft_model  # seconds to import: only LoRA stages pay for it
 
-    check_lora_targets(routed.model, targets)
+    check_lora_targets(routed.model, targets, r)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                         bias="none", task_type="CAUSAL_LM")
     routed.model = get_peft_model(routed.model, config)

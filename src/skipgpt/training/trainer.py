@@ -195,7 +195,7 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
     if cfg.resume and ckpt.exists():  # the model option may name the same folder or hub name with other weights
         check_resume_base(ckpt, routed.config.base.fingerprint)
     if cfg.trains_lora and not hasattr(routed.model, "peft_config"):
-        check_lora_targets(routed.model, cfg.lora_targets)
+        check_lora_targets(routed.model, cfg.lora_targets, cfg.lora_r)
     # Under torchrun on a machine without an accelerator, Accelerator() runs every process alone unless told
     # to use the CPU (then it joins them over gloo): each would train on its own shard and write its own result.
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=launched > 1 and not _has_accelerator(),
