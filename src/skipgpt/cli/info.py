@@ -1,7 +1,7 @@
 """`skipgpt info`: describe a model's routable structure or a router directory
 
 Print the routable structure of MODEL (layers, parameters per module) and, with --routers, the router
-config and whether it matches the model. Nothing heavy runs.
+config and whether it matches the model. It loads the model; nothing else heavy runs.
 """
 
 from __future__ import annotations

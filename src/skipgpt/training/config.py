@@ -78,7 +78,8 @@ class TrainConfig:
         "help": "field of .jsonl rows / column of .parquet files holding the text"})
     output: str = field(default="skipgpt-run", metadata={"help": (
         "directory receiving the router artifact, the PEFT adapter (OUTPUT/adapter, stages lora/joint), "
-        "train_log.csv, train_config.yaml and the resumable checkpoint")})
+        "train_log.csv, train_config.yaml, train_summary.json, the resumable checkpoint and, with --data self, "
+        "the sampled text (OUTPUT/cache)")})
     routers: str | None = field(default=None, metadata={
         "help": "router directory to start from (required for --stage lora, where these routers stay frozen)"})
     target_sparsity: float = field(default=0.25, metadata={
