@@ -84,7 +84,8 @@ def test_other_bad_input_creates_no_output_folder(tmp_path, tiny_dir, capsys, mo
         (["--data", "self", "--max-tokens", "64"], "sampled data ('self') is sized by self_sequences"),
         (["--routers", ""], "routers is empty"),  # an unset $R: fresh routers without a word
         (["--report-to", "wandb"], "needs the wandb package, which is not installed"),  # would log nothing
-        (["--stage", "joint", "--lora-r", "100000000"], "LoRA rank 100000000 exceeds"),  # before: allocator traceback
+        (["--stage", "joint", "--lora-r", "100000"], "LoRA rank 100000 exceeds"),  # before: an allocator traceback
+        (["--lora-alpha", "2000000"], "lora_alpha must be at most 1e+06"),  # saved, no loader would read it
     ]
     for extra, message in cases:
         assert run_cli([*common(tiny_dir, out), *extra]) == 2

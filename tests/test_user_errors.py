@@ -69,25 +69,31 @@ def test_1_an_output_that_is_a_file_or_a_folder_is_refused_before_the_model_load
 
 def test_1_an_output_over_or_inside_what_the_command_reads_is_refused(tmp_path, tiny_dir, routers, capfd):
     """eval and compare wrote their results over the task text they had just read, and eval into the router
-    folder it evaluated (its skip_config.json replaced by the results), both with exit status 0."""
+    folder it evaluated (its skip_config.json replaced by the results), both with exit status 0. A result beside
+    a run's files (a training run's folder is its router folder) is still written."""
     model = str(tiny_dir / "model")
     text = shutil.copy(tiny_dir / "text.txt", tmp_path / "wt.raw")
     mine = shutil.copytree(routers, tmp_path / "r")
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(tiny_dir / "text.txt", data / "train.txt")
     before = snapshot(tmp_path)
+    task = ["--task", f"wikitext2={text}", "--seq-len", "16", "--no-progress"]
     cases = [
-        ["eval", "--model", model, "--task", f"wikitext2={text}", "--output", str(text)],
-        ["eval", "--model", model, "--routers", str(mine), "--task", f"wikitext2={text}", "--output",
-         str(mine / "skip_config.json")],
-        ["eval", "--model", model, "--task", f"wikitext2={text}", "--output", str(tiny_dir / "model" / "r.json")],
-        ["compare", "--model", model, "--methods", "dense", "--task", f"wikitext2={text}", "--output", str(text)],
-        ["compare", "--model", model, "--methods", "dense", "--task", f"wikitext2={text}", "--output",
-         str(tmp_path / "c.json"), "--workdir", str(tiny_dir / "model" / "work")],
-        ["analyze", "--model", model, "--routers", str(mine), "--text", str(text), "--output", str(mine)],
-        ["bench", "--model", model, "--routers", str(mine), "--output", str(mine / "b.json")],
+        ["eval", "--model", model, *task, "--output", str(text)],
+        ["eval", "--model", model, "--routers", str(mine), *task, "--output", str(mine / "skip_config.json")],
+        ["eval", "--model", model, *task, "--output", str(tiny_dir / "model" / "config.json")],
+        ["compare", "--model", model, "--methods", "dense", *task[:2], "--output", str(text)],
+        ["compare", "--model", model, "--methods", "dense,shortgpt", *task[:2], "--data", str(data), "--output",
+         str(data / "c.json")],  # a data folder is read whole: a file written there would be trained on
+        ["analyze", "--model", model, "--routers", str(mine), "--text", str(text), "--output", str(text)],
+        ["bench", "--model", model, "--routers", str(mine), "--output", str(mine / "routers.safetensors")],
     ]
     for argv in cases:
         assert "which this command reads" in fails(capfd, argv), argv
     assert snapshot(tmp_path) == before
+    assert run_cli(["eval", "--model", model, "--routers", str(mine), *task, "--output", str(mine / "eval.json")]) == 0
+    assert json.loads((mine / "eval.json").read_text())["tasks"]["wikitext2"]["ppl"] > 0
 
 
 def test_1_an_output_on_a_read_only_mount_is_refused_before_the_model_loads(readonly_dir, tiny_dir, routers, capfd):

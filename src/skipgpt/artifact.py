@@ -26,7 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import FILES_KEY, SkipConfig
+from .config import FILES_KEY, MAX_LORA_SCALE, SkipConfig
 from .errors import ArtifactError, ConfigError
 from .io import file_sha256, fsync_dir, remove_temporaries, save_tensors, settle
 from .models.adapters import find_layers, fingerprint, unwrap
@@ -217,17 +217,15 @@ def check_adapter(directory: str | Path) -> Path:
                if not _scale_number(v, whole)]
         if bad:
             raise ArtifactError(f"{directory}: adapter_config.json's {name} (or {pattern}) holds {bad[0]!r}, not a "
-                                f"{'whole number' if whole else 'number'} in (0, {MAX_SCALE:g}]")
+                                f"{'whole number' if whole else 'number'} in (0, {MAX_LORA_SCALE:g}]")
     return directory
 
-
-MAX_SCALE = 1e6  # a LoRA rank or alpha beyond this is no adapter anyone trained
 
 
 def _scale_number(value, whole: bool) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not isinstance(value, int)):
         return False
-    return 0 < value <= MAX_SCALE  # (NaN fails both comparisons)
+    return 0 < value <= MAX_LORA_SCALE  # (NaN fails both comparisons)
 
 
 def _adapter_config(directory: Path) -> dict:

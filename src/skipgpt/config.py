@@ -18,6 +18,7 @@ ROUTER_INPUTS = ("module", "layer")
 ACCOUNTINGS = ("param", "module", "flop")
 DTYPES = ("float32", "bfloat16", "float16", "fp32", "bf16", "fp16")  # names load_model takes for the base model
 FORECASTERS = ("linear",)
+MAX_LORA_SCALE = 1e6  # a LoRA rank or alpha beyond this is no adapter anyone trains: train and the loaders refuse it
 # skip_config.json also lists the files of its run directory (written and checked by skipgpt.artifact).
 FILES_KEY = "files"
 

@@ -124,18 +124,20 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
-def check_output(path: str | Path, folder: bool = False, flag: str = "--output", reads: Iterable = ()) -> Path:
+def check_output(path: str | Path, folder: bool = False, flag: str = "--output", reads: Iterable = (),
+                 scans: Iterable = ()) -> Path:
     """Refuse, before any work, an output that cannot be written: a folder where a file is meant (or the
-    reverse), a parent that is a file, a read-only or unwritable location, or one of the files or folders
-    `reads` names (what the command reads: an output there would replace its own input). Creates nothing."""
+    reverse), a parent that is a file, a read-only or unwritable location, one of the files or folders the
+    command reads (`reads`), or a place inside a folder whose files it reads (`scans`: task and data folders).
+    An output would replace its own input there. Creates nothing."""
     path = Path(path).expanduser()
     target = path.resolve()
-    for source in reads:
+    for source, inside in [*((r, False) for r in reads), *((d, True) for d in scans)]:
         given = None if source is None else Path(source).expanduser()
         if given is None or not given.exists():
-            continue  # a hub name, an alias, 'self'
+            continue  # a hub name, an alias, 'self', a file the loader would not find
         read = given.resolve()
-        if target == read or (read.is_dir() and read in target.parents):
+        if target == read or (inside and read in target.parents):
             where = "over" if target == read else "inside"
             raise ConfigError(f"{flag} {path} would be written {where} {source}, which this command reads; "
                               f"choose another {flag}")
@@ -157,6 +159,14 @@ def check_output(path: str | Path, folder: bool = False, flag: str = "--output",
         why = "is on a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "is not writable"
         raise ConfigError(f"{flag} {path} cannot be written: {existing} {why}; choose another {flag}")
     return path
+
+
+def same_place(a: Any, b: Any) -> bool:
+    """Two spellings (relative, absolute, with ~, through a link) of one existing file or folder."""
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def file_sha256(path: str | Path) -> str:

@@ -23,7 +23,7 @@ from ..errors import ConfigError
 from ..evaluation import evaluate
 from ..evaluation import tasks as task_data
 from ..evaluation.perplexity import check_context
-from ..io import write_json_atomic
+from ..io import same_place, write_json_atomic
 from ..models.adapters import fingerprint
 from ..models.loading import ALIASES, load_model
 from ..models.routed import RoutedModel
@@ -266,7 +266,7 @@ def spelled(name) -> str:
 
 
 def _same(key: str, saved: str, current: str) -> bool:
-    return saved == current or (key in PATH_SETTINGS and spelled(saved) == current)
+    return saved == current or (key in PATH_SETTINGS and same_place(saved, current))
 
 
 def _routers_digest(folder: Path) -> str:

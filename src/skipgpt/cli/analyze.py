@@ -19,7 +19,7 @@ from ..evaluation.perplexity import default_seq_len
 from ..evaluation.tasks import read_text
 from ..io import check_output
 from ..models.loading import load_model
-from .common import add_command, add_model_flags, add_output, add_routers, int_at_least, positive_int
+from .common import add_command, add_model_flags, add_output, add_routers, inputs, int_at_least, positive_int
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -41,10 +41,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    path = Path(args.text)
-    # (a --text that is a folder is refused below as such)
-    check_output(args.output, folder=True, reads=[args.routers, args.model, path if path.is_file() else None])
+    check_output(args.output, folder=True, **inputs(text=args.text, routers=args.routers, model=args.model))
     read_config(args.routers)
+    path = Path(args.text)
     if path.is_dir():
         raise DataError(f"text file {path} is a folder; give one text file")
     if not path.exists():

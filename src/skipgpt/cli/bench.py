@@ -29,6 +29,7 @@ from .common import (
     add_model_flags,
     add_output,
     add_routers,
+    inputs,
     int_at_least,
     model_options,
     positive_int,
@@ -62,7 +63,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output(args.output, reads=[args.routers, args.model])
+    check_output(args.output, **inputs(routers=args.routers, model=args.model))
     if args.routers:
         read_config(args.routers)
     options = model_options(args)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..artifact import ADAPTER_DIR, CONFIG_NAME, FORECASTERS_NAME, WEIGHTS_NAME
 from ..config import check_sparsity
 from ..errors import ConfigError
 from ..evaluation.tasks import PPL_TASKS, TASKS, load_perplexity_text, load_task
@@ -286,6 +287,34 @@ def parse_tasks(specs: list[str]) -> dict[str, str | None]:
                 load_task(name, path)
         tasks[name] = path or None
     return tasks
+
+
+# What a model folder holds that loading reads (besides its weight files, found by suffix).
+MODEL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".index.json")
+
+
+def inputs(*sources: str | None, text: str | None = None, routers: str | None = None, lora: str | None = None,
+           model: str | None = None) -> dict[str, list]:
+    """check_output's reads= and scans= for what a command reads: `sources` (task or data paths: a file is read,
+    a folder scanned), a text file, a router folder, an adapter folder and a model folder (only the files loading
+    reads: a result written beside them, as `eval --routers runs/X --output runs/X/eval.json` does, replaces
+    nothing)."""
+    reads: list = [*sources, text]
+    scans: list = [f for f in sources if f is not None and Path(f).expanduser().is_dir()]
+    if routers is not None:
+        reads += [Path(routers, name) for name in (CONFIG_NAME, WEIGHTS_NAME, FORECASTERS_NAME)]
+        scans.append(Path(routers, ADAPTER_DIR))
+    if lora is not None:
+        scans.append(lora)
+    if model is not None and Path(model).expanduser().is_dir():
+        folder = Path(model).expanduser()
+        reads += [folder / name for name in MODEL_FILES]
+        reads += [f for f in folder.iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
+    elif model is not None:
+        reads.append(model)  # a GGUF file (or a hub name or alias, which no output can be)
+    return {"reads": reads, "scans": scans}
 
 
 def write_results(path: str, results: Any) -> None:

@@ -27,6 +27,7 @@ from .common import (
     add_output,
     add_task_flags,
     checked,
+    inputs,
     int_at_least,
     parse_sparsity,
     parse_tasks,
@@ -118,14 +119,14 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--output {output}: give the JSON's name (e.g. {output.with_suffix('.json')}); the "
                           "table and the chart are written beside it as .md and .png")
     workdir = Path(args.workdir) if args.workdir else output.with_name(output.stem + "_artifacts")
-    reads = [*tasks.values(), args.data, args.model]
-    check_output(output, reads=reads)
+    reads = inputs(*tasks.values(), args.data, model=args.model)
+    check_output(output, **reads)
     for side in (output.with_suffix(".md"), output.with_suffix(".png")):  # same parent: only a folder is in the way
         if side.is_dir():
             raise ConfigError(f"--output {output}: {side} is a folder, and the table and the chart are written "
                               "beside the JSON under its name with .md and .png; choose another --output")
-        check_output(side, reads=reads)  # (a task file named like the table, say)
-    check_output(workdir, folder=True, flag="--workdir", reads=reads)
+        check_output(side, **reads)  # (a task file named like the table, say)
+    check_output(workdir, folder=True, flag="--workdir", **reads)
     if workdir.resolve() in {p.resolve() for p in (output, output.with_suffix(".md"), output.with_suffix(".png"))}:
         raise ConfigError(f"--workdir {workdir} is where the results are written (--output {output}, with .md and "
                           ".png beside it); choose another --workdir")

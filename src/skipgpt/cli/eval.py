@@ -20,6 +20,7 @@ from .common import (
     add_output,
     add_routers,
     add_task_flags,
+    inputs,
     int_at_least,
     model_options,
     parse_tasks,
@@ -69,7 +70,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.task)
     if args.output:
-        check_output(args.output, reads=[*tasks.values(), args.routers, args.lora, args.model])
+        check_output(args.output, **inputs(*tasks.values(), routers=args.routers, lora=args.lora, model=args.model))
     if args.routers:
         read_config(args.routers)
     if args.lora:

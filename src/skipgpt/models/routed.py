@@ -365,7 +365,7 @@ class RoutedModel(nn.Module):
 
     def decisions(self) -> torch.Tensor:
         """Execute decisions of the last forward pass as a (L, 2, B, T) bool tensor."""
-        if self.state is None or not self.state.complete:
+        if self.state is None:  # (an incomplete pass: stacked() says so)
             raise RuntimeError("no complete routed forward pass has run yet")
         return self.state.stacked()[0] > 0.5
 

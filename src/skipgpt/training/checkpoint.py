@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from ..artifact import CONFIG_NAME, FORECASTERS_NAME, WEIGHTS_NAME
 from ..config import finite_number, whole_number
 from ..errors import ArtifactError, ConfigError
-from ..io import file_sha256, save_safetensors_atomic
+from ..io import file_sha256, same_place, save_safetensors_atomic
 from .data import data_digest
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -105,7 +105,7 @@ def check_resume_config(path: Path, config: dict[str, Any], world: int = 1) -> N
     may_differ = RESUME_MAY_CHANGE | ({"data"} if digest else set())
     differ = [f"{k} {saved[k]!r} -> {config[k]!r}" for k in sorted(set(saved) & set(config))
               if k not in may_differ and saved[k] != config[k]
-              and not (k in PATH_OPTIONS and _same_file(saved[k], config[k]))]
+              and not (k in PATH_OPTIONS and same_place(saved[k], config[k]))]
     if differ:
         raise ConfigError(f"{path}: cannot --resume, the options differ from the run that wrote this checkpoint "
                           f"({'; '.join(differ)}); rerun with the original options or use another --output")
@@ -132,14 +132,6 @@ def check_resume_base(path: Path, fingerprint: str) -> None:
         raise ConfigError(f"{path}: cannot --resume, the model has other weights (fingerprint {fingerprint}) than "
                           f"the run that wrote this checkpoint (fingerprint {saved}); resume with the original "
                           f"model, or start afresh with another --output")
-
-
-def _same_file(a: Any, b: Any) -> bool:
-    """Two spellings of one existing file or folder."""
-    if not (isinstance(a, str) and isinstance(b, str)):
-        return False
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 
 def load_checkpoint(path: Path, routed, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

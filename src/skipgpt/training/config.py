@@ -15,6 +15,7 @@ from typing import Any
 from ..config import (
     ACCOUNTINGS,
     DTYPES,
+    MAX_LORA_SCALE,
     ROUTER_INPUTS,
     ROUTER_KINDS,
     SkipConfig,
@@ -89,7 +90,7 @@ class TrainConfig:
         "module = skipped modules, flop = skipped FLOPs")})
     alpha: float = field(default=8.0, metadata={
         "help": "weight of the sparsity regulariser alpha * |target - realised sparsity| (the paper: 8), "
-                "averaged over sequences so that micro-batches add up exactly"})
+                "a token-weighted mean over sequences (micro-batches then add up exactly)"})
     steps: int = field(default=150, metadata={
         "help": "optimizer steps of this stage (the temperature anneals over exactly these)"})
     seq_len: int = field(default=256, metadata={"help": "tokens per packed training sequence"})
@@ -182,6 +183,9 @@ class TrainConfig:
             value = getattr(self, name)
             if value < 1:  # (whole numbers: checked with the types above)
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("lora_r", "lora_alpha"):  # an adapter the loaders would refuse (its scale is no real one)
+            if getattr(self, name) > MAX_LORA_SCALE:
+                raise ConfigError(f"{name} must be at most {MAX_LORA_SCALE:g}, got {getattr(self, name)}")
         if not 0 <= self.seed < SEED_LIMIT:
             raise ConfigError(f"seed must be a whole number in [0, 2**32), got {self.seed}")
         if self.seq_len < 2:
