@@ -221,7 +221,6 @@ def check_adapter(directory: str | Path) -> Path:
     return directory
 
 
-
 def _scale_number(value, whole: bool) -> bool:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (whole and not isinstance(value, int)):
         return False

@@ -21,7 +21,7 @@ from ..errors import ConfigError
 from ..io import check_output
 from ..training import TrainConfig, train
 from ..training.config import read_options
-from ..training.trainer import ROUTER_DESIGN, frozen_options
+from ..training.trainer import ROUTER_DESIGN, SUMMARY_NAME, frozen_options
 from .common import add_command, add_field_flag, write_results
 
 
@@ -90,5 +90,5 @@ def run(args: argparse.Namespace) -> int:
     # Under torchrun every process gets here; one writer, or a rank could lose its temporary file to the
     # clean-up of another's save in the same folder.
     if PartialState().is_main_process:
-        write_results(str(result.output_dir / "train_summary.json"), s)
+        write_results(str(result.output_dir / SUMMARY_NAME), s)
     return 0

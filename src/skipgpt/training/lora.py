@@ -17,21 +17,23 @@ from ..errors import ConfigError
 def check_lora_targets(model: nn.Module, targets: list[str] | tuple[str, ...], rank: int | None = None) -> None:
     """Every LoRA target must name Linear layers of `model`, none of them tied to the input embedding, each with
     both sides at least `rank` (checked before any data is read or written)."""
-    linear = {n.rsplit(".", 1)[-1]: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    linear: dict[str, list[nn.Linear]] = {}  # every Linear layer by its own name (q_proj: one per decoder layer)
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            linear.setdefault(n.rsplit(".", 1)[-1], []).append(m)
     missing = [t for t in targets if t not in linear]
     if missing:
         raise ConfigError(f"LoRA targets {missing} match no Linear layer of this model; choose from "
                           f"{', '.join(sorted(linear))} (--lora-targets q_proj,v_proj)")
     # Merging (eval, load_routers) writes the update into the shared weight, so the embedding would change too.
-    tied = [t for t in targets if linear[t].weight is input_embedding(model)]
+    tied = [t for t in targets if any(m.weight is input_embedding(model) for m in linear[t])]
     if tied:
         raise ConfigError(f"LoRA target {tied[0]} shares its weight with the input embedding of this model (tied "
                           f"word embeddings): merging its update would change the embedding too; leave it out of "
                           f"--lora-targets")
     if rank is not None:  # a rank past a layer's smaller side adds nothing a full update lacks, and its weights
         # (rank x hidden per layer) run out of memory well before the step: 1e8 asked for 230 GB on SmolLM2
-        sides = {t: min(min(m.in_features, m.out_features) for n, m in model.named_modules()
-                        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] == t) for t in targets}
+        sides = {t: min(min(m.in_features, m.out_features) for m in linear[t]) for t in targets}
         target, side = min(sides.items(), key=lambda item: item[1])
         if rank > side:
             raise ConfigError(f"LoRA rank {rank} exceeds {target}'s smaller side ({side}); a LoRA update has rank "

@@ -72,6 +72,9 @@ __all__ = ["FIT_SEQUENCES", "LOG_FIELDS", "LOG_NAME", "TrainResult", "TrainingEr
            "step_gradients", "train", "tune_forecasters"]
 
 LOG_NAME = "train_log.csv"
+RECORD_NAME = "train_config.yaml"  # the run's options, read back by --config
+SUMMARY_NAME = "train_summary.json"  # written by the command line
+CACHE_DIR = "cache"  # sampled text (--data self)
 LOG_FIELDS = ("step", "loss", "lm_loss", "kd_loss", "reg", "sparsity", "attention", "mlp", "temperature", "noise",
               "lr", "threshold", "tokens_per_s")
 # Baselines whose saved policy (routing/policies.py, from_extra) decides every token without asking the routers,
@@ -207,7 +210,7 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
     routed.to(accelerator.device)
     torch.manual_seed(cfg.seed)
     if data is None:
-        data = load_data(cfg, routed, tokenizer, output / "cache")
+        data = load_data(cfg, routed, tokenizer, output / CACHE_DIR)
     if cfg.trains_routers:
         routed.config.target_sparsity = cfg.target_sparsity
         routed.config.accounting = cfg.accounting
@@ -241,7 +244,7 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         nonlocal recorded
         if main and not recorded:
             output.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(output / "train_config.yaml", cfg.to_yaml())
+            write_text_atomic(output / RECORD_NAME, cfg.to_yaml())
             _write_log(output / LOG_NAME, history)
         recorded = True
 
@@ -309,12 +312,12 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
 def _check_run_files(output: Path, samples: bool) -> None:
     """Refuse, before the model loads, a run folder where something is in the way of a file the run writes (or of
     the folder that caches sampled text): it would fail after the model loaded and the first steps ran."""
-    for name in ("train_config.yaml", LOG_NAME, CHECKPOINT_NAME, "train_summary.json", CONFIG_NAME, WEIGHTS_NAME,
-                 FORECASTERS_NAME):
+    for name in (RECORD_NAME, LOG_NAME, CHECKPOINT_NAME, SUMMARY_NAME, CONFIG_NAME, WEIGHTS_NAME, FORECASTERS_NAME):
         if (output / name).is_dir():
             raise ConfigError(f"output {output} cannot hold the run: {output / name} is a folder")
-    if samples and (output / "cache").exists() and not (output / "cache").is_dir():
-        raise ConfigError(f"output {output} cannot hold the sampled text: {output / 'cache'} is a file")
+    cache = output / CACHE_DIR
+    if samples and cache.exists() and not cache.is_dir():
+        raise ConfigError(f"output {output} cannot hold the sampled text: {cache} is a file")
 
 
 def _finish(routed, cfg: TrainConfig, data: PackedData, history: list, elapsed: float, tokens: int,
