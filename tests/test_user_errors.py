@@ -24,7 +24,7 @@ from skipgpt.models.loading import _embedded_gguf
 from skipgpt.training.checkpoint import CHECKPOINT_NAME, read_metadata
 from skipgpt.training.data import data_digest
 
-from conftest import make_tiny, one_error_line, run_cli, run_process, snapshot
+from conftest import make_tiny, one_error_line, run_cli, run_process, save_tiny_llama, snapshot
 
 TRAIN = ["--seq-len", "16", "--batch-size", "2", "--val-sequences", "4", "--no-progress"]
 
@@ -466,3 +466,25 @@ def test_11_an_empty_data_source_is_refused_not_read_as_the_working_folder(tmp_p
         line = fails(capfd, ["train", "--model", str(tiny_dir / "model"), "--data", source, "--output", "out",
                              "--steps", "1", *TRAIN], model_loaded=True)
         assert "data source is empty" in line and not (tmp_path / "out").exists()
+
+
+def test_12_a_demo_cut_short_never_leaves_new_routers_beside_an_old_summary(tmp_path, capfd):
+    """demo replaced the routers at step 2 and wrote summary.json only at the end: a later failure left the old
+    summary describing new routers. What is in the way of its last writes is refused before any work."""
+    save_tiny_llama(tmp_path / "m", layers=2, max_positions=512)  # the speed step reads 256 + 16 positions
+    out = tmp_path / "d"
+    argv = ["demo", "--model", str(tmp_path / "m"), "--steps", "1", "--sequences", "4", "--seq-len", "16",
+            "--no-progress", "--output", str(out)]
+    for blocked, message in (("summary.json", "is a folder"), ("analysis", "is a file")):
+        (out / blocked).parent.mkdir(parents=True, exist_ok=True)
+        (out / blocked).mkdir() if blocked == "summary.json" else (out / blocked).write_text("x")
+        assert message in fails(capfd, argv)
+        assert sorted(p.name for p in out.iterdir()) == [blocked]  # nothing sampled, trained or written
+        shutil.rmtree(out)
+    assert run_cli(argv) == 0 and (out / "summary.json").exists()
+    figure = out / "analysis" / "per_layer_skip.png"
+    figure.unlink()
+    figure.mkdir()  # the last step fails
+    assert run_cli([*argv, "--sparsity", "0.4"]) == 2
+    assert json.loads((out / "routers" / "skip_config.json").read_text())["target_sparsity"] == 0.4
+    assert not (out / "summary.json").exists()  # the earlier demo's (target 0.25) went with its routers

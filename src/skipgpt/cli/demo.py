@@ -16,12 +16,23 @@ import torch
 
 from ..baselines.static import shortgpt
 from ..inference.bench import measure_speed_batches
-from ..io import check_output, write_json_atomic
+from ..io import check_output
 from ..models.routed import RoutedModel
 from ..training import TrainConfig, train
 from ..training.data import load_data
 from ..training.trainer import build_routed, held_out_nll
-from .common import add_command, add_model_flags, add_no_progress, add_output, int_at_least, positive_int, sparsity
+from .common import (
+    add_command,
+    add_model_flags,
+    add_no_progress,
+    add_output,
+    int_at_least,
+    positive_int,
+    sparsity,
+    write_results,
+)
+
+SUMMARY = "summary.json"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -54,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     out = check_output(args.output, folder=True)
+    summary_path = check_output(out / SUMMARY, flag="--output's")  # in the way of the last write: found first
+    check_output(out / "analysis", folder=True, flag="--output's")
     cfg = TrainConfig(stage="router", model=args.model, data="self", target_sparsity=args.sparsity,
                       steps=args.steps, seq_len=args.seq_len, batch_size=2, self_sequences=args.sequences,
                       val_sequences=8, distill=args.distill, forecaster_rank=args.forecaster_rank,
@@ -66,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"      {time.perf_counter() - t0:.0f} s")
 
     print(f"[2/5] tuning routers to {args.sparsity:.0%} parameter sparsity ({args.steps} steps, base frozen)")
+    # The summary marks a finished demo: an earlier one's goes before its routers are replaced, so a run cut short
+    # never leaves new routers beside a summary of old ones.
+    summary_path.unlink(missing_ok=True)
     result = train(cfg, routed=routed, tokenizer=tokenizer, data=data)
     s = result.summary
     sp = s["held_out_sparsity"]
@@ -125,6 +141,6 @@ def run(args: argparse.Namespace) -> int:
                        for n, p, a, m, v in rows],
         "speed": speed, "figures": [str(f) for f in figures], "wall_seconds": time.perf_counter() - t0,
     }
-    write_json_atomic(out / "summary.json", summary)
-    print(f"done in {summary['wall_seconds']:.0f} s; routers in {out / 'routers'}, summary in {out / 'summary.json'}")
+    write_results(str(summary_path), summary)  # printed if the write fails: minutes of work are not lost
+    print(f"done in {summary['wall_seconds']:.0f} s; routers in {out / 'routers'}, summary in {summary_path}")
     return 0
