@@ -441,3 +441,24 @@ def test_compare_refuses_text_too_short_to_train_on_before_the_dense_evaluation(
     with pytest.raises(DataError, match=r"only \d+ sequences of 32 tokens.*a shorter --seq-len or \(train\)"):
         run_comparison(s, [0.25], log=lambda _: None)
     assert not list(tmp_path.rglob("eval-*.json"))
+
+
+def test_a_build_changed_or_damaged_after_it_was_made_is_built_again(small, tmp_path):
+    """The workdir is compare's cache: routers trained or edited into a build folder passed for the build (with its
+    cached evaluation), and a truncated file stopped every rerun with 'save or train again'."""
+    model, eval_text, data = small
+    s = small_settings(model, eval_text, data, tmp_path / "work", ["shortgpt"])
+    first = run_comparison(s, [0.25], log=lambda _: None)
+    folder = artifact_dir(s, "shortgpt", 0.25)
+    config = json.loads((folder / "skip_config.json").read_text())
+    (folder / "skip_config.json").write_text(json.dumps({**config, "threshold": -50.0}))
+    logs: list[str] = []
+    again = run_comparison(s, [0.25], log=logs.append)
+    ppl = first[0]["tasks"]["wikitext2"]["ppl"]
+    assert rebuilt(logs) == {"shortgpt-25"} and again[0]["tasks"]["wikitext2"]["ppl"] == ppl
+    weights = folder / "routers.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    logs = []
+    again = run_comparison(s, [0.25], log=logs.append)
+    assert any("cannot be loaded" in m and "rebuilding" in m for m in logs)
+    assert again[0]["tasks"]["wikitext2"]["ppl"] == ppl

@@ -3,7 +3,8 @@
 Each method is built (trained, or derived from Block Influence), saved as a router directory under
 `workdir/<method>-<sparsity%>/` and evaluated; the evaluation result is cached next to it as
 `eval-<key>.json` (the key covers tasks, limit, batch size, sequence length and the base weights). A second
-run with the same workdir reuses both, so an interrupted table resumes where it stopped.
+run with the same workdir reuses both, so an interrupted table resumes where it stopped; a build whose folder
+changed since (routers trained or edited into it) or no longer loads is built again.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import torch
 
 from ..artifact import CONFIG_NAME, WEIGHTS_NAME, load_routers, save_routers
 from ..config import FILES_KEY, SkipConfig
-from ..errors import ConfigError
+from ..errors import ArtifactError, ConfigError
 from ..evaluation import evaluate
 from ..evaluation import tasks as task_data
 from ..evaluation.perplexity import check_context
-from ..io import same_place, write_json_atomic
+from ..io import file_sha256, same_place, write_json_atomic
 from ..models.adapters import fingerprint
 from ..models.loading import ALIASES, load_model
 from ..models.routed import RoutedModel
@@ -158,9 +159,14 @@ class Builder:
             return model, tok, 0.0
         log = self._finished(method, sparsity)
         if self._current(method, sparsity):
-            self.log(f"  reusing {out}")
-            return load_routers(model, out), tok, float(log.get("seconds", 0.0))
-        if log is not None:
+            try:
+                routed = load_routers(model, out)
+                self.log(f"  reusing {out}")
+                return routed, tok, float(log.get("seconds", 0.0))
+            except ArtifactError as e:  # the workdir is compare's own cache: a damaged build is built again
+                self.log(f"  {out} cannot be loaded ({e}); rebuilding")
+                model, tok = self.fresh()  # load_routers may have failed after routing this one
+        elif log is not None:
             self.log(f"  {out} was built with other settings ({log.get('settings')}); rebuilding")
         # The old build's log goes first: a rebuild cut short after its save must not pass for the old settings.
         (out / BUILD_LOG).unlink(missing_ok=True)
@@ -203,6 +209,7 @@ class Builder:
         extra = routed.config.extra if isinstance(routed, RoutedModel) and not method.endswith("-lora") else {}
         write_json_atomic(out / BUILD_LOG, {"method": method, "sparsity": sparsity, "seconds": seconds,
                                             "settings": self.settings(method, sparsity),
+                                            "config_sha256": file_sha256(out / CONFIG_NAME),
                                             "fit_tokens": int(extra.get("forecaster_fit_tokens", 0)),
                                             "tune_tokens": int(extra.get("forecaster_tune_tokens", 0))})
         return routed, tok, seconds
@@ -250,7 +257,11 @@ class Builder:
         # Only the settings this build reads are compared: logs that recorded more (older versions) stay current, and
         # so do logs that spelled a path another way (their content digests are compared beside them).
         current = (log is not None and log.get("sparsity") == sparsity  # not another target printed alike
-                   and all(_same(k, saved.get(k, "<absent>"), v) for k, v in self.settings(method, sparsity).items()))
+                   and all(_same(k, saved.get(k, "<absent>"), v) for k, v in self.settings(method, sparsity).items())
+                   and log.get("config_sha256") in (None, file_sha256(artifact_dir(self.s, method, sparsity)
+                                                                      / CONFIG_NAME)))
+        # (the config lists its files' sha256: a folder trained or edited into since the build is not this build;
+        # logs from before the digest was recorded are taken as they are)
         return artifact_dir(self.s, method, sparsity) if current else None
 
 
