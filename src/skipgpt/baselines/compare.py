@@ -253,16 +253,16 @@ class Builder:
     def _current(self, method: str, sparsity: float) -> Path | None:
         """The folder of `method`'s build at this sparsity if it finished with the current settings."""
         log = self._finished(method, sparsity)
+        folder = artifact_dir(self.s, method, sparsity)
         saved = dict(log.get("settings") or {}) if log is not None else {}
         # Only the settings this build reads are compared: logs that recorded more (older versions) stay current, and
         # so do logs that spelled a path another way (their content digests are compared beside them).
         current = (log is not None and log.get("sparsity") == sparsity  # not another target printed alike
                    and all(_same(k, saved.get(k, "<absent>"), v) for k, v in self.settings(method, sparsity).items())
-                   and log.get("config_sha256") in (None, file_sha256(artifact_dir(self.s, method, sparsity)
-                                                                      / CONFIG_NAME)))
+                   and log.get("config_sha256") in (None, file_sha256(folder / CONFIG_NAME)))
         # (the config lists its files' sha256: a folder trained or edited into since the build is not this build;
         # logs from before the digest was recorded are taken as they are)
-        return artifact_dir(self.s, method, sparsity) if current else None
+        return folder if current else None
 
 
 PATH_SETTINGS = ("model", "data")

@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     out = check_output(args.output, folder=True)
     summary_path = check_output(out / SUMMARY, flag="--output's")  # in the way of the last write: found first
-    check_output(out / "analysis", folder=True, flag="--output's")
+    figures_dir = check_output(out / "analysis", folder=True, flag="--output's")
     cfg = TrainConfig(stage="router", model=args.model, data="self", target_sparsity=args.sparsity,
                       steps=args.steps, seq_len=args.seq_len, batch_size=2, self_sequences=args.sequences,
                       val_sequences=8, distill=args.distill, forecaster_rank=args.forecaster_rank,
@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
 
     print("[5/5] analysis figures of the trained routers")
     text = tokenizer.decode(data.val.reshape(-1).tolist())
-    figures = write_analysis(routed, tokenizer, text, out / "analysis", seq_len=args.seq_len, max_windows=8)
+    figures = write_analysis(routed, tokenizer, text, figures_dir, seq_len=args.seq_len, max_windows=8)
     for f in figures:
         if f.suffix == ".png":
             print(f"      {f}")
