@@ -154,16 +154,36 @@ def test_sparsity_accounting_against_hand_computation():
     kv = 2 * 2 * d * (2 * hd)
     mlp = 2 * 3 * d * inter
     skipped_flops = total_flops = 0.0
-    positions = torch.arange(6).expand(2, 6)  # a plain forward gives position ids 0..T-1
+    keys = mask.cumsum(-1)  # a token reads the real keys up to its own, not the left padding before them
     for i in range(3):
         for b in range(2):
             for t in range(6):
                 if not real[b, t]:
                     continue
-                attn = 2 * 2 * d * d + 4 * heads * hd * (int(positions[b, t]) + 1)
+                attn = 2 * 2 * d * d + 4 * heads * hd * int(keys[b, t])
                 total_flops += attn + kv + mlp
                 skipped_flops += attn * (not masks[i, 0, b, t]) + mlp * (not masks[i, 1, b, t])
     assert report.flop == pytest.approx(skipped_flops / total_flops)
+
+
+def test_flop_accounting_of_a_row_does_not_depend_on_its_left_padding():
+    """A plain forward gives position ids 0..T-1 whatever the padding; the attention product of a left-padded
+    row still reads only its real keys, as in generate() (which passes position ids from the mask)."""
+    model = make_tiny("llama")
+    routed = RoutedModel(model)
+    ids = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(2))
+    masks = torch.rand(3, 2, 1, 7, generator=torch.Generator().manual_seed(3)) > 0.5
+    with torch.no_grad():
+        routed.force(masks)(input_ids=ids)
+    alone = routed.meter.totals
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], dim=1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 7, dtype=torch.long)], dim=1)
+    routed.reset_sparsity()
+    with torch.no_grad():
+        routed.force(torch.cat([torch.ones(3, 2, 1, 4, dtype=torch.bool), masks], dim=-1))(
+            input_ids=padded, attention_mask=mask)
+    for key in ("flop_total", "flop_skipped", "tokens"):
+        assert float(routed.meter.totals[key]) == pytest.approx(float(alone[key])), key
 
 
 def test_flop_accounting_reads_only_the_keys_a_sliding_window_layer_sees():

@@ -54,7 +54,10 @@ class ForwardState:
     num_layers: int
     # [layer][kind] (B, T): float straight-through gates while routers train, bool decisions otherwise
     gates: list[list[torch.Tensor | None]] = field(default_factory=list)
-    context: torch.Tensor | None = None  # (B, T) keys visible to each token (position + 1)
+    context: torch.Tensor | None = None  # (B, T) real keys visible to each token (position + 1)
+    # (B, T) real keys up to each token, from a 2-D padding mask: bounds `context` at left-padded rows, whose
+    # positions count the pads unless the caller passes position ids (generate does)
+    real_keys: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.gates = [[None, None] for _ in range(self.num_layers)]
@@ -204,6 +207,7 @@ class RoutedModel(nn.Module):
         else:
             real = _tokens_from_mask(kwargs.get("attention_mask"), kwargs.get("cache"), *x.shape[:2], x.device)
         self.state = ForwardState(real, len(self.layers))
+        self.state.real_keys = _real_keys(kwargs.get("attention_mask"), kwargs.get("cache"), x.shape[1])
         inference = not self.training_routers
         self._folds = self.routers.folds(self.config.threshold) if inference else None
         # The common inference case (the routers' argmax, no policy, no sampling) decides with one call per
@@ -377,6 +381,17 @@ class RoutedModel(nn.Module):
             p.requires_grad_(False)
 
 
+def _real_keys(mask, cache, seq: int) -> torch.Tensor | None:
+    """(B, T) real keys up to and including each token of the pass, from a 2-D padding mask over the cached and
+    new tokens; None for any other mask (one covering only the new tokens says nothing about the cached ones)."""
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 2):
+        return None
+    past = 0 if cache is None else int(cache.get_seq_length())
+    if mask.shape[1] != past + seq:
+        return None
+    return mask.to(torch.int64).cumsum(-1)[:, past:]
+
+
 def _tokens_from_mask(mask, cache, batch: int, seq: int, device: torch.device) -> torch.Tensor:
     """(B, T) bool: which tokens of the pass are real rather than padding, from the mask the decoder receives.
 
@@ -428,7 +443,8 @@ def _routed_layer_forward(
         hidden = args[0] if args else kwargs.pop("hidden_states")
     if index == 0:
         pos = kwargs.get("position_ids")
-        routed.state.context = None if pos is None else (pos + 1)
+        keys = routed.state.real_keys
+        routed.state.context = keys if pos is None else (pos + 1 if keys is None else torch.minimum(pos + 1, keys))
     # skipgpt's switch, or HF's (gradient_checkpointing_enable() wraps the class's forward, which routing replaces);
     # checked only with gradients on, so inference pays nothing for it
     if torch.is_grad_enabled() and (routed.gradient_checkpointing or (

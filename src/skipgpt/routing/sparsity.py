@@ -47,7 +47,8 @@ def skip_totals(
 
     gates:      (L, 2, B, T) execute gates, index 0 attention, 1 MLP.
     token_mask: (B, T) 1 for real tokens, 0 for pads.
-    context:    (B, T) number of keys each token could attend to (its position + 1); a sliding-window layer
+    context:    (B, T) number of real keys each token could attend to (its position + 1, less any padding before
+                it); a sliding-window layer
                 reads at most its window of them.
     """
     m = token_mask.to(gates.dtype)
