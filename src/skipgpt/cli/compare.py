@@ -59,7 +59,8 @@ brings the removed-parameter ratio closer to the target; the realised ratio is r
 Artifacts go to --workdir/<method>-<pct>/ and are reused (with their evaluations) when they were built
 with the same model, --dtype and values of the settings they read (trained methods: the training options;
 static ones: --data, --seq-len, --calibration-sequences, and --seed with --data self; random routing: also
---seed and the same SkipGPT-RT build); otherwise rebuilt.
+--seed and the same SkipGPT-RT build), and when the folder still holds what was built (a build trained or
+edited into since, or damaged, is built again); otherwise rebuilt.
 
 example:
   skipgpt compare --model smollm2-135m --sparsity 0.25,0.4 --data text/book.txt --steps 100 \\
