@@ -233,8 +233,13 @@ def plain_logits(model):
     ({"alpha_pattern": {"q_proj": -1}}, r"lora_alpha \(or alpha_pattern\) holds -1"),
     ({"rank_pattern": {"q_proj": True}}, r"r \(or rank_pattern\) holds True"),
     ({"use_dora": True}, "a DoRA adapter"),  # before: loaded without its magnitude vectors, with a warning
+    # before: a TypeError or AttributeError inside PEFT (a traceback), or, for a string, LoRA layers left injected
+    ({"modules_to_save": 5}, "modules_to_save is 5, not a list of names"),
+    ({"modules_to_save": "mlp"}, "modules_to_save is 'mlp', not a list of names"),
+    ({"alpha_pattern": "x"}, "alpha_pattern is 'x', not a map"),
+    ({"rank_pattern": [2]}, r"rank_pattern is \[2\], not a map"),
 ], ids=["alpha text", "r null", "targets", "alpha nan", "alpha huge", "r 0", "r float", "alpha pattern",
-        "rank pattern", "dora"])
+        "rank pattern", "dora", "saved int", "saved text", "alpha pattern text", "rank pattern list"])
 def test_an_adapter_config_that_cannot_be_this_adapter_is_an_artifact_error(fields, message, tmp_path):
     from skipgpt.artifact import load_adapter
 

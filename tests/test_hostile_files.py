@@ -242,3 +242,85 @@ def test_an_adapter_that_replaces_a_routed_module_is_one_error(tmp_path):
     routed = RoutedModel(make_tiny("llama"))
     apply_adapter(routed, adapter, merge=False)
     assert any("modules_to_save" in n for n, _ in routed.model.named_modules())
+
+
+def test_an_adapter_whose_lora_pairs_disagree_is_refused_before_the_model_is_changed(tmp_path):
+    """With a rank_pattern the rank is read from the weights: a B of another rank than its A, or a weight that is
+    no matrix, failed inside PEFT after it had injected LoRA into the caller's model (or with an IndexError)."""
+    directory = with_adapter(tmp_path / "r")
+    config_path = directory / ADAPTER_DIR / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["rank_pattern"] = {"q_proj": 2}
+    config_path.write_text(json.dumps(config))
+    edit_config(directory, lambda c: c[FILES_KEY].__setitem__(f"{ADAPTER_DIR}/adapter_config.json",
+                                                              file_sha256(config_path)))
+    wider = lambda t: {k: torch.zeros(v.shape[0], 3) if "lora_B" in k else v for k, v in t.items()}  # noqa: E731
+    scalar = lambda t: {k: torch.tensor(1.0) if "lora_A" in k else v for k, v in t.items()}  # noqa: E731
+    for edit, message in ((wider, r"has shape \(32, 3\), this model needs \(32, 2\)"), (scalar, "not a matrix")):
+        saved = load_file(directory / ADAPTER_WEIGHTS)
+        rewrite(directory, ADAPTER_WEIGHTS, edit)
+        model = make_tiny("llama")
+        with pytest.raises(ArtifactError, match=message):
+            load_routers(model, directory, lora="attach")
+        assert untouched(model) and "forward" not in model.model.layers[0].__dict__
+        rewrite(directory, ADAPTER_WEIGHTS, lambda t, saved=saved: saved)
+
+
+def test_a_merged_adapter_is_not_saved_as_the_base_in_float16_either(tmp_path):
+    """float16 weights are not fingerprinted, so a base with its adapter merged saved as if it were plain:
+    reloaded, the routers ran on the base without the adapter."""
+    directory = with_adapter(tmp_path / "r")
+    routed = load_routers(make_tiny("llama").to(torch.float16), directory)  # merged
+    with pytest.raises(ArtifactError, match="merged"):
+        save_routers(routed, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def test_routers_of_a_model_with_layers_removed_load_back_onto_it(tmp_path):
+    """A save records the layers the model runs; the load compared them with the config's count."""
+    model = make_tiny("llama")
+    del model.model.layers[2]
+    routed = RoutedModel(model)
+    save_routers(routed, tmp_path / "r")
+    routed.unpatch()
+    assert len(load_routers(model, tmp_path / "r").layers) == 2
+    with pytest.raises(ArtifactError, match="layer count 2.*layer count 3"):
+        load_routers(make_tiny("llama"), tmp_path / "r")
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path):
+    """A FIFO named skip_config.json blocked the load forever."""
+    import os
+
+    directory = tmp_path / "r"
+    directory.mkdir()
+    os.mkfifo(directory / CONFIG_NAME)
+    with pytest.raises(ArtifactError, match="not a regular file"):
+        load_routers(make_tiny("llama"), directory)
+
+
+def test_a_save_replaces_a_file_where_its_adapter_folder_goes(tmp_path):
+    """A file named `adapter` in the folder: the save removed the old config and replaced the router weights,
+    then failed to move the adapter folder in (NotADirectoryError), leaving a folder that did not load."""
+    directory = tmp_path / "r"
+    save_routers(varied_routers(1), directory)
+    (directory / ADAPTER_DIR).write_text("in the way")
+    with_adapter(directory)
+    routed = load_routers(make_tiny("llama"), directory, lora="attach")
+    assert hasattr(routed.model, "peft_config")
+
+
+def test_a_load_that_fails_in_any_way_leaves_the_model_unrouted(tmp_path, monkeypatch):
+    from skipgpt.routing import policies
+
+    directory = tmp_path / "r"
+    save_routers(varied_routers(1), directory)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken")
+
+    monkeypatch.setattr(policies, "from_extra", broken)
+    model = make_tiny("llama")
+    with pytest.raises(RuntimeError):
+        load_routers(model, directory)
+    assert "forward" not in model.model.layers[0].__dict__

@@ -125,6 +125,30 @@ def test_1_an_output_through_a_link_to_nowhere_is_refused_before_the_model_loads
     assert [p.name for p in tmp_path.iterdir()] == ["run"] and not (tmp_path / "gone").exists()
 
 
+def test_1_an_output_where_nothing_can_be_created_is_refused_before_the_model_loads(tiny_dir, capfd):
+    """/proc passes os.access for root, and mkdir there fails: demo met it after sampling its data (a traceback)."""
+    model, text = str(tiny_dir / "model"), str(tiny_dir / "text.txt")
+    cases = [
+        ["train", "--model", model, "--data", text, "--output", "/proc/skipgpt-run", *TRAIN],
+        ["eval", "--model", model, "--task", f"wikitext2={text}", "--output", "/proc/skipgpt-e.json"],
+        ["demo", "--output", "/proc/skipgpt-demo"],
+    ]
+    for argv in cases:
+        line = fails(capfd, argv)
+        assert "cannot be written" in line and "/proc" in line, line
+
+
+def test_1_an_empty_router_folder_is_refused_and_a_home_one_is_found(tiny_dir, routers, tmp_path, capfd,
+                                                                     monkeypatch):
+    """An unset $RUN in `--routers "$RUN"` evaluated the dense model with exit status 0; a quoted "~/r" was
+    looked for as a folder named "~"."""
+    model, text = str(tiny_dir / "model"), str(tiny_dir / "text.txt")
+    task = ["--task", f"wikitext2={text}", "--seq-len", "16", "--no-progress"]
+    assert "--routers: is empty" in fails(capfd, ["eval", "--model", model, "--routers", "", *task])
+    monkeypatch.setenv("HOME", str(routers.parent))
+    assert run_cli(["info", "--model", model, "--routers", "~/" + routers.name]) == 0
+
+
 def test_1_results_computed_are_printed_when_writing_them_fails_late(tmp_path, tiny_dir, capfd, monkeypatch):
     """The output was fine when checked; the disk filled up during the job: the numbers are not lost."""
     from skipgpt.cli import common

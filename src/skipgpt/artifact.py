@@ -53,12 +53,14 @@ def save_routers(routed: RoutedModel, directory: str | Path) -> Path:
     """Write the routers, their config and (when the model has them) the forecasters and the LoRA adapter
     to `directory`, all or nothing (write_parts)."""
     got = _other_weights(routed.model, routed.config.base.fingerprint)
-    if got is not None:
+    # (a merged adapter is named by the routed model itself: float16 weights are not fingerprinted)
+    merged = routed.adapter is not None and not hasattr(routed.model, "peft_config")
+    if got is not None or merged:
+        why = f"fingerprint {got}, the config's {routed.config.base.fingerprint}" if got else f"{routed.adapter} merged"
         raise ArtifactError(
-            f"the model's weights are no longer the base these routers were trained on (fingerprint {got}, the "
-            f"config's {routed.config.base.fingerprint}), e.g. a LoRA adapter merged into them: saved, they would "
-            f"load onto the plain base and give other outputs. Save before merging (load_routers(..., lora='attach') "
-            f"keeps an adapter separate, and saves it)")
+            f"the model's weights are no longer the base these routers were trained on ({why}), e.g. a LoRA "
+            f"adapter merged into them: saved, they would load onto the plain base and give other outputs. Save "
+            f"before merging (load_routers(..., lora='attach') keeps an adapter separate, and saves it)")
     # One entry per part of the directory: its name and what writes it.
     routers = _finite(routed.routers.state_dict(), "router")
     parts: dict[str, Writer] = {WEIGHTS_NAME: tensors_writer(routers, "skipgpt-routers")}
@@ -113,8 +115,8 @@ def write_parts(directory: Path, parts: dict[str, Writer], config: SkipConfig) -
         for name in sorted(stale):
             _remove(directory / name)
         for name in parts:
-            if (directory / name).is_dir():
-                _remove(directory / name)  # a rename cannot replace a folder that holds files (nor follow a link)
+            if (directory / name).is_dir() or (tmp / name).is_dir():
+                _remove(directory / name)  # a rename cannot replace a folder that holds files, nor a file by a folder
             os.replace(tmp / name, directory / name)
         os.replace(tmp / CONFIG_NAME, directory / CONFIG_NAME)
         fsync_dir(directory)
@@ -167,7 +169,7 @@ def load_routers(model: nn.Module, directory: str | Path, check: bool = True, lo
         routed.force(policies.from_extra(routed, str(directory)))
         if lora != "none" and has_adapter(directory, files):
             apply_adapter(routed, directory / ADAPTER_DIR, merge=lora == "merge")
-    except ArtifactError:
+    except BaseException:  # the caller's model as it was given, whatever went wrong
         routed.unpatch()
         raise
     return routed
@@ -180,9 +182,9 @@ def load_adapter(model: nn.Module, directory: str | Path, merge: bool = True, tr
     from peft import PeftModel  # seconds to import: only commands that meet an adapter pay for it
     from peft.utils import get_peft_model_state_dict
 
-    try:  # TypeError: a config field of the wrong type ("r": null, "lora_alpha": "x")
+    try:  # TypeError, AttributeError: a config field of the wrong type ("r": null, "lora_alpha": "x")
         peft = PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
-    except (ValueError, OSError, KeyError, RuntimeError, TypeError) as e:
+    except (ValueError, OSError, KeyError, RuntimeError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{directory}: cannot load the adapter ({str(e).splitlines()[0]})") from None
     # PEFT injects the modules its config names (target_modules, layers_to_transform, exclude_modules...) and
     # loads only the file's weights for those, silently: an edited config would apply the adapter in part.
@@ -209,6 +211,15 @@ def check_adapter(directory: str | Path) -> Path:
         raise ArtifactError(f"{directory}: its peft_type is {kind!r}; skipgpt reads LoRA adapters only")
     if config.get("use_dora"):  # its magnitude vectors are not LoRA weights: PEFT would load without them
         raise ArtifactError(f"{directory}: a DoRA adapter (use_dora); skipgpt reads plain LoRA adapters only")
+    # Fields PEFT reads without checking their type: a wrong one failed inside PEFT with a traceback, or after its
+    # injection, leaving LoRA layers in the caller's model (a string modules_to_save is taken letter by letter).
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(t, str) for t in saved)):
+        raise ArtifactError(f"{directory}: adapter_config.json's modules_to_save is {saved!r}, not a list of names")
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        if not isinstance(config.get(pattern) or {}, dict):
+            raise ArtifactError(f"{directory}: adapter_config.json's {pattern} is {config[pattern]!r}, not a map "
+                                f"of module names to numbers")
     # The weights are checked for NaN; the scale alpha / r they are multiplied by must be a number too (a NaN or
     # 1e30 lora_alpha gave NaN or nonsense scores with exit status 0).
     for name, pattern, whole in (("r", "rank_pattern", True), ("lora_alpha", "alpha_pattern", False)):
@@ -255,7 +266,7 @@ def _check_lora_weights(model: nn.Module, directory: Path, merge: bool) -> set[s
     config = _adapter_config(directory)
     rank = None if config.get("rank_pattern") else config.get("r")  # a pattern gives some layers other ranks
     base = unwrap(model)
-    weights = set()
+    weights, ranks = set(), {}
     try:
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open has no items(); one tensor in memory at a time
@@ -277,7 +288,10 @@ def _check_lora_weights(model: nn.Module, directory: Path, merge: bool) -> set[s
                     raise ArtifactError(f"{path}: {key} adapts {name}, whose weight is also the input embedding "
                                         f"(tied): merged, the update would change the embedding too; attach it "
                                         f"instead (load_routers(..., lora='attach'))")
-                r = rank or value.shape[0 if part == "A.weight" else -1]
+                if value.dim() != 2:
+                    raise ArtifactError(f"{path}: {key} has shape {tuple(value.shape)}, not a matrix")
+                # without one r for all, a module's rank is its A's, and its B must agree
+                r = rank or ranks.setdefault(name, value.shape[0 if part == "A.weight" else -1])
                 want = (r, layer.in_features) if part == "A.weight" else (layer.out_features, r)
                 if tuple(value.shape) != want:
                     raise ArtifactError(f"{path}: {key} has shape {tuple(value.shape)}, this model needs {want} "
@@ -338,6 +352,8 @@ def _read(directory: Path) -> tuple[SkipConfig, dict[str, str] | None]:
     if not directory.is_dir():
         raise ArtifactError(f"{directory} is a file; expected a router directory holding {CONFIG_NAME}")
     path = directory / CONFIG_NAME
+    if path.exists() and not path.is_file():
+        raise ArtifactError(f"{path} is not a regular file")
     if not path.exists():
         if (directory / WEIGHTS_NAME).exists() or any(directory.glob(SAVE_PREFIX + "*")):
             raise ArtifactError(f"{directory} is incomplete (no {CONFIG_NAME}: its save was interrupted); "
@@ -388,19 +404,19 @@ def check_base(config: SkipConfig, model: nn.Module, source: str) -> None:
     want = config.base
     checks = [
         ("hidden size", want.hidden_size, hf.hidden_size),
-        ("layer count", want.num_layers, getattr(hf, "num_hidden_layers", None)),
+        ("layer count", want.num_layers, len(find_layers(model))),  # (what save records; a pruned config lags)
         ("model type", want.model_type, hf.model_type),
     ]
     for what, trained, given in checks:
         if trained and trained != given:
             raise ArtifactError(
-                f"{source}: routers were trained for {want.name or want.architecture} ({what} {trained}), "
-                f"but the model has {what} {given}"
+                f"{source}: routers were trained for {want.name or want.architecture!r} ({what} {trained!r}), "
+                f"but the model has {what} {given!r}"
             )
     got = _other_weights(model, want.fingerprint)
     if got is not None:
         raise ArtifactError(
-            f"{source}: routers were trained on different weights ({want.name + ', ' if want.name else ''}"
+            f"{source}: routers were trained on different weights ({repr(want.name) + ', ' if want.name else ''}"
             f"fingerprint {want.fingerprint}) than the given model (fingerprint {got}; resized token embeddings "
             f"count as different; from Python, load_routers(..., check=False) pairs them anyway)"
         )

@@ -129,7 +129,7 @@ def check_output(path: str | Path, folder: bool = False, flag: str = "--output",
     """Refuse, before any work, an output that cannot be written: a folder where a file is meant (or the
     reverse), a parent that is a file, a read-only or unwritable location, one of the files or folders the
     command reads (`reads`), or a place inside a folder whose files it reads (`scans`: task and data folders).
-    An output would replace its own input there. Creates nothing."""
+    An output would replace its own input there. Leaves nothing behind (a probe folder is made and removed)."""
     path = Path(path).expanduser()
     target = path.resolve()
     for source, inside in [*((r, False) for r in reads), *((d, True) for d in scans)]:
@@ -158,6 +158,11 @@ def check_output(path: str | Path, folder: bool = False, flag: str = "--output",
     if not os.access(existing, os.W_OK | os.X_OK):
         why = "is on a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "is not writable"
         raise ConfigError(f"{flag} {path} cannot be written: {existing} {why}; choose another {flag}")
+    try:  # what the checks above cannot see: a pseudo file system such as /proc (root passes os.access), a full disk
+        os.rmdir(tempfile.mkdtemp(prefix=".skipgpt-probe-", dir=existing))
+    except OSError as e:
+        raise ConfigError(f"{flag} {path} cannot be written: nothing can be created in {existing} ({e.strerror}); "
+                          f"choose another {flag}") from None
     return path
 
 

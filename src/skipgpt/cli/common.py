@@ -188,7 +188,15 @@ def add_model_flags(parser: argparse.ArgumentParser, *, note: str | None = None,
 
 def add_routers(parser: argparse.ArgumentParser, help: str, required: bool = False) -> argparse.Action:
     """--routers DIR: a run directory of `skipgpt train` (or a baseline's); each command says what it does with it."""
-    return parser.add_argument("--routers", required=required, default=None, help=help)
+    return parser.add_argument("--routers", type=given_path, required=required, default=None, help=help)
+
+
+def given_path(text: str) -> str:
+    """argparse type of a folder the command reads: "~" expanded, and an empty one (an unset $VAR) refused, where it
+    would read as the flag left out."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: name the folder")
+    return str(Path(text).expanduser())
 
 
 def add_task_flags(parser: argparse.ArgumentParser) -> None:
