@@ -129,6 +129,17 @@ def test_gradient_accumulation_equals_the_large_batch_gradient(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
+def test_the_record_of_a_run_on_a_model_the_caller_built_names_that_models_router_design(tmp_path):
+    """compare builds informed routers as RoutedModel(..., SkipConfig(forecaster_rank=32, router="mlp")) with a
+    TrainConfig of the defaults: train_config.yaml said rank 0, linear, and a rerun from it trained plain routers."""
+    routed = RoutedModel(make_tiny("llama"), SkipConfig(forecaster_rank=2, router="mlp", execute_bias=1.5))
+    result = train(tiny_cfg(tmp_path, steps=2, calibrate=False, forecaster_steps=0), routed=routed, data=packed())
+    record = TrainConfig.load(result.output_dir / "train_config.yaml")
+    assert (record.forecaster_rank, record.router, record.execute_bias) == (2, "mlp", 1.5)
+    saved = json.loads((result.output_dir / "skip_config.json").read_text())
+    assert (saved["forecaster_rank"], saved["router"]) == (2, "mlp")
+
+
 # -- schedules ------------------------------------------------------------------------------------------
 
 

@@ -180,6 +180,8 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         # Loaded routers keep their design, and in stage lora their target and accounting; the run's record
         # (train_config.yaml, the checkpoint) says so, so a rerun from that file asks for what this run did.
         cfg = replace(cfg, **{name: getattr(frozen, name) for name in frozen_options(cfg.stage)})
+    if routed is not None:  # a model the caller built keeps its design just the same, and the record says so
+        cfg = replace(cfg, **{name: getattr(routed.config, name) for name in frozen_options(cfg.stage)})
     launched = int(os.environ.get("WORLD_SIZE", "1"))  # the process count, before accelerate starts
     if cfg.resume and ckpt.exists():
         check_resume_config(ckpt, cfg.to_dict(), world=launched)
