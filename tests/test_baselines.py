@@ -475,3 +475,36 @@ def test_a_mod_d_baseline_saved_before_calibration_is_refused(tmp_path):
     routed.policy.calibrate(batches())
     skipgpt.save_routers(routed, tmp_path / "r")
     assert skipgpt.load_routers(make_tiny("llama"), tmp_path / "r").policy.thresholds is not None
+
+
+def test_baselines_refuse_a_model_with_forecasters():
+    """Their parameter sparsity is reckoned on whole modules, the meter's on a forecaster's net saving: ShortGPT
+    recorded 25% where the meter measured 23.4%."""
+    routed = skipgpt.RoutedModel(make_tiny("llama"), skipgpt.SkipConfig(forecaster_rank=2))
+    ids = {"input_ids": torch.randint(0, 128, (2, 8))}
+    with pytest.raises(ConfigError, match="rank-2 forecasters"):
+        shortgpt(routed, None, 0.25, [ids])
+    assert "routing" not in routed.config.extra
+    model = make_tiny("llama")
+    with pytest.raises(ConfigError, match="without forecasters"):
+        mod_d(model, 0.25, skipgpt.SkipConfig(forecaster_rank=2))
+    assert "forward" not in model.model.layers[0].__dict__  # not left routed
+
+
+@pytest.mark.parametrize("batch, message", [
+    ({"input_ids": torch.arange(10)}, r"a \(batch, tokens\) tensor"),  # before: a TypeError inside routing
+    ({"input_ids": [[1, 2, 3]]}, r"a \(batch, tokens\) tensor"),  # before: an AttributeError
+    ({"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.tensor([[1, 1]])}, "the shape of its input_ids"),
+], ids=["1-D", "list", "short mask"])
+def test_calibration_batches_of_the_wrong_form_are_one_error(batch, message):
+    with pytest.raises(ConfigError, match=message):
+        shortgpt(make_tiny("llama"), None, 0.25, [batch])
+
+
+def test_mod_d_calibration_on_batches_it_cannot_join_or_use_is_one_error():
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(ConfigError, match="all have an attention_mask, or none"):  # before: a KeyError
+        mod_d(make_tiny("llama"), 0.25).policy.calibrate([{"input_ids": ids, "attention_mask": torch.ones(1, 4)},
+                                                          {"input_ids": ids}])
+    with pytest.raises(ConfigError, match="only padding"):  # before: quantile() of an empty tensor
+        mod_d(make_tiny("llama"), 0.25).policy.calibrate([{"input_ids": ids, "attention_mask": torch.zeros(1, 4)}])

@@ -121,6 +121,20 @@ def test_comparison_figure_draws_a_dollar_in_its_title_as_text(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_comparison_figure_draws_only_panels_with_values_and_names_targets_as_the_table(tmp_path, monkeypatch):
+    """Perplexity alone drew an empty accuracy panel beside it; targets 25.45% and 25.41% both read 25.4%."""
+    from skipgpt.baselines import figure
+
+    drawn = []
+    monkeypatch.setattr(figure, "save_figure", lambda fig, path: drawn.append(fig) or path)
+    rows = [{"method": m, "target_sparsity": t, "retention": None, "tasks": {"wikitext2": {"ppl": p}}}
+            for m, t, p in (("dense", 0.0, 20.0), ("shortgpt", 0.2545, 80.0), ("shortgpt", 0.2541, 81.0))]
+    comparison_figure(rows, tmp_path / "c.png")
+    (axes,) = [fig.axes for fig in drawn]
+    assert [ax.get_ylabel() for ax in axes] == ["wikitext2 perplexity (log scale)"]
+    assert [t.get_text() for t in axes[0].get_legend().get_texts()] == ["dense", "target 25.41%", "target 25.45%"]
+
+
 def test_compare_argument_errors():
     assert parse_sparsities("0.25,0.4") == [0.25, 0.4]
     with pytest.raises(ConfigError, match="not a number"):

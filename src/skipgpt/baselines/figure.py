@@ -17,9 +17,12 @@ def comparison_figure(rows: list[dict], path: str | Path, title: str = "") -> Pa
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
     targets = sorted({r["target_sparsity"] for r in rows if r["method"] != "dense"})
     ppl_task = next((n for r in rows for n, m in r["tasks"].items() if "ppl" in m), None)
-    panels = [("retention", "average accuracy, % of dense")]
-    if ppl_task:
-        panels.append((ppl_task, f"{ppl_task} perplexity (log scale)"))
+    panels = []
+    if any(r.get("retention") is not None for r in rows if r["method"] != "dense"):  # perplexity alone: no such panel
+        panels.append(("retention", "average accuracy, % of dense"))
+    if ppl_task or not panels:
+        panels.append((ppl_task, f"{ppl_task} perplexity (log scale)") if ppl_task else
+                      ("retention", "average accuracy, % of dense"))
     fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 0.7 * len(methods) + 2) * len(panels), 4.2),
                              squeeze=False)
     width = 0.8 / max(1, len(targets))
@@ -32,7 +35,7 @@ def comparison_figure(rows: list[dict], path: str | Path, title: str = "") -> Pa
                 if value is not None:
                     xs.append(i - 0.4 + width * (j + 0.5))
                     ys.append(value)
-            ax.bar(xs, ys, width, label=f"target {100 * target:.3g}%", color=SPARSITY_COLORS[j % len(SPARSITY_COLORS)])
+            ax.bar(xs, ys, width, label=f"target {100 * target:g}%", color=SPARSITY_COLORS[j % len(SPARSITY_COLORS)])
         reference = 100.0 if key == "retention" else _value(dense, key)
         if dense is not None and reference is not None:
             ax.axhline(reference, color="black", linestyle="--", linewidth=1, label="dense")

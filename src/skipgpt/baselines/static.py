@@ -70,6 +70,10 @@ def routed_at(model, sparsity: float, config: SkipConfig | None = None) -> Itera
     wrapper made here is taken off again when the block fails, so a refused call leaves the caller's model as it
     was (routed, it could not be routed again)."""
     check_sparsity(sparsity)
+    forecasts = (model.config if isinstance(model, RoutedModel) else config or SkipConfig()).forecaster_rank
+    if forecasts:  # their sparsity is reckoned on whole modules; a forecaster's cost would make the meter's net
+        raise ConfigError(f"baselines route without forecasters; this model has rank-{forecasts} forecasters "
+                          f"(informed skipping): build the baseline on the plain model")
     owned = not isinstance(model, RoutedModel)
     routed = RoutedModel(model, config or SkipConfig()) if owned else model
     before = routed.config.target_sparsity
@@ -172,5 +176,11 @@ def _need_batches(batches, tokenizer=None) -> list:
             b = {"input_ids": tokenizer(b, return_tensors="pt")["input_ids"]}
         if not isinstance(b, Mapping) or "input_ids" not in b:  # a tokenizer's BatchEncoding is no dict
             raise ConfigError("each calibration batch must be a text or a dict with input_ids")
+        ids, mask = b["input_ids"], b.get("attention_mask")
+        # (an empty text tokenises to a float tensor of no ids: skipped by Block Influence)
+        if not (isinstance(ids, torch.Tensor) and ids.dim() == 2 and (ids.numel() == 0 or not ids.is_floating_point())):
+            raise ConfigError("calibration input_ids must be a (batch, tokens) tensor of token ids")
+        if mask is not None and not (isinstance(mask, torch.Tensor) and mask.shape == ids.shape):
+            raise ConfigError(f"a calibration attention_mask must have the shape of its input_ids {tuple(ids.shape)}")
         out.append(b)
     return out

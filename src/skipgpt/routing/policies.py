@@ -142,7 +142,11 @@ class ModPolicy:
         lengths = {b["input_ids"].shape[-1] for b in batches}
         if len(lengths) != 1:
             raise ConfigError(f"MoD-D calibration batches must share one sequence length, got {sorted(lengths)}")
+        if len({"attention_mask" in b for b in batches}) != 1:
+            raise ConfigError("MoD-D calibration batches must all have an attention_mask, or none")
         joined = {k: torch.cat([b[k] for b in batches]) for k in ("input_ids", "attention_mask") if k in batches[0]}
+        if "attention_mask" in joined and not joined["attention_mask"].any():
+            raise ConfigError("MoD-D calibration batches hold only padding: no token to calibrate on")
         self.thresholds = torch.zeros(self.capacity.shape[0], 2, dtype=torch.float64)
         self._calibrating = True
         try:
