@@ -299,3 +299,28 @@ def test_no_calibrate_keeps_the_threshold_through_forecaster_tuning(tmp_path, mo
     result = trainer.train(cfg, routed=routed, data=PackedData(ids, ids[:4], "t"))
     assert result.routed.threshold == before
     assert "forecaster_tuning" in result.routed.config.extra
+
+
+def test_fitted_forecasters_are_not_refitted_on_dense_passes_before_the_routers_train(tmp_path, monkeypatch):
+    """Continuing from informed routers: their fitted forecasters stay what the routers were trained with (before:
+    replaced by a fit on every token of dense passes, the fit informed skipping starts from). Unfitted ones are
+    still fitted first."""
+    fits = []
+    real = forecast.fit_forecasters
+
+    def fit(routed, batches, on_policy, **kwargs):
+        fits.append(on_policy)
+        return real(routed, batches, on_policy, **kwargs)
+
+    monkeypatch.setattr(forecast, "fit_forecasters", fit)
+    ids = torch.randint(0, 128, (12, 16), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(output=str(tmp_path / "out"), steps=1, seq_len=16, batch_size=2, checkpoint_every=0,
+                      progress=False, val_sequences=4, forecaster_rank=2, forecaster_steps=0)
+    trainer.train(cfg, routed=RoutedModel(make_tiny("llama"), SkipConfig(forecaster_rank=2)),
+                  data=PackedData(ids, ids[:4], "t"))
+    assert fits == [False, True, True]  # dense start, then twice on the skipped tokens
+    fits.clear()
+    fitted = with_random_forecasters(RoutedModel(make_tiny("llama"), SkipConfig(forecaster_rank=2)))
+    trainer.train(TrainConfig(**{**cfg.to_dict(), "output": str(tmp_path / "again")}), routed=fitted,
+                  data=PackedData(ids, ids[:4], "t"))
+    assert fits == [True, True]

@@ -3,8 +3,8 @@
 - router: the base is frozen (requires_grad off, so no weight gradient is computed or stored); only
   routers train, under straight-through hard Gumbel with a linearly annealed temperature, on
   LM (or distillation) loss + alpha * |target - realised sparsity|. With informed skipping the
-  forecasters are fitted in closed form before and after, then tuned alone on the same loss with the
-  routers frozen (forecast.py: fit_dense, fit_and_tune).
+  forecasters are fitted in closed form before (unless they come fitted, with --routers) and after,
+  then tuned alone on the same loss with the routers frozen (forecast.py: fit_dense, fit_and_tune).
 - lora:   routers frozen at their calibrated argmax decisions, LoRA trains on the LM/KD loss
   (optionally with the threshold steered back to the target after every step: threshold_gain).
 - joint:  routers and LoRA from step 0 (the paper's unstable ablation).
@@ -217,7 +217,9 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         routed.config.target_sparsity = cfg.target_sparsity
         routed.config.accounting = cfg.accounting
     # else (stage lora): the frozen routers keep the target and accounting they were tuned for
-    if trains_forecasters(routed, cfg):
+    if trains_forecasters(routed, cfg) and not any(p.any() for p in routed.forecasters.parameters()):
+        # Unfitted forecasters start from a dense fit; fitted ones (loaded with --routers) stay what the routers
+        # were trained and calibrated with, rather than go back to a fit the routers never saw.
         fit_dense(routed, data, cfg, accelerator.device)
     groups = _setup_parameters(routed, cfg)
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
