@@ -88,6 +88,8 @@ def test_1_an_output_over_or_inside_what_the_command_reads_is_refused(tmp_path, 
          str(data / "c.json")],  # a data folder is read whole: a file written there would be trained on
         ["analyze", "--model", model, "--routers", str(mine), "--text", str(text), "--output", str(text)],
         ["bench", "--model", model, "--routers", str(mine), "--output", str(mine / "routers.safetensors")],
+        # a run inside the data folder: its log, config and summary would be read as data by the next run
+        ["train", "--model", model, "--data", str(data), "--output", str(data / "run"), *TRAIN],
     ]
     for argv in cases:
         assert "which this command reads" in fails(capfd, argv), argv

@@ -26,6 +26,7 @@ from .common import (
     add_model_flags,
     add_no_progress,
     add_output,
+    inputs,
     int_at_least,
     positive_int,
     sparsity,
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from ..analysis.figures import write_analysis  # matplotlib: imported when a command draws, not at start-up
 
     t0 = time.perf_counter()
-    out = check_output(args.output, folder=True)
+    out = check_output(args.output, folder=True, **inputs(model=args.model))
     summary_path = check_output(out / SUMMARY, flag="--output's")  # in the way of the last write: found first
     figures_dir = check_output(out / "analysis", folder=True, flag="--output's")
     cfg = TrainConfig(stage="router", model=args.model, data="self", target_sparsity=args.sparsity,

@@ -55,7 +55,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--lora", default=None, help="LoRA adapter folder (PEFT, safetensors), merged into the base after "
                    "the routers are attached")
     p.add_argument("--mode", choices=["masked", "sparse"], default="masked",
-                   help="masked: every module runs and skipped outputs are zeroed (training semantics); "
+                   help="masked: every module runs and a skipped one's output is dropped (replaced by its "
+                   "forecast with informed skipping; training semantics); "
                    "sparse: skipped tokens are not computed. Same decisions, same scores (default %(default)s)")
     add_task_flags(p)
     p.add_argument("--batch-size", type=positive_int, default=1,

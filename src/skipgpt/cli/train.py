@@ -22,7 +22,7 @@ from ..io import check_output
 from ..training import TrainConfig, train
 from ..training.config import read_options
 from ..training.trainer import ROUTER_DESIGN, SUMMARY_NAME, frozen_options
-from .common import add_command, add_field_flag, write_results
+from .common import add_command, add_field_flag, inputs, write_results
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -76,7 +76,8 @@ def check_frozen_target(cfg: TrainConfig, given: set[str], routers: SkipConfig) 
 
 def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    check_output(cfg.output, folder=True)  # before minutes of model loading
+    # before minutes of model loading; a run written inside a data folder would be read as data by the next
+    check_output(cfg.output, folder=True, **inputs(cfg.data, routers=cfg.routers, model=cfg.model))
     if cfg.routers:
         skip = read_config(cfg.routers)
         check_frozen_target(cfg, given_options(args), skip)

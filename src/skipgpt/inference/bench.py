@@ -119,7 +119,8 @@ def measure_speed(
     sparsity:           None = use the routers (a saved random baseline restarts from its seed in every
                         variant and round); a fraction = every module skips that fraction of tokens at
                         random (the stand-in for untrained routers; 0 = routers, all execute).
-    Returns the JSON-able dict of `skipgpt bench` (speedup = median over rounds of dense time / sparse time).
+    Returns the JSON-able dict of `skipgpt bench`, less the keys the command adds (speedup = median over rounds
+    of dense time / sparse time).
     """
     hf = unwrap(routed.model)
     ids = random_ids(hf, tokenizer_or_vocab, batch_size, seq_len, seed)
