@@ -11,11 +11,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from skipgpt import RoutedModel, SkipConfig, load_routers, save_routers
-from skipgpt.artifact import ADAPTER_DIR, CONFIG_NAME, FORECASTERS_NAME, WEIGHTS_NAME, apply_adapter, check_adapter
+from skipgpt.artifact import (
+    ADAPTER_DIR,
+    CONFIG_NAME,
+    FORECASTERS_NAME,
+    WEIGHTS_NAME,
+    apply_adapter,
+    check_adapter,
+    check_base,
+)
 from skipgpt.config import FILES_KEY
 from skipgpt.errors import ArtifactError
 from skipgpt.io import file_sha256
-from skipgpt.training.lora import attach_lora
+from skipgpt.training.lora import attach_lora, merge_lora
 
 from conftest import make_tiny, snapshot, varied_routers
 
@@ -274,6 +282,22 @@ def test_a_merged_adapter_is_not_saved_as_the_base_in_float16_either(tmp_path):
     with pytest.raises(ArtifactError, match="merged"):
         save_routers(routed, tmp_path / "again")
     assert not (tmp_path / "again").exists()
+    trained = varied_routers(1)  # an adapter trained in Python and merged by merge_lora: the same
+    trained.model.half()
+    attach_lora(trained, r=2, targets=["q_proj"])
+    merge_lora(trained)
+    with pytest.raises(ArtifactError, match="merged"):
+        save_routers(trained, tmp_path / "again")
+
+
+def test_routers_loaded_onto_an_unsupported_model_name_the_difference():
+    """The layer count is read last: a GPT-2 has no layers skipgpt can count (before: UnsupportedModelError)."""
+    import transformers as tf
+
+    save = varied_routers(1)
+    gpt2 = tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, vocab_size=128, n_positions=64))
+    with pytest.raises(ArtifactError, match="model type 'llama'.*model type 'gpt2'"):
+        check_base(save.config, gpt2, "r")
 
 
 def test_routers_of_a_model_with_layers_removed_load_back_onto_it(tmp_path):
@@ -289,14 +313,20 @@ def test_routers_of_a_model_with_layers_removed_load_back_onto_it(tmp_path):
 
 
 def test_a_config_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path):
-    """A FIFO named skip_config.json blocked the load forever."""
+    """A FIFO named skip_config.json blocked the load forever (an alarm fails the test rather than hang it)."""
     import os
+    import signal
 
     directory = tmp_path / "r"
     directory.mkdir()
     os.mkfifo(directory / CONFIG_NAME)
-    with pytest.raises(ArtifactError, match="not a regular file"):
-        load_routers(make_tiny("llama"), directory)
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the load blocked on the FIFO"))
+    signal.alarm(20)
+    try:
+        with pytest.raises(ArtifactError, match="not a regular file"):
+            load_routers(make_tiny("llama"), directory)
+    finally:
+        signal.alarm(0)
 
 
 def test_a_save_replaces_a_file_where_its_adapter_folder_goes(tmp_path):

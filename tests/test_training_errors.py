@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -363,3 +364,45 @@ def test_something_in_the_way_of_a_run_file_is_refused_before_the_model_loads(bl
     assert run_cli([*common(tiny_dir, out), *extra]) == 2
     assert f"{out / blocked} is a {'file' if blocked == 'cache' else 'folder'}" in one_line_error(capsys)
     assert snapshot(out) == before and sorted(p.name for p in out.iterdir()) == [blocked]
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """A few hundred bytes of YAML whose value, expanded, holds 9**levels strings."""
+    value = '&a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]'
+    for i in range(1, levels):  # each level: the one below, then 8 more references to it
+        value = f"&a{i} [{value}, {', '.join([f'*a{i - 1}'] * 8)}]"
+    return f"text_field: {value}\n"
+
+
+@pytest.mark.parametrize("name, text, message", [
+    # before: an error line of 226 MB, or (one level more) a MemoryError traceback after building it
+    ("bomb.yaml", alias_bomb(), r"text_field must be a string, got \[\[\[\[...\], \[...\]"),
+    ("twice.yaml", "steps: 3\nsteps: 5\n", "given twice"),  # before: steps 5, silently
+    ("twice.json", '{"steps": 3, "steps": 5}', "given twice"),
+    ("spellings.yaml", "seq_len: 32\nseq-len: 64\n", "option 'seq_len' is given twice"),  # before: 64 beat --seq-len
+    ("no.yaml", "mixed_precision: no\n", r"got False \(quote it in a YAML file\)"),
+])
+def test_config_files_that_cannot_mean_one_thing_are_one_short_line(name, text, message, tiny_dir, tmp_path, capsys):
+    path = tmp_path / name
+    path.write_text(text)
+    out = tmp_path / "out"
+    assert run_cli([*common(tiny_dir, out), "--seq-len", "16", "--config", str(path)]) == 2
+    line = one_line_error(capsys)
+    assert len(line) < 400 and re.search(message, line), line
+    assert not out.exists()
+
+
+def test_config_and_routers_paths_are_read_as_a_shell_would(tiny_dir, tmp_path, capsys, monkeypatch):
+    """--config "" (an unset $CFG) ran a default run; "~/c.yaml" and routers "~/r" were looked for literally."""
+    out = tmp_path / "out"
+    assert run_cli([*common(tiny_dir, out), "--config", ""]) == 2
+    assert "--config: is empty" in capsys.readouterr().err
+    model, _ = load_model(str(tiny_dir / "model"))
+    save_routers(RoutedModel(model), tmp_path / "r")
+    (tmp_path / "c.yaml").write_text("steps: 1\nroutersx: 1\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert run_cli([*common(tiny_dir, out), "--config", "~/c.yaml"]) == 2
+    assert "unknown options ['routersx']" in one_line_error(capsys)  # the file was found and read
+    (tmp_path / "c.yaml").write_text("steps: 1\nstage: lora\nrouters: ~/r\n")
+    assert run_cli([*common(tiny_dir, out), "--config", "~/c.yaml"]) == 0
+    assert (out / "adapter").is_dir()

@@ -20,6 +20,8 @@ import torch
 
 from skipgpt import RoutedModel, load_model, save_routers
 from skipgpt.cli.main import build_parser
+from skipgpt.errors import ConfigError
+from skipgpt.io import check_output
 from skipgpt.models.loading import _embedded_gguf
 from skipgpt.training.checkpoint import CHECKPOINT_NAME, read_metadata
 from skipgpt.training.data import data_digest
@@ -127,17 +129,22 @@ def test_1_an_output_through_a_link_to_nowhere_is_refused_before_the_model_loads
     assert [p.name for p in tmp_path.iterdir()] == ["run"] and not (tmp_path / "gone").exists()
 
 
-def test_1_an_output_where_nothing_can_be_created_is_refused_before_the_model_loads(tiny_dir, capfd):
-    """/proc passes os.access for root, and mkdir there fails: demo met it after sampling its data (a traceback)."""
+def test_1_an_output_where_nothing_can_be_created_is_refused_before_the_model_loads(tiny_dir, capfd, monkeypatch):
+    """/proc passes os.access for root, and mkdir there fails: demo met it after sampling its data (a traceback).
+    os.access passes everything here, so that the probe is what refuses, whoever runs the test."""
+    import os
+
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: True)
     model, text = str(tiny_dir / "model"), str(tiny_dir / "text.txt")
     cases = [
         ["train", "--model", model, "--data", text, "--output", "/proc/skipgpt-run", *TRAIN],
         ["eval", "--model", model, "--task", f"wikitext2={text}", "--output", "/proc/skipgpt-e.json"],
-        ["demo", "--output", "/proc/skipgpt-demo"],
     ]
     for argv in cases:
         line = fails(capfd, argv)
         assert "cannot be written" in line and "/proc" in line, line
+    with pytest.raises(ConfigError, match="nothing can be created in /proc"):  # what demo checks first
+        check_output("/proc/skipgpt-demo", folder=True)
 
 
 def test_1_an_empty_router_folder_is_refused_and_a_home_one_is_found(tiny_dir, routers, tmp_path, capfd,
@@ -149,6 +156,14 @@ def test_1_an_empty_router_folder_is_refused_and_a_home_one_is_found(tiny_dir, r
     assert "--routers: is empty" in fails(capfd, ["eval", "--model", model, "--routers", "", *task])
     monkeypatch.setenv("HOME", str(routers.parent))
     assert run_cli(["info", "--model", model, "--routers", "~/" + routers.name]) == 0
+    # a folder named ~x is read as typed, and a ~user nobody is is a missing folder, not a RuntimeError traceback
+    shutil.copytree(routers, tmp_path / "~old")
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["info", "--model", model, "--routers", "./~old"]) == 0
+    assert "does not exist" in fails(capfd, ["info", "--model", model, "--routers", "~nosuchuser-skipgpt/r"])
+    # (as in a shell, a ~user nobody is stays a name: the result goes into a folder of that name)
+    assert run_cli(["eval", "--model", model, *task, "--output", "~nosuchuser-skipgpt/e.json"]) == 0
+    assert (tmp_path / "~nosuchuser-skipgpt" / "e.json").is_file()
 
 
 def test_1_results_computed_are_printed_when_writing_them_fails_late(tmp_path, tiny_dir, capfd, monkeypatch):

@@ -28,7 +28,7 @@ from torch import nn
 
 from .config import FILES_KEY, MAX_LORA_SCALE, SkipConfig
 from .errors import ArtifactError, ConfigError
-from .io import file_sha256, fsync_dir, remove_temporaries, save_tensors, settle
+from .io import expand_user, file_sha256, fsync_dir, remove_temporaries, save_tensors, settle
 from .models.adapters import find_layers, fingerprint, unwrap
 from .models.routed import RoutedModel
 from .routing import policies
@@ -53,10 +53,8 @@ def save_routers(routed: RoutedModel, directory: str | Path) -> Path:
     """Write the routers, their config and (when the model has them) the forecasters and the LoRA adapter
     to `directory`, all or nothing (write_parts)."""
     got = _other_weights(routed.model, routed.config.base.fingerprint)
-    # (a merged adapter is named by the routed model itself: float16 weights are not fingerprinted)
-    merged = routed.adapter is not None and not hasattr(routed.model, "peft_config")
-    if got is not None or merged:
-        why = f"fingerprint {got}, the config's {routed.config.base.fingerprint}" if got else f"{routed.adapter} merged"
+    if got is not None or routed.merged:  # (float16 weights are not fingerprinted: the routed model knows)
+        why = f"fingerprint {got}, the config's {routed.config.base.fingerprint}" if got else "an adapter merged"
         raise ArtifactError(
             f"the model's weights are no longer the base these routers were trained on ({why}), e.g. a LoRA "
             f"adapter merged into them: saved, they would load onto the plain base and give other outputs. Save "
@@ -144,7 +142,7 @@ def load_routers(model: nn.Module, directory: str | Path, check: bool = True, lo
     """
     if lora not in LORA_ACTIONS:
         raise ConfigError(f"lora must be one of {LORA_ACTIONS}, got {lora!r}")
-    directory = Path(directory)
+    directory = expand_user(directory)
     config, files = _read(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.exists():
@@ -306,7 +304,7 @@ def apply_adapter(routed: RoutedModel, directory: str | Path, merge: bool = True
     _check_saved_modules(routed, check_adapter(directory))
     routed.model = load_adapter(routed.model, directory, merge=merge)
     check_layers(routed)
-    routed.adapter = Path(directory)
+    routed.adapter, routed.merged = Path(directory), routed.merged or merge
     return routed
 
 
@@ -336,7 +334,7 @@ def check_layers(routed: RoutedModel) -> None:
 def read_config(directory: str | Path) -> SkipConfig:
     """The config of a router directory, once every file it lists is there and unchanged (ArtifactError
     otherwise): commands call it to refuse a bad --routers before loading a model."""
-    return _read(Path(directory))[0]
+    return _read(expand_user(directory))[0]
 
 
 def has_adapter(directory: Path, files: dict[str, str] | None) -> bool:
@@ -402,12 +400,13 @@ def check_base(config: SkipConfig, model: nn.Module, source: str) -> None:
     """Refuse routers trained for another base model, naming the first difference."""
     hf = unwrap(model).config
     want = config.base
-    checks = [
-        ("hidden size", want.hidden_size, hf.hidden_size),
-        ("layer count", want.num_layers, len(find_layers(model))),  # (what save records; a pruned config lags)
-        ("model type", want.model_type, hf.model_type),
+    checks = [  # (the layer count last, and only counted when asked: an unsupported model has no layers to count)
+        ("model type", want.model_type, lambda: hf.model_type),
+        ("hidden size", want.hidden_size, lambda: hf.hidden_size),
+        ("layer count", want.num_layers, lambda: len(find_layers(model))),  # as save counts (a pruned config lags)
     ]
-    for what, trained, given in checks:
+    for what, trained, count in checks:
+        given = count() if trained else None
         if trained and trained != given:
             raise ArtifactError(
                 f"{source}: routers were trained for {want.name or want.architecture!r} ({what} {trained!r}), "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,9 +163,16 @@ def finite_number(value: Any) -> bool:
 
 
 def shown(value: Any) -> str:
-    """A refused value as an error line shows it: hundreds of digits are no help there."""
+    """A refused value as an error line shows it, in a bounded length: hundreds of digits are no help there, and
+    a few YAML aliases nested in a file of 300 bytes make a list whose full repr takes gigabytes."""
     huge = whole_number(value) and value.bit_length() > 100
-    return "an integer too large" if huge else repr(value)
+    text = "an integer too large" if huge else _SHORT.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+_SHORT = reprlib.Repr()  # (keyword arguments need Python 3.12)
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 3, 80, 80, 80
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 6
 
 
 def check_sparsity(value: float, name: str = "target sparsity") -> float:

@@ -124,16 +124,22 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
     save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
+def expand_user(path: str | Path) -> Path:
+    """`path` with a leading ~ or ~user expanded, as a shell does, and otherwise as typed: Path('~x').expanduser()
+    raises for an unknown user x, and Path() drops the "./" that keeps a folder named "~x" from being read as one."""
+    return Path(os.path.expanduser(os.fspath(path)))
+
+
 def check_output(path: str | Path, folder: bool = False, flag: str = "--output", reads: Iterable = (),
                  scans: Iterable = ()) -> Path:
     """Refuse, before any work, an output that cannot be written: a folder where a file is meant (or the
     reverse), a parent that is a file, a read-only or unwritable location, one of the files or folders the
     command reads (`reads`), or a place inside a folder whose files it reads (`scans`: task and data folders).
-    An output would replace its own input there. Leaves nothing behind (a probe folder is made and removed)."""
-    path = Path(path).expanduser()
+    An output would replace its own input there. Leaves nothing behind (a probe file is made and removed)."""
+    path = expand_user(path)
     target = path.resolve()
     for source, inside in [*((r, False) for r in reads), *((d, True) for d in scans)]:
-        given = None if source is None else Path(source).expanduser()
+        given = None if source is None else expand_user(source)
         if given is None or not given.exists():
             continue  # a hub name, an alias, 'self', a file the loader would not find
         read = given.resolve()
@@ -159,7 +165,9 @@ def check_output(path: str | Path, folder: bool = False, flag: str = "--output",
         why = "is on a read-only file system" if os.statvfs(existing).f_flag & os.ST_RDONLY else "is not writable"
         raise ConfigError(f"{flag} {path} cannot be written: {existing} {why}; choose another {flag}")
     try:  # what the checks above cannot see: a pseudo file system such as /proc (root passes os.access), a full disk
-        os.rmdir(tempfile.mkdtemp(prefix=".skipgpt-probe-", dir=existing))
+        fd, probe = tempfile.mkstemp(prefix=".skipgpt-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
     except OSError as e:
         raise ConfigError(f"{flag} {path} cannot be written: nothing can be created in {existing} ({e.strerror}); "
                           f"choose another {flag}") from None
@@ -170,7 +178,7 @@ def same_place(a: Any, b: Any) -> bool:
     """Two spellings (relative, absolute, with ~, through a link) of one existing file or folder."""
     if not (isinstance(a, str) and isinstance(b, str)):
         return False
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    pa, pb = expand_user(a), expand_user(b)
     return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
 
 

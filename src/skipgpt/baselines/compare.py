@@ -24,7 +24,7 @@ from ..errors import ArtifactError, ConfigError
 from ..evaluation import evaluate
 from ..evaluation import tasks as task_data
 from ..evaluation.perplexity import check_context
-from ..io import file_sha256, same_place, write_json_atomic
+from ..io import expand_user, file_sha256, same_place, write_json_atomic
 from ..models.adapters import fingerprint
 from ..models.loading import ALIASES, load_model
 from ..models.routed import RoutedModel
@@ -272,7 +272,7 @@ def spelled(name) -> str:
     """One spelling of a model or data path, however it was given (relative, absolute, with ~ or through a
     link): the resolved absolute path when it exists; an alias, a hub name or 'self' as given."""
     name = str(name)
-    path = Path(name).expanduser()
+    path = expand_user(name)
     return str(path.resolve()) if name not in ALIASES and name != "self" and path.exists() else name
 
 

@@ -20,6 +20,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from ..artifact import ADAPTER_DIR, CONFIG_NAME, FORECASTERS_NAME, WEIGHTS_NAME
 from ..config import check_sparsity
 from ..errors import ConfigError
 from ..evaluation.tasks import PPL_TASKS, TASKS, load_perplexity_text, load_task
-from ..io import write_json_atomic
+from ..io import expand_user, write_json_atomic
 from ..training.config import TrainConfig
 
 FIELD_DEFAULT: Any = dataclasses.MISSING  # add_field_flag(default=...): the field's own default
@@ -181,8 +182,8 @@ def add_model_flags(parser: argparse.ArgumentParser, *, note: str | None = None,
         parser.add_argument("--device", default=None, help=f"torch device: cpu, cuda or cuda:N (default: {shown})")
         parser.set_defaults(device_default=device)
     if threads:
-        # torch takes a C int; far more threads than any machine has cores is a typo
-        parser.add_argument("--threads", type=int_at_least(1, 4096), default=None,
+        # far more threads than any machine has cores is a typo (torch 2.13's CPU index_add crashed at 2,047)
+        parser.add_argument("--threads", type=int_at_least(1, 1024), default=None,
                             help="CPU threads for torch (default: torch's choice)")
 
 
@@ -192,11 +193,11 @@ def add_routers(parser: argparse.ArgumentParser, help: str, required: bool = Fal
 
 
 def given_path(text: str) -> str:
-    """argparse type of a folder the command reads: "~" expanded, and an empty one (an unset $VAR) refused, where it
-    would read as the flag left out."""
+    """argparse type of a file or folder the command reads: "~" expanded, and an empty one (an unset $VAR) refused,
+    where it would read as the flag left out."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("is empty: name the folder")
-    return str(Path(text).expanduser())
+        raise argparse.ArgumentTypeError("is empty (an unset variable?): name what to read")
+    return os.path.expanduser(text)
 
 
 def add_task_flags(parser: argparse.ArgumentParser) -> None:
@@ -217,7 +218,7 @@ def add_no_progress(parser: argparse.ArgumentParser) -> None:
 def user_path(text: str) -> str:
     """argparse type of a path the command writes: "~" expanded here, so that the checks before the work and
     the writes after it see the same place (a quoted "~/x" would otherwise become a folder named "~")."""
-    return str(Path(text).expanduser())
+    return os.path.expanduser(text)
 
 
 def add_output(parser: argparse.ArgumentParser, help: str, required: bool = False,
@@ -309,15 +310,16 @@ def inputs(*sources: str | None, text: str | None = None, routers: str | None = 
     a folder scanned), a text file, a router folder, an adapter folder and a model folder (only the files loading
     reads: a result written beside them, as `eval --routers runs/X --output runs/X/eval.json` does, replaces
     nothing)."""
+    sources = tuple(f for f in sources if f)  # (an empty one is refused by the command's own check, not read as ".")
     reads: list = [*sources, text]
-    scans: list = [f for f in sources if f is not None and Path(f).expanduser().is_dir()]
+    scans: list = [f for f in sources if expand_user(f).is_dir()]
     if routers is not None:
         reads += [Path(routers, name) for name in (CONFIG_NAME, WEIGHTS_NAME, FORECASTERS_NAME)]
         scans.append(Path(routers, ADAPTER_DIR))
     if lora is not None:
         scans.append(lora)
-    if model is not None and Path(model).expanduser().is_dir():
-        folder = Path(model).expanduser()
+    if model is not None and expand_user(model).is_dir():
+        folder = expand_user(model)
         reads += [folder / name for name in MODEL_FILES]
         reads += [f for f in folder.iterdir() if f.name.endswith(WEIGHT_SUFFIXES)]
     elif model is not None:

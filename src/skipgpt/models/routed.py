@@ -121,6 +121,9 @@ class RoutedModel(nn.Module):
         self.meter = SparsityMeter(self.costs)
         self.gradient_checkpointing = False  # trade compute for activation memory in training
         self.adapter: Path | None = None  # the LoRA adapter folder applied to the model (artifact.apply_adapter)
+        # an adapter folded into the base weights (apply_adapter's merge, merge_lora): saved, they would pass for
+        # the plain base, which float16 weights' fingerprint cannot tell
+        self.merged = False
         # settings (see using())
         self.mode = "masked"
         self.policy: Policy | None = None  # decisions that do not come from the routers

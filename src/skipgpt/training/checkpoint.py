@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from ..artifact import CONFIG_NAME, FORECASTERS_NAME, WEIGHTS_NAME
 from ..config import finite_number, whole_number
 from ..errors import ArtifactError, ConfigError
-from ..io import file_sha256, same_place, save_safetensors_atomic
+from ..io import expand_user, file_sha256, same_place, save_safetensors_atomic
 from .data import data_digest
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -68,7 +68,7 @@ def read_metadata(path: Path) -> dict[str, Any]:
 def routers_digest(folder: str) -> str:
     """sha256 of what a run reads from its --routers folder: config, routers and forecasters (a missing
     file counts as missing). The stage-2 adapter beside them is not loaded, so it is not part of it."""
-    root = Path(folder).expanduser()
+    root = expand_user(folder)
     h = hashlib.sha256()
     for name in (CONFIG_NAME, WEIGHTS_NAME, FORECASTERS_NAME):
         f = root / name

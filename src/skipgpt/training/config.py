@@ -25,6 +25,7 @@ from ..config import (
     whole_number,
 )
 from ..errors import ConfigError
+from ..io import expand_user
 
 STAGES = ("router", "lora", "joint")
 SCHEDULES = ("auto", "constant", "cosine")
@@ -167,14 +168,16 @@ class TrainConfig:
     def validate(self) -> None:
         def choice(name: str, options: tuple) -> None:
             if getattr(self, name) not in options:
-                raise ConfigError(f"{name} must be one of {options}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be one of {options}, got {shown(getattr(self, name))}")
 
         check_sparsity(self.target_sparsity)  # first: its own message, for NaN too
         for f in dataclasses.fields(self):  # every value of its annotated type (None where the annotation allows)
             value, kind = getattr(self, f.name), str(f.type).removesuffix(" | None")
             what, ok = FIELD_TYPES.get(kind, ("", lambda v: True))
             if not ok(value) and not (value is None and kind != str(f.type)):
-                raise ConfigError(f"{f.name} must be {what}, got {shown(value)}")
+                # YAML reads an unquoted no/off/yes/on as a boolean (mixed_precision: no)
+                hint = " (quote it in a YAML file)" if isinstance(value, bool) and kind == "str" else ""
+                raise ConfigError(f"{f.name} must be {what}, got {shown(value)}{hint}")
         for f in dataclasses.fields(self):  # stage, accounting, schedule, router, ...: the choices in the metadata
             if "choices" in f.metadata:
                 choice(f.name, f.metadata["choices"])
@@ -271,7 +274,7 @@ class TrainConfig:
             raise ConfigError(f"{source}: expected a mapping of option names to values")
         odd = [k for k in data if not isinstance(k, str)]
         if odd:  # YAML reads an unquoted on/off/yes/no as true/false
-            raise ConfigError(f"{source}: option names must be text, got {odd[0]!r} (quote it)")
+            raise ConfigError(f"{source}: option names must be text, got {shown(odd[0])} (quote it)")
         fields = {f.name: str(f.type).removesuffix(" | None") for f in dataclasses.fields(cls)}
         data = {k.replace("-", "_"): v for k, v in data.items()}
         for name, why in RETIRED.items():  # train_config.yaml of earlier versions write them: null reads as absent
@@ -299,24 +302,50 @@ class TrainConfig:
 
 def read_options(path: str | Path) -> dict[Any, Any]:
     """The options of a .yaml/.yml/.json file as written (TrainConfig.from_dict checks names and values)."""
-    path = Path(path)
-    if not path.is_file():
+    path = expand_user(path)
+    if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():  # a folder, or a FIFO whose read would block
+        raise ConfigError(f"config file {path} is not a regular file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file (expected YAML or JSON options)") from None
     try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
+        data = json.loads(text, object_pairs_hook=_unique) if path.suffix == ".json" else _yaml_options(text)
     except Exception as e:  # noqa: BLE001 - any parser error is a bad file
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({first})") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option names to values")
+    # seq-len and seq_len are one option: both in a file, the one read last won (over an explicit flag, too)
+    names = [k.replace("-", "_") if isinstance(k, str) else k for k in data]
+    twice = next((k for k in names if names.count(k) > 1), None)
+    if twice is not None:
+        raise ConfigError(f"{path}: option {shown(twice)} is given twice")
     return dict(data)
+
+
+def _unique(pairs: list[tuple[Any, Any]]) -> dict:
+    """A JSON object whose keys all differ (json.loads keeps the last of two, silently)."""
+    keys = [k for k, _ in pairs]
+    twice = next((k for k in keys if keys.count(k) > 1), None)
+    if twice is not None:
+        raise ValueError(f"key {twice!r} given twice")
+    return dict(pairs)
+
+
+def _yaml_options(text: str) -> Any:
+    """yaml.safe_load, refusing a mapping that gives one key twice (safe_load keeps the last, silently)."""
+    import yaml  # only runs that read a config file pay for it
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+            twice = next((k for k in keys if keys.count(k) > 1), None)
+            if twice is not None:
+                raise yaml.constructor.ConstructorError(None, None, f"key {twice!r} given twice", node.start_mark)
+            return super().construct_mapping(node, deep)
+
+    return yaml.load(text, Loader=UniqueKeys)  # noqa: S506 - a SafeLoader: no Python object is built

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..errors import DataError
-from ..io import file_sha256, save_safetensors_atomic
+from ..io import expand_user, file_sha256, save_safetensors_atomic
 from ..models.adapters import unwrap
 from ..models.loading import hub_problem
 
@@ -86,7 +86,7 @@ def data_files(source: str) -> list[Path] | None:
     if not source.strip():
         # Path("") is the working directory: an unset shell variable would train on whatever lies there
         raise DataError("the data source is empty: give a file, a folder, a dataset name or 'self'")
-    path = Path(source).expanduser()
+    path = expand_user(source)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
         if not files:
@@ -107,7 +107,7 @@ def data_digest(source: str) -> str | None:
     files = None if source == "self" else data_files(source)
     if files is None:
         return None
-    root = Path(source).expanduser()
+    root = expand_user(source)
     h = hashlib.sha256()
     for f in files:
         name = f.relative_to(root).as_posix() if root.is_dir() else ""  # a single file: its content only

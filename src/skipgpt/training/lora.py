@@ -63,4 +63,5 @@ def merge_lora(routed):
         raise ConfigError("the routed model carries no LoRA adapter to merge")
     routed.model = routed.model.merge_and_unload()
     check_layers(routed)
+    routed.merged = True
     return routed

@@ -37,7 +37,7 @@ from ..artifact import CONFIG_NAME, FORECASTERS_NAME, WEIGHTS_NAME, load_routers
 from ..config import SkipConfig
 from ..errors import ConfigError
 from ..evaluation.perplexity import check_context
-from ..io import write_text_atomic
+from ..io import expand_user, write_text_atomic
 from ..models.loading import load_model
 from ..models.routed import RoutedModel
 from ..routing.calibrate import calibrate_threshold
@@ -164,14 +164,14 @@ def _write_log(path: Path, history: list[dict[str, float]]) -> None:
 def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None = None) -> TrainResult:
     """Run one stage as `cfg` says. Pass `routed` to train routers (or LoRA) of a model you built,
     e.g. under a custom gating policy; `data` skips loading text (then no tokenizer is needed)."""
-    output = Path(cfg.output).expanduser()
+    output = expand_user(cfg.output)
     ckpt = output / CHECKPOINT_NAME
     # Bad input fails here, before minutes of model loading and before anything is written to `output`.
     _check_run_files(output, cfg.data == "self" and data is None)
     if cfg.report_to != "none" and not any(importlib.util.find_spec(m) for m in REPORTER_MODULES[cfg.report_to]):
         # accelerate would drop the tracker with a warning lost among others, and log nothing
         raise ConfigError(f"--report-to {cfg.report_to} needs the {cfg.report_to} package, which is not installed")
-    if cfg.routers and output.exists() and output.resolve() == Path(cfg.routers).expanduser().resolve():
+    if cfg.routers and output.exists() and output.resolve() == expand_user(cfg.routers).resolve():
         raise ConfigError(f"output {cfg.output} is the routers folder this stage starts from; saving there would "
                           "replace them: give another output folder")
     if cfg.routers:
