@@ -147,13 +147,16 @@ def test_1_an_output_where_nothing_can_be_created_is_refused_before_the_model_lo
         check_output("/proc/skipgpt-demo", folder=True)
 
 
-def test_1_an_empty_router_folder_is_refused_and_a_home_one_is_found(tiny_dir, routers, tmp_path, capfd,
+def test_1_an_empty_router_folder_or_output_is_refused_and_a_home_one_is_found(tiny_dir, routers, tmp_path, capfd,
                                                                      monkeypatch):
     """An unset $RUN in `--routers "$RUN"` evaluated the dense model with exit status 0; a quoted "~/r" was
     looked for as a folder named "~"."""
     model, text = str(tiny_dir / "model"), str(tiny_dir / "text.txt")
     task = ["--task", f"wikitext2={text}", "--seq-len", "16", "--no-progress"]
     assert "--routers: is empty" in fails(capfd, ["eval", "--model", model, "--routers", "", *task])
+    # an unset $OUT: analyze (like demo) wrote its figures into the working folder
+    assert "--output: is empty" in fails(capfd, ["analyze", "--model", model, "--routers", str(routers), "--text",
+                                                 text, "--output", ""])
     monkeypatch.setenv("HOME", str(routers.parent))
     assert run_cli(["info", "--model", model, "--routers", "~/" + routers.name]) == 0
     # a folder named ~x is read as typed, and a ~user nobody is is a missing folder, not a RuntimeError traceback

@@ -17,12 +17,10 @@ def comparison_figure(rows: list[dict], path: str | Path, title: str = "") -> Pa
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
     targets = sorted({r["target_sparsity"] for r in rows if r["method"] != "dense"})
     ppl_task = next((n for r in rows for n, m in r["tasks"].items() if "ppl" in m), None)
-    panels = []
-    if any(r.get("retention") is not None for r in rows if r["method"] != "dense"):  # perplexity alone: no such panel
-        panels.append(("retention", "average accuracy, % of dense"))
-    if ppl_task or not panels:
-        panels.append((ppl_task, f"{ppl_task} perplexity (log scale)") if ppl_task else
-                      ("retention", "average accuracy, % of dense"))
+    accuracy = any(r.get("retention") is not None for r in rows if r["method"] != "dense")
+    panels = [("retention", "average accuracy, % of dense")] if accuracy or not ppl_task else []  # (ppl alone: none)
+    if ppl_task:
+        panels.append((ppl_task, f"{ppl_task} perplexity (log scale)"))
     fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 0.7 * len(methods) + 2) * len(panels), 4.2),
                              squeeze=False)
     width = 0.8 / max(1, len(targets))

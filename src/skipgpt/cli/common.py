@@ -189,15 +189,9 @@ def add_model_flags(parser: argparse.ArgumentParser, *, note: str | None = None,
 
 def add_routers(parser: argparse.ArgumentParser, help: str, required: bool = False) -> argparse.Action:
     """--routers DIR: a run directory of `skipgpt train` (or a baseline's); each command says what it does with it."""
-    return parser.add_argument("--routers", type=given_path, required=required, default=None, help=help)
+    return parser.add_argument("--routers", type=user_path, required=required, default=None, help=help)
 
 
-def given_path(text: str) -> str:
-    """argparse type of a file or folder the command reads: "~" expanded, and an empty one (an unset $VAR) refused,
-    where it would read as the flag left out."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("is empty (an unset variable?): name what to read")
-    return os.path.expanduser(text)
 
 
 def add_task_flags(parser: argparse.ArgumentParser) -> None:
@@ -216,8 +210,11 @@ def add_no_progress(parser: argparse.ArgumentParser) -> None:
 
 
 def user_path(text: str) -> str:
-    """argparse type of a path the command writes: "~" expanded here, so that the checks before the work and
-    the writes after it see the same place (a quoted "~/x" would otherwise become a folder named "~")."""
+    """argparse type of a path the command reads or writes: "~" expanded here, so that the checks before the work
+    and the reads or writes after it see the same place (a quoted "~/x" would otherwise become a folder named "~");
+    an empty one (an unset $VAR) refused, where it would read as the flag left out or as the working folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty (an unset variable?): name a file or folder")
     return os.path.expanduser(text)
 
 

@@ -22,7 +22,7 @@ from ..io import check_output
 from ..training import TrainConfig, train
 from ..training.config import read_options
 from ..training.trainer import ROUTER_DESIGN, SUMMARY_NAME, frozen_options
-from .common import add_command, add_field_flag, given_path, inputs, write_results
+from .common import add_command, add_field_flag, inputs, user_path, write_results
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         "  accelerate launch -m skipgpt train --model meta-llama/Llama-2-7b-hf --data corpus/ --seq-len 4096 ...\n"
         "  torchrun --nproc-per-node 8 -m skipgpt train ..."
     ))
-    p.add_argument("--config", type=given_path, default=None, metavar="FILE.yaml", help="YAML or JSON file of options")
+    p.add_argument("--config", type=user_path, default=None, metavar="FILE.yaml", help="YAML or JSON file of options")
     for f in dataclasses.fields(TrainConfig):  # one flag per option; None = not given (the file or default wins)
         add_field_flag(p, TrainConfig, f.name, default=None)
     return p

@@ -320,17 +320,20 @@ def read_options(path: str | Path) -> dict[Any, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of option names to values")
     # seq-len and seq_len are one option: both in a file, the one read last won (over an explicit flag, too)
-    names = [k.replace("-", "_") if isinstance(k, str) else k for k in data]
-    twice = next((k for k in names if names.count(k) > 1), None)
+    twice = _twice([k.replace("-", "_") if isinstance(k, str) else k for k in data])
     if twice is not None:
         raise ConfigError(f"{path}: option {shown(twice)} is given twice")
     return dict(data)
 
 
+def _twice(keys: list) -> Any:
+    """The first key of `keys` that is there twice, or None."""
+    return next((k for k in keys if keys.count(k) > 1), None)
+
+
 def _unique(pairs: list[tuple[Any, Any]]) -> dict:
     """A JSON object whose keys all differ (json.loads keeps the last of two, silently)."""
-    keys = [k for k, _ in pairs]
-    twice = next((k for k in keys if keys.count(k) > 1), None)
+    twice = _twice([k for k, _ in pairs])
     if twice is not None:
         raise ValueError(f"key {twice!r} given twice")
     return dict(pairs)
@@ -342,8 +345,7 @@ def _yaml_options(text: str) -> Any:
 
     class UniqueKeys(yaml.SafeLoader):
         def construct_mapping(self, node, deep=False):
-            keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
-            twice = next((k for k in keys if keys.count(k) > 1), None)
+            twice = _twice([k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)])
             if twice is not None:
                 raise yaml.constructor.ConstructorError(None, None, f"key {twice!r} given twice", node.start_mark)
             return super().construct_mapping(node, deep)
