@@ -154,6 +154,9 @@ def test_1_an_empty_router_folder_or_output_is_refused_and_a_home_one_is_found(t
     model, text = str(tiny_dir / "model"), str(tiny_dir / "text.txt")
     task = ["--task", f"wikitext2={text}", "--seq-len", "16", "--no-progress"]
     assert "--routers: is empty" in fails(capfd, ["eval", "--model", model, "--routers", "", *task])
+    assert "--lora: is empty" in fails(capfd, ["eval", "--model", model, "--lora", "", *task])  # was: no adapter
+    assert "--text: is empty" in fails(capfd, ["analyze", "--model", model, "--routers", str(routers), "--text", "",
+                                               "--output", str(tmp_path / "a")])  # was: "text file . is a folder"
     # an unset $OUT: analyze (like demo) wrote its figures into the working folder
     assert "--output: is empty" in fails(capfd, ["analyze", "--model", model, "--routers", str(routers), "--text",
                                                  text, "--output", ""])

@@ -19,7 +19,16 @@ from ..evaluation.perplexity import default_seq_len
 from ..evaluation.tasks import read_text
 from ..io import check_output
 from ..models.loading import load_model
-from .common import add_command, add_model_flags, add_output, add_routers, inputs, int_at_least, positive_int
+from .common import (
+    add_command,
+    add_model_flags,
+    add_output,
+    add_routers,
+    inputs,
+    int_at_least,
+    positive_int,
+    user_path,
+)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -29,7 +38,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_model_flags(p, dtype=False, note="must be the model the routers were trained on")
     add_routers(p, "router directory (skip_config.json + routers.safetensors), e.g. the --output of `skipgpt train`; "
                 "a LoRA adapter inside it is loaded too", required=True)
-    p.add_argument("--text", required=True, help="UTF-8 text file to route (a few thousand tokens is plenty)")
+    p.add_argument("--text", type=user_path, required=True,
+                   help="UTF-8 text file to route (a few thousand tokens is plenty)")
     add_output(p, "directory for the PNG and CSV files (created if missing)", required=True)
     p.add_argument("--seq-len", type=int_at_least(2), help="tokens per window (default 256, or the model's maximum "
                    "context if shorter)")

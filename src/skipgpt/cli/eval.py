@@ -25,6 +25,7 @@ from .common import (
     model_options,
     parse_tasks,
     positive_int,
+    user_path,
     write_results,
 )
 
@@ -52,8 +53,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p = add_command(sub, __doc__, epilog=TASK_HELP)
     add_model_flags(p, device="cpu")
     add_routers(p, "router directory from `skipgpt train`; omit for the dense model")
-    p.add_argument("--lora", default=None, help="LoRA adapter folder (PEFT, safetensors), merged into the base after "
-                   "the routers are attached")
+    p.add_argument("--lora", type=user_path, default=None, help="LoRA adapter folder (PEFT, safetensors), merged into "
+                   "the base after the routers are attached")
     p.add_argument("--mode", choices=["masked", "sparse"], default="masked",
                    help="masked: every module runs and a skipped one's output is dropped (replaced by its "
                    "forecast with informed skipping; training semantics); "
