@@ -80,6 +80,36 @@ def test_bad_files_give_one_line_errors(tmp_path, name, content, message):
     assert "\n" not in str(info.value)
 
 
+def test_a_folder_reads_no_hidden_copies_and_refuses_duplicates(tmp_path):
+    """A notebook's checkpoint copy of the last file sorted first (.ipynb_checkpoints) and was trained on: every
+    held-out row was training text. A macOS resource fork (__MACOSX/._x) stopped the run as not UTF-8."""
+    (tmp_path / "corpus.txt").write_text(DOCS[0], encoding="utf-8")
+    (tmp_path / "NOTES.TXT").write_text(DOCS[1], encoding="utf-8")  # upper-case suffix: text all the same
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "corpus-checkpoint.txt").write_text(DOCS[0], encoding="utf-8")
+    (tmp_path / "__MACOSX").mkdir()
+    (tmp_path / "__MACOSX" / "._corpus.txt").write_bytes(b"\x00\x05\x16\x07\xff\xfe")
+    (tmp_path / ".hidden.txt").write_text(DOCS[2], encoding="utf-8")
+    assert read_texts(str(tmp_path)) == [DOCS[1], DOCS[0]]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "corpus copy.txt").write_text(DOCS[0], encoding="utf-8")
+    with pytest.raises(DataError, match="corpus copy.txt holds the same text as .*corpus.txt; remove one"):
+        read_texts(str(tmp_path))
+    (tmp_path / "sub" / "corpus copy.txt").write_text("")  # two empty files are no copy: they add nothing
+    (tmp_path / "sub" / "empty.txt").write_text("")
+    assert read_texts(str(tmp_path)) == [DOCS[1], DOCS[0]]
+
+
+def test_a_parquet_column_that_is_not_text_is_named(tmp_path):
+    """Its values were dropped one by one, and the error blamed an empty file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "n.parquet")
+    with pytest.raises(DataError, match="column 'text' holds int64, not text"):
+        read_texts(str(tmp_path / "n.parquet"))
+
+
 def test_missing_path_and_empty_folder(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         read_texts(str(tmp_path / "nope.txt"))
@@ -103,8 +133,11 @@ def test_split_holds_out_the_last_sequences_and_refuses_too_little_data():
     seqs = torch.arange(40).view(10, 4)
     data = split(seqs, 3, "x")
     assert torch.equal(data.train, seqs[:7]) and torch.equal(data.val, seqs[7:])
-    with pytest.raises(DataError, match="only 3 sequences"):
+    with pytest.raises(DataError, match="only 3 sequences.*Give more text"):
         split(seqs[:3], 3, "x")
+    # rows read under a token cap: the cap is what to raise, not the text
+    with pytest.raises(DataError, match=r"Give a larger --max-tokens \(now 12\)"):
+        split(seqs[:3], 3, "x", max_tokens=12)
 
 
 def test_micro_batches_cover_each_epoch_once_and_are_reproducible():

@@ -73,7 +73,8 @@ class TrainConfig:
     model: str = field(default="smollm2-135m", metadata={
         "help": "hub name, HF folder, .gguf file or the embedded alias smollm2-135m"})
     data: str = field(default="self", metadata={"help": (
-        "training text: a .txt/.jsonl/.parquet file (WikiText .tokens/.raw read as .txt) or a folder of them, "
+        "training text: a .txt/.jsonl/.parquet file (WikiText .tokens/.raw read as .txt) or a folder of them "
+        "(hidden files and folders skipped, copies refused), "
         "a Hugging Face dataset name (needs network), or 'self' = sequences sampled from the dense model itself "
         "(cached in OUTPUT/cache)")})
     text_field: str = field(default="text", metadata={

@@ -70,6 +70,7 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
 
 
 def _read_parquet(path: Path, field: str) -> list[str]:
+    import pyarrow as pa  # a second to import: only parquet data pays for it
     import pyarrow.parquet as pq
 
     try:
@@ -78,7 +79,10 @@ def _read_parquet(path: Path, field: str) -> list[str]:
         raise DataError(f"{path}: not a readable parquet file ({str(e).splitlines()[0]})") from None
     if field not in table.column_names:
         raise DataError(f"{path}: no column {field!r} (columns: {table.column_names}; choose with --text-field)")
-    return [t for t in table.column(field).to_pylist() if isinstance(t, str)]
+    kind = table.schema.field(field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)):
+        raise DataError(f"{path}: column {field!r} holds {kind}, not text (choose the text column with --text-field)")
+    return [t for t in table.column(field).to_pylist() if t is not None]
 
 
 def data_files(source: str) -> list[Path] | None:
@@ -88,17 +92,28 @@ def data_files(source: str) -> list[Path] | None:
         raise DataError("the data source is empty: give a file, a folder, a dataset name or 'self'")
     path = expand_user(source)
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
+        files = sorted(p for p in path.rglob("*") if _suffix(p) in SUFFIXES and _seen(p, path) and p.is_file())
         if not files:
-            raise DataError(f"folder {path} holds no {'/'.join(SUFFIXES)} files")
+            raise DataError(f"folder {path} holds no {'/'.join(SUFFIXES)} files (hidden ones are not read)")
         return files
     if path.is_file():
-        if path.suffix not in SUFFIXES:
+        if _suffix(path) not in SUFFIXES:
             raise DataError(f"{path}: unsupported data file type {path.suffix!r}; use {', '.join(SUFFIXES)}")
         return [path]
     if source.startswith((".", "/", "~")) or Path(source).suffix in SUFFIXES or source.count("/") > 1:
         raise DataError(f"data path {source} does not exist")
     return None
+
+
+def _suffix(path: Path) -> str:
+    return path.suffix.lower()  # NOTES.TXT is text too
+
+
+def _seen(path: Path, root: Path) -> bool:
+    """Whether a folder's file is data a user chose: not hidden and not inside a hidden folder, where editors,
+    notebooks and archivers keep copies (.ipynb_checkpoints/corpus-checkpoint.txt, __MACOSX/._corpus.txt). Such a
+    copy of the file that sorts last would train on the text held out for validation and calibration."""
+    return not any(part.startswith(".") or part == "__MACOSX" for part in path.relative_to(root).parts)
 
 
 def data_digest(source: str) -> str | None:
@@ -122,13 +137,21 @@ def read_texts(source: str, text_field: str = "text") -> list[str]:
     if files is None:
         return _read_hub(source, text_field)
     texts: list[str] = []
+    read: dict[str, Path] = {}  # each file's text digest: the file that gave it
     for f in files:
-        if f.suffix in TEXT_SUFFIXES:
-            texts += _read_txt(f)
-        elif f.suffix == ".jsonl":
-            texts += _read_jsonl(f, text_field)
+        if _suffix(f) in TEXT_SUFFIXES:
+            mine = _read_txt(f)
+        elif _suffix(f) == ".jsonl":
+            mine = _read_jsonl(f, text_field)
         else:
-            texts += _read_parquet(f, text_field)
+            mine = _read_parquet(f, text_field)
+        # A copy of a file in the folder would train on the held-out text (the end of the last file) or count
+        # twice: refuse it rather than guess which one the user meant.
+        digest = hashlib.sha256("\0".join(mine).encode("utf-8", "surrogatepass")).hexdigest()
+        if any(t.strip() for t in mine) and digest in read:
+            raise DataError(f"{f} holds the same text as {read[digest]}; remove one of them")
+        read[digest] = f
+        texts += mine
     texts = [t for t in texts if t.strip()]
     if not texts:
         raise DataError(f"{source}: no text found (empty file or empty {text_field!r} fields)")
@@ -168,12 +191,15 @@ def tokenize_and_pack(texts: list[str], tokenizer, seq_len: int, max_tokens: int
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def split(sequences: torch.Tensor, val_sequences: int, source: str) -> PackedData:
+def split(sequences: torch.Tensor, val_sequences: int, source: str, max_tokens: int | None = None) -> PackedData:
+    """The last `val_sequences` rows held out, the rest to train on; `max_tokens`: the cap the rows were read
+    under, named when they are too few."""
     seq_len = sequences.shape[1] if sequences.dim() == 2 else 0
     if sequences.shape[0] < val_sequences + 1:
+        more = "more text" if max_tokens is None else f"a larger --max-tokens (now {max_tokens})"
         raise DataError(
             f"{source}: only {sequences.shape[0]} sequences of {seq_len} tokens; need at least "
-            f"{val_sequences + 1} ({val_sequences} held out for validation + 1 to train). Give more text, "
+            f"{val_sequences + 1} ({val_sequences} held out for validation + 1 to train). Give {more}, "
             f"a shorter --seq-len or (train) fewer --val-sequences"
         )
     return PackedData(sequences[:-val_sequences], sequences[-val_sequences:], source)
@@ -248,7 +274,8 @@ def load_data(cfg, routed, tokenizer, cache_dir: Path) -> PackedData:
         return split(ids[order], cfg.val_sequences, "self")
     digest = data_digest(cfg.data)
     texts = read_texts(cfg.data, cfg.text_field)
-    packed = split(tokenize_and_pack(texts, tokenizer, cfg.seq_len, cfg.max_tokens), cfg.val_sequences, cfg.data)
+    sequences = tokenize_and_pack(texts, tokenizer, cfg.seq_len, cfg.max_tokens)
+    packed = split(sequences, cfg.val_sequences, cfg.data, cfg.max_tokens)
     packed.digest = digest
     return packed
 
