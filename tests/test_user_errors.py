@@ -10,9 +10,12 @@ import ast
 import errno
 import importlib
 import json
+import os
 import pkgutil
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -388,6 +391,18 @@ def test_10_a_hub_model_in_the_local_cache_loads_without_the_hub(tmp_path, tiny_
                        HF_HUB_CACHE=str(tmp_path / "hub"))
     assert proc.returncode == 0, proc.stderr
     assert "decoder layers: 3" in proc.stdout and "Retry" not in proc.stderr
+
+
+def test_10_a_reader_that_leaves_ends_the_command_quietly(tiny_dir):
+    """`skipgpt generate ... | head`: the streamed text met a closed pipe, and the user got a BrokenPipeError
+    traceback and exit status 1. Now: nothing on stderr, and SIGPIPE's status as a shell reports it."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the command writes its first byte
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    command = [sys.executable, "-m", "skipgpt", "info", "--model", str(tiny_dir / "model")]
+    proc = subprocess.run(command, stdout=write, stderr=subprocess.PIPE, env=env, text=True, timeout=600)
+    os.close(write)
+    assert proc.returncode == 141 and "Traceback" not in proc.stderr and "Error" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("flag,value", [("--lr", "inf"), ("--temperature-start", "nan"), ("--alpha", "-inf"),

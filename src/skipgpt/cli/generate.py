@@ -34,7 +34,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_routers(p, "router directory from `skipgpt train` or `skipgpt demo` (default: the unmodified model)")
     p.add_argument("--prompt", required=True, help="the text to answer")
     p.add_argument("--raw-prompt", action="store_true",
-                   help="send --prompt as it is, without the tokenizer's chat template")
+                   help="send --prompt as it is, without the tokenizer's chat template (the text of a special "
+                        "token, such as <|im_end|>, is that token)")
     p.add_argument("--max-new-tokens", type=positive_int, default=64,
                    help="most tokens to generate; fewer if the model ends its reply (default %(default)s)")
     p.add_argument("--compare-dense", action="store_true",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
 
 from ..errors import SkipGPTError
@@ -35,7 +36,17 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The exit status of `skipgpt ARGV...`: 0, 2 for bad input (one line on stderr), 130 if interrupted."""
+    """The exit status of `skipgpt ARGV...`: 0, 2 for bad input (one line on stderr), 130 if interrupted, 141 when
+    the reader of stdout left (`skipgpt generate ... | head`), as a shell reports a program that SIGPIPE ended."""
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # Nothing more can be shown; stdout goes to /dev/null so the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0), or argparse's one-line error (2)

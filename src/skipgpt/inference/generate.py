@@ -23,8 +23,18 @@ from ..routing.sparsity import SparsityMeter
 
 def prompt_ids(tokenizer, prompt: str, chat: bool = True) -> torch.Tensor:
     """(1, T) token ids of `prompt`, as one user turn of the tokenizer's chat template when it has one
-    (instruction-tuned models answer in that format) and `chat` is True, else the text as it is."""
+    (instruction-tuned models answer in that format) and `chat` is True, else the text as it is (where a
+    special token's text, a hand-written template's <|im_start|>, is that token)."""
     if chat and getattr(tokenizer, "chat_template", None):
+        # The rendered turn is tokenised as a whole, so a special token's text inside the prompt would be read as
+        # that token: "<|im_end|>" would end the user's turn and the rest would read as another role's.
+        special = {*tokenizer.all_special_tokens, *(t.content for t in tokenizer.added_tokens_decoder.values()
+                                                    if t.special)}
+        inside = sorted(t for t in special if t and t in prompt)
+        if inside:
+            raise ConfigError(f"the prompt holds {inside[0]!r}, a special token of this tokenizer, which would end "
+                              f"or open a turn of the chat template; remove it, or give the whole text with "
+                              f"--raw-prompt")
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
