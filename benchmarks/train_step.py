@@ -8,8 +8,8 @@ Three variants on the same token batch, interleaved so machine noise hits all of
   dense-train     the unmodified HF model, forward + backward of the LM loss with every weight trainable
   router-step     one skipgpt stage-1 optimizer step: routed forward (straight-through Gumbel), LM loss +
                   sparsity regulariser, backward into the routers only (base frozen), AdamW update
-Prints the median seconds of --repeats timed rounds after a warm-up, tokens/s, and each variant's time
-relative to the dense forward.
+Prints the median seconds of --repeats timed rounds after a warm-up (the variants' order rotates every
+round), tokens/s, and the median over rounds of each variant's time over the dense forward of its round.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import time
 import torch
 
 import skipgpt
+from skipgpt.cli.common import Parser, int_at_least, positive_int
 from skipgpt.training import TrainConfig
 from skipgpt.training.trainer import _setup_parameters, step_gradients
 
@@ -31,12 +32,13 @@ def sync(device: str) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--batch-size", type=positive_int, default=2)
+    ap.add_argument("--seq-len", type=int_at_least(2), default=256)
+    ap.add_argument("--repeats", type=positive_int, default=5)
+    ap.add_argument("--threads", type=int_at_least(1, 1024), default=None,
+                    help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     if args.threads:
@@ -70,24 +72,25 @@ def main() -> None:
         optimizer.step()
 
     variants = {"dense-forward": dense_forward, "dense-train": dense_train, "router-step": router_step}
+    names = list(variants)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(args.repeats + 1):  # round 0 warms up
-        for name, fn in variants.items():
+        for name in names[round_ % 3:] + names[:round_ % 3]:  # the order rotates: no variant always runs first
             sync(args.device)
             tic = time.perf_counter()
-            fn()
+            variants[name]()
             sync(args.device)
             if round_:
                 times[name].append(time.perf_counter() - tic)
 
     print(f"{args.model}, batch {args.batch_size} x {args.seq_len} tokens, {args.device}, "
           f"{torch.get_num_threads()} threads, median of {args.repeats}")
-    ref = statistics.median(times["dense-forward"])
     print(f"{'variant':<15}{'seconds':>10}{'tokens/s':>12}{'x forward':>12}")
     for name, ts in times.items():
         m = statistics.median(ts)
-        print(f"{name:<15}{m:>10.3f}{tokens / m:>12.0f}{m / ref:>12.2f}")
-
+        # the median of per-round ratios: each against the dense forward of its own round
+        ratio = statistics.median(t / f for t, f in zip(ts, times["dense-forward"]))
+        print(f"{name:<15}{m:>10.3f}{tokens / m:>12.0f}{ratio:>12.2f}")
 
 if __name__ == "__main__":
     main()

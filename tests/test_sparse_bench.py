@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +152,41 @@ def test_random_ids_stay_below_the_embedding_rows():
     assert int(random_ids(model, 10, batch_size=4, seq_len=256, seed=0).max()) < 10
     r = measure_speed(skipgpt.RoutedModel(model), 100 * rows, seq_len=8, batch_size=1, decode_tokens=1, repeats=1)
     assert r["prefill"]["sparse_tok_s"] > 0
+
+
+# -- benchmarks/speed.py -------------------------------------------------------------------------------------
+
+
+def _speed_script():
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "speed.py"
+    spec = importlib.util.spec_from_file_location("speed_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_speed_table_shows_each_phases_own_sparsity():
+    """Decode rows showed the prefill's realised sparsity beside the decode's ideal speedup."""
+    routed = skipgpt.RoutedModel(make_tiny("llama"))
+    r = measure_speed(routed, 128, seq_len=8, batch_size=2, decode_tokens=3, repeats=1, sparsity=0.4)
+    assert r["sparsity"]["param"] != r["decode_sparsity"]["param"]  # random skipping: the phases differ
+    speed = _speed_script()
+    for phase, key in (("prefill", "sparsity"), ("decode", "decode_sparsity")):
+        cells = speed.row("tiny", "b2 s8", "40%", phase, r).split(" | ")
+        assert cells[3] == f"{r[key]['param']:.1%}" and cells[4] == phase
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--repeats", "0"], "--repeats: must be at least 1"),
+    (["--sparsities", "0.25,x"], "'x' is not a number"),
+    (["--sparsities", "1.5"], "sparsity"),
+    (["--llama-batches", "0"], "must be at least 1"),
+    (["--threads", "-1"], "--threads: must be at least 1"),
+    (["--models", "foo"], "unknown model 'foo'"),
+])
+def test_speed_script_refuses_bad_flags_in_one_line(flags, says, capsys):
+    """Each ran into a traceback after building the model, or ran and printed nonsense (150% sparsity, no rows)."""
+    with pytest.raises(SystemExit) as info:
+        _speed_script().main(flags)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and len(err.splitlines()) == 1 and says in err, err

@@ -5,10 +5,10 @@ unmodified HF model (dense), routing with every module computed and gated (maske
 computes only the tokens that execute (sparse). Prefill is one forward over BATCH x SEQ_LEN random tokens
 with logits for every position; decode is DECODE_TOKENS greedy steps from its KV cache. 'speedup' is the
 median over rounds of dense time / sparse time within a round (so it need not equal the ratio of the median
-tokens/s printed beside it), printed with the quartiles of those ratios ('speedup_quartiles'); 'ideal_speedup'
-is the FLOP ratio of the whole forward (LM head included) given the modules actually skipped. Every run
-measures --batch-size sequences and also one sequence (what a single chat user sees): the JSON keeps the
-batch-N results at its top level and puts batch 1's under "batch_1".
+tokens/s printed beside it), printed with the quartiles of those ratios ('speedup_quartiles'; with 3 rounds or
+fewer, their range); 'ideal_speedup' is the FLOP ratio of the whole forward (LM head included) given the
+modules actually skipped. Every run measures --batch-size sequences and also one sequence (what a single
+chat user sees): the JSON keeps the batch-N results at its top level and puts batch 1's under "batch_1".
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     result["target_sparsity"] = args.sparsity if args.routers else target  # exact: "routing" prints it rounded
     write_results(args.output, result)
     print(f"{result['device']}, {result['dtype']}, prompt {args.seq_len} tokens, {args.decode_tokens} decode steps")
+    spread = "quartiles" if args.repeats > 3 else "range"  # (three rounds or fewer have no quartiles to speak of)
     batches = [(args.batch_size, result)] + ([(1, result["batch_1"])] if args.batch_size != 1 else [])
     for batch, r in batches:
         pre, dec = r["sparsity"], r["decode_sparsity"]
@@ -98,6 +99,6 @@ def run(args: argparse.Namespace) -> int:
             p = r[phase]
             print(f"  {phase:8s} tok/s  dense {p['dense_tok_s']:9.1f}  masked {p['masked_tok_s']:9.1f}  "
                   f"sparse {p['sparse_tok_s']:9.1f}  speedup {p['speedup']:.3f}x  ideal {p['ideal_speedup']:.3f}x  "
-                  f"quartiles {p['speedup_quartiles'][0]:.3f}-{p['speedup_quartiles'][1]:.3f}")
+                  f"{spread} {p['speedup_quartiles'][0]:.3f}-{p['speedup_quartiles'][1]:.3f}")
     print(f"wrote {args.output}")
     return 0
