@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -317,6 +318,26 @@ def test_a_perplexity_text_shorter_than_a_window_is_refused_before_any_task_runs
         evaluate(model, tokenizer, tasks, limit=2, seq_len=256, progress=False)  # the model's whole context
 
 
+def test_a_hub_task_that_cannot_load_is_refused_before_any_task_runs(model, tokenizer, monkeypatch):
+    """`--task arc_easy=PATH --task piqa` offline: ARC-Easy was scored (hours on a full set), then piqa's hub load
+    failed and no result was written."""
+    from skipgpt.evaluation import runner
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a task ran before every task was loaded")
+
+    def offline(data, name=None):  # what build_task raises when the hub cannot give the dataset
+        if data is None:
+            raise DataError(f"{name}: no PATH given and the hub dataset could not be loaded (ConnectionError)")
+        return build_task(data, name)
+
+    monkeypatch.setattr(runner, "run_task", must_not_run)
+    monkeypatch.setattr(runner, "build_task", offline)
+    with pytest.raises(DataError, match="hellaswag: no PATH given"):
+        evaluate(model, tokenizer, {"piqa": str(FIX / "piqa"), "hellaswag": None}, limit=2, seq_len=8,
+                 progress=False)
+
+
 def test_no_progress_means_no_bars_from_the_harness_either(model, tokenizer, capfd):
     import lm_eval.api.task
     import tqdm
@@ -515,3 +536,21 @@ def test_plain_lm_eval_finds_the_skipgpt_model_in_a_fresh_interpreter(tmp_path):
     out = subprocess.run([sys.executable, "-m", "skipgpt.evaluation.harness", "--help"], cwd=tmp_path,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "--model" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("extra, says", [(",routers=ROOT/nowhere", "router directory .*nowhere does not exist"),
+                                         (",router=ROOT/r", "unknown model_args 'router'")])
+def test_skipgpt_lm_eval_refuses_bad_model_args_in_one_line(extra, says, tmp_path, capsys, monkeypatch):
+    """skipgpt's own console script gave a traceback and exit status 1 for a routers= folder that is not one."""
+    import sys
+
+    from skipgpt.evaluation.harness import main
+
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() sets the harness's command line there
+
+    save_tiny_llama(tmp_path / "m", layers=2)
+    model_args = f"pretrained={tmp_path / 'm'}" + extra.replace("ROOT", str(tmp_path))
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--model", "skipgpt", "--model_args", model_args, "--tasks", "piqa", "--device", "cpu"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("skipgpt-lm-eval")]
+    assert info.value.code == 2 and len(err) == 1 and re.search(says, err[0]), err

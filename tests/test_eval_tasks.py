@@ -16,6 +16,7 @@ from skipgpt.evaluation.tasks import (
     load_perplexity_text,
     load_task,
     paper_metric,
+    read_records,
 )
 
 FIX = Path(__file__).resolve().parent / "fixtures" / "eval"
@@ -192,6 +193,16 @@ def test_lone_file_of_another_task_or_split_is_refused(tmp_path, name, file, why
                           "openbookqa": "test.jsonl", "piqa": "valid.jsonl"}[name] in msg
     with pytest.raises(DataError, match="holds only"):  # the CLI's check before the model loads
         parse_tasks([f"{name}={tmp_path}"])
+
+
+def test_a_line_separator_inside_a_json_string_is_text(tmp_path):
+    """JSON allows U+2028, U+0085 and form feeds unescaped (ensure_ascii=False writes them so): splitting lines at
+    them refused a valid file with "line 2 is not JSON"."""
+    stem = "Which is a liquid?\u2028Pick one\x85\x0c"
+    item = {**ARC_ITEM, "question": {**ARC_ITEM["question"], "stem": stem}}
+    path = tmp_path / "arc.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in (ARC_ITEM, item)), encoding="utf-8")
+    assert [r["question"]["stem"] for r in read_records(path)] == ["Which is a liquid?", stem]
 
 
 def test_lone_file_of_the_task_or_unmarked_is_still_read(tmp_path):

@@ -61,7 +61,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    "sparse: skipped tokens are not computed. Same decisions, same scores (default %(default)s)")
     add_task_flags(p)
     p.add_argument("--batch-size", type=positive_int, default=1,
-                   help="items (or windows) per forward pass (default %(default)s)")
+                   help="scoring requests, one per (item, choice), or perplexity windows per forward pass "
+                        "(default %(default)s)")
     p.add_argument("--seq-len", type=int_at_least(2), default=None,
                    help="perplexity window length in tokens (default 2048, or the model's maximum if smaller)")
     add_output(p, "write the results JSON here")

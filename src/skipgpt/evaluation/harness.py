@@ -31,7 +31,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from ..artifact import apply_adapter, load_adapter, load_routers
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, SkipGPTError
 from ..models.loading import load_model
 from ..models.routed import RoutedModel
 from .tasks import PAPER_METRIC as PAPER_METRIC  # noqa: F401 - kept importable from here
@@ -237,12 +237,17 @@ def run_task(lm: HFLM, task, limit: int | None = None, log_samples: bool = False
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The harness's command line, with the `skipgpt` model registered."""
+    """The harness's command line, with the `skipgpt` model registered. skipgpt's own refusals (a routers= folder
+    that is not one, an unknown model_args key) are one line and exit status 2, as from `skipgpt`."""
     from lm_eval.__main__ import cli_evaluate
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except SkipGPTError as e:
+        print(f"skipgpt-lm-eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

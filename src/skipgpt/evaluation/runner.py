@@ -38,6 +38,15 @@ def _perplexity_ids(name: str, path: str | None, tokenizer, seq_len: int) -> tor
     return ids
 
 
+def _choice_task(name: str, path: str | None, limit: int | None, progress: bool):
+    """(the task's local items or None for the hub's, its harness task) of a multiple-choice task."""
+    data = task_data.load_task(name, path) if path else None
+    if data is not None and limit is not None:
+        data.docs = data.docs[:limit]  # the first N items, in file order
+    with nullcontext() if progress else quiet_bars():
+        return data, build_task(data, name)
+
+
 def _sparsity(routed) -> dict:
     if routed is None:
         return {"param": 0.0, "attention": 0.0, "mlp": 0.0}
@@ -74,6 +83,8 @@ def evaluate(
     # fail after hours of multiple-choice scoring.
     texts = {name: _perplexity_ids(name, path, tokenizer, seq_len)
              for name, path in tasks.items() if name in task_data.PPL_TASKS}
+    # So is every multiple-choice task, a hub one fetched: one the hub cannot give must not fail after the others.
+    choices = {name: _choice_task(name, path, limit, progress) for name, path in tasks.items() if name not in texts}
     lm = None
     out_tasks: dict[str, dict] = {}
     bar = tqdm(list(tasks.items()), desc="tasks", unit="task", disable=not progress)
@@ -91,11 +102,8 @@ def evaluate(
                                         progress=bar_windows.update)
                 row = {**result, "source": path}
             else:
-                data = task_data.load_task(name, path) if path else None
-                if data is not None and limit is not None:
-                    data.docs = data.docs[:limit]  # the first N items, in file order
+                data, task = choices[name]
                 with torch.no_grad(), nullcontext() if progress else quiet_bars():
-                    task = build_task(data, name)
                     if lm is None:
                         lm = SkipGPTLM(model, tokenizer=tokenizer, batch_size=batch_size)
                     result = run_task(lm, task, limit=limit if data is None else None)

@@ -173,7 +173,7 @@ def read_records(path: Path) -> list[dict]:
                 raise DataError(f"{path}: expected a non-empty list of JSON objects")
             return rows
     rows = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: a JSON string may hold U+2028 or \x85
         if not line.strip():
             continue
         try:
