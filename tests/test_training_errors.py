@@ -80,6 +80,8 @@ def test_other_bad_input_creates_no_output_folder(tmp_path, tiny_dir, capsys, mo
         (["--data", str(tmp_path / "missing.txt")], "does not exist"),
         (["--data", str(tmp_path / "empty.txt")], "no text found"),
         (["--val-sequences", "100000"], "need at least"),
+        (["--val-sequences", "100000", "--max-tokens", "100000000"], "Give more text"),  # the cap is not the cause
+        (["--max-tokens", "64"], "Give a larger --max-tokens (now 64)"),  # the text is long enough: the cap is not
         # the tiny model has 64 positions: the routers would have learned on positions it never saw
         (["--seq-len", "65"], "training sequences of 65 tokens exceed the model's maximum context of 64 tokens"),
         (["--data", "self", "--max-tokens", "64"], "sampled data ('self') is sized by self_sequences"),

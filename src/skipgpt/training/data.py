@@ -275,7 +275,10 @@ def load_data(cfg, routed, tokenizer, cache_dir: Path) -> PackedData:
     digest = data_digest(cfg.data)
     texts = read_texts(cfg.data, cfg.text_field)
     sequences = tokenize_and_pack(texts, tokenizer, cfg.seq_len, cfg.max_tokens)
-    packed = split(sequences, cfg.val_sequences, cfg.data, cfg.max_tokens)
+    # the cap is named when it is what ended the text (within the part-row that packing dropped)
+    cap = cfg.max_tokens
+    capped = cap if cap is not None and sequences.numel() + cfg.seq_len > cap else None
+    packed = split(sequences, cfg.val_sequences, cfg.data, capped)
     packed.digest = digest
     return packed
 
