@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -180,6 +181,19 @@ def test_a_model_whose_weights_changed_is_not_saved_as_the_routers_base(saved, t
     other = load_routers(make_tiny("llama", seed=1), saved[0], check=False)
     save_routers(other, tmp_path / "other")
     load_routers(make_tiny("llama", seed=1), tmp_path / "other").unpatch()
+
+
+def test_attaching_and_loading_an_adapter_warns_nothing(saved, tmp_path):
+    """PEFT reads a property transformers deprecates: a FutureWarning on every stage-2 run and load."""
+    from skipgpt.training import attach_lora
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        routed = load_routers(make_tiny("llama"), saved[0])
+        attach_lora(routed, r=2, targets=["q_proj"])
+        save_routers(routed, tmp_path / "stage2")
+        load_routers(make_tiny("llama"), tmp_path / "stage2", lora="attach")
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
 def test_float16_weights_load_routers_with_a_warning(saved):

@@ -18,7 +18,8 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -181,7 +182,8 @@ def load_adapter(model: nn.Module, directory: str | Path, merge: bool = True, tr
     from peft.utils import get_peft_model_state_dict
 
     try:  # TypeError, AttributeError: a config field of the wrong type ("r": null, "lora_alpha": "x")
-        peft = PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
+        with peft_quiet():
+            peft = PeftModel.from_pretrained(model, str(directory), is_trainable=trainable)
     except (ValueError, OSError, KeyError, RuntimeError, TypeError, AttributeError) as e:
         raise ArtifactError(f"{directory}: cannot load the adapter ({str(e).splitlines()[0]})") from None
     # PEFT injects the modules its config names (target_modules, layers_to_transform, exclude_modules...) and
@@ -194,6 +196,15 @@ def load_adapter(model: nn.Module, directory: str | Path, merge: bool = True, tr
         raise ArtifactError(f"{directory}: its adapter_config.json applies LoRA to other modules than its weights "
                             f"adapt ({what}); an edited target_modules, layers_to_transform or exclude_modules?")
     return peft.merge_and_unload() if merge else peft
+
+
+@contextmanager
+def peft_quiet() -> Iterator[None]:
+    """PEFT 0.21 reads the model's `is_gradient_checkpointing`, which transformers 5 deprecates with a FutureWarning
+    on every adapter attached or loaded: noise for the user, about code neither of us runs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 
 def check_adapter(directory: str | Path) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..artifact import check_layers, input_embedding
+from ..artifact import check_layers, input_embedding, peft_quiet
 from ..errors import ConfigError
 
 
@@ -48,7 +48,8 @@ def attach_lora(routed, r: int = 16, alpha: int = 32, dropout: float = 0.1,
     check_lora_targets(routed.model, targets, r)
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
                         bias="none", task_type="CAUSAL_LM")
-    routed.model = get_peft_model(routed.model, config)
+    with peft_quiet():
+        routed.model = get_peft_model(routed.model, config)
     check_layers(routed)
     return routed.model
 
