@@ -37,6 +37,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"routing: {routed.config.extra.get('routing')} baseline, target {routed.config.target_sparsity:.0%}; "
               f"its decisions come from the policy saved in skip_config.json, not from router logits and a threshold")
     elif args.routers:
+        own = sum(p.numel() for p in routed.routers.parameters())
         print(f"routers: {routed.config.router} on {routed.config.router_input} input, "
-              f"target {routed.config.target_sparsity:.0%}, threshold {routed.config.threshold:+.3f}")
+              f"target {routed.config.target_sparsity:.0%}, threshold {routed.config.threshold:+.3f}; "
+              f"{own / 1e6:.2f}M parameters, run on every token: {own / total:.2%} of the decoder, which no sparsity "
+              f"figure charges")
     return 0
