@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from skipgpt import RoutedModel, SkipConfig
-from skipgpt.errors import ConfigError, UnsupportedModelError
+from skipgpt.errors import ConfigError, DataError, UnsupportedModelError
 from skipgpt.models.adapters import find_decoder
 from skipgpt.routing import policies
 from skipgpt.routing.sparsity import SparsityMeter, report
@@ -826,6 +826,19 @@ def test_calibration_leaves_the_callers_statistics_and_refuses_what_it_cannot_se
         calibrate.calibrate_threshold(routed, [batch], 0.3)
     hook.remove()
     assert not passes and routed.threshold == 0.7  # refused before any pass, threshold kept
+
+
+def test_calibration_on_padding_only_is_refused_and_keeps_the_threshold():
+    """Every sparsity reads 0 on batches without a real token: the search returned the threshold it started from,
+    as if it had met the target."""
+    from skipgpt.routing import calibrate
+
+    routed = _varied(RoutedModel(make_tiny("llama")))
+    routed.threshold = 0.7
+    ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(DataError, match="hold no real tokens"):
+        calibrate.calibrate_threshold(routed, [{"input_ids": ids, "attention_mask": torch.zeros_like(ids)}], 0.25)
+    assert routed.threshold == 0.7
 
 
 def test_a_tie_executes_in_training_as_at_inference():

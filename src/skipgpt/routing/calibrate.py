@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import torch
 
 from ..config import ACCOUNTINGS, check_sparsity
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from . import policies
 
 
@@ -24,7 +24,10 @@ def measure(routed, batches: Iterable[dict[str, torch.Tensor]], accounting: str 
     routed.reset_sparsity()
     for batch in batches:
         routed(**batch)
-    return getattr(routed.sparsity(), accounting)
+    report = routed.sparsity()
+    if report.tokens == 0:  # every sparsity reads 0: a calibration would stop at its first threshold, silently
+        raise DataError("the calibration batches hold no real tokens (their attention masks are all padding)")
+    return getattr(report, accounting)
 
 
 BRACKET = 30.0  # the first search interval, +-; trained routers' margins reach the hundreds: it widens on demand
