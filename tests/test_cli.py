@@ -27,8 +27,8 @@ def test_bad_input_is_one_line_error(tmp_path, capsys):
 
 
 def test_info_names_the_routers_own_cost(tiny_dir, tmp_path, capsys):
-    """MLP routers run on every token and no sparsity figure charges them: info says how much of the decoder
-    they are (hand count: hidden -> hidden/4 -> 2 per module, two modules per layer)."""
+    """MLP routers run on every token: info says how much of the decoder they are (hand count: hidden -> hidden/4
+    -> 2 per module, two modules per layer)."""
     from skipgpt import RoutedModel, SkipConfig, load_model, save_routers
 
     model, _ = load_model(str(tiny_dir / "model"))

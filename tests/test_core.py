@@ -13,7 +13,7 @@ from skipgpt.models.adapters import find_decoder
 from skipgpt.routing import policies
 from skipgpt.routing.sparsity import SparsityMeter, report
 
-from conftest import ARCHS, make_tiny, varied_routers
+from conftest import ARCHS, linear_router_share, make_tiny, varied_routers
 
 
 def ids_and_mask(vocab: int = 128, batch: int = 2, seq: int = 10, seed: int = 1):
@@ -48,11 +48,15 @@ def test_execute_all_equals_hf_model(arch):
     with torch.no_grad(), routed.forced("execute"):
         got = routed(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    # Fresh routers start from "execute everything" too (zero weights, execute bias).
+    assert routed.sparsity().param == 0.0  # a fixed policy decided: no router ran
+    # Fresh routers start from "execute everything" too (zero weights, execute bias); they ran on every real token,
+    # which the net sparsity charges.
+    routed.reset_sparsity()
     with torch.no_grad():
         got = routed(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    assert routed.sparsity().param == 0.0
+    assert routed.sparsity().module == 0.0
+    assert routed.sparsity().param == pytest.approx(-linear_router_share(model), rel=1e-12)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -164,6 +168,33 @@ def test_sparsity_accounting_against_hand_computation():
                 total_flops += attn + kv + mlp
                 skipped_flops += attn * (not masks[i, 0, b, t]) + mlp * (not masks[i, 1, b, t])
     assert report.flop == pytest.approx(skipped_flops / total_flops)
+
+
+def test_routers_are_charged_on_every_token_they_decide_for_by_hand():
+    """Routers run before every module whatever they decide: net sparsity charges their parameters (and 2 FLOPs
+    each) per real token; a fixed policy runs none; the coupled variant runs the attention routers only."""
+    model = make_tiny("llama")
+    routed = RoutedModel(model)  # fresh routers: everything executes
+    ids, mask = ids_and_mask(batch=2, seq=6)
+    real = mask.bool()
+    d, heads, hd, inter = 32, 4, 8, 64
+    router = 2 * d + 2  # Linear(d, 2) per module
+    per_token = 0.0  # decoder FLOPs of the real tokens, summed (as in the hand computation above)
+    for b in range(2):
+        for t in range(6):
+            if real[b, t]:
+                per_token += 3 * (2 * 2 * d * d + 4 * heads * hd * int(mask.cumsum(-1)[b, t]) + 2 * 2 * d * (2 * hd)
+                                  + 2 * 3 * d * inter)
+    n = int(real.sum())
+    for policy, share in ((None, 1.0), (policies.CoupledPolicy(routed), 0.5),
+                          (policies.static(torch.ones(3, 2, dtype=torch.bool)), 0.0)):
+        routed.force(policy).reset_sparsity()
+        with torch.no_grad():
+            routed(input_ids=ids, attention_mask=mask)
+        report = routed.sparsity()
+        assert report.module == 0.0
+        assert report.param == pytest.approx(-share * linear_router_share(model), rel=1e-12, abs=1e-15)
+        assert report.flop == pytest.approx(-share * n * 3 * 2 * 2 * router / per_token, rel=1e-12, abs=1e-15)
 
 
 def test_flop_accounting_of_a_row_does_not_depend_on_its_left_padding():

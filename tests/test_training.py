@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from skipgpt import RoutedModel, SkipConfig
 from skipgpt.errors import ConfigError
+from skipgpt.routing import policies
 from skipgpt.training import TrainConfig, TrainingError, merge_lora, train, trainer
 from skipgpt.training import loss as L
 from skipgpt.training.checkpoint import CHECKPOINT_NAME
@@ -26,7 +27,7 @@ from skipgpt.training.lora import attach_lora
 from skipgpt.training.step import learning_rate, step_gradients
 from skipgpt.training.trainer import _setup_parameters
 
-from conftest import make_tiny, one_error_line, run_cli, varied_routers
+from conftest import linear_router_share, make_tiny, one_error_line, run_cli, varied_routers
 
 
 def packed(seed: int = 0, n: int = 12, seq: int = 16, vocab: int = 128) -> PackedData:
@@ -102,6 +103,23 @@ def test_regulariser_gradient_pushes_sparsity_toward_target():
         # d loss / d skip-bias: negative (raise skip logits) below the target, positive above it.
         skip_bias = torch.stack([r.net.bias.grad[1] for r in list(routed.routers.attn) + list(routed.routers.mlp)])
         assert (skip_bias * sign >= 0).all() and float((skip_bias * sign).sum()) > 0
+
+
+def test_regulariser_aims_at_the_net_target_where_a_threshold_sets_the_rate():
+    """Routers that skip nothing realise minus their own cost (counted by hand) in the regulariser, so training
+    at a target lands near the net sparsity calibration meets; MoD-D's fixed capacity is left gross."""
+    model = make_tiny("llama")
+    routed = RoutedModel(model)  # fresh routers: everything executes
+    batch = {"input_ids": packed().train[:2]}
+    for policy, expected in ((None, -linear_router_share(model)),
+                             (policies.ModPolicy(routed, torch.ones(3, 2)), 0.0)):
+        routed.force(policy)
+        with torch.no_grad():
+            routed(**batch)
+        values, counts = L.sequence_sparsity(routed, "param")
+        assert values.tolist() == pytest.approx([expected] * 2, rel=1e-6, abs=1e-9)
+        assert float(L.regulariser_sum(routed, "param", 0.25)) == pytest.approx(
+            float(counts.sum()) * (0.25 - expected), rel=1e-6)
 
 
 def test_gradient_accumulation_equals_the_large_batch_gradient(tmp_path):

@@ -40,6 +40,6 @@ def run(args: argparse.Namespace) -> int:
         own = sum(p.numel() for p in routed.routers.parameters())
         print(f"routers: {routed.config.router} on {routed.config.router_input} input, "
               f"target {routed.config.target_sparsity:.0%}, threshold {routed.config.threshold:+.3f}; "
-              f"{own / 1e6:.2f}M parameters, run on every token: {own / total:.2%} of the decoder, which no sparsity "
-              f"figure charges")
+              f"{own / 1e6:.2f}M parameters, run on every token: {own / total:.2%} of the decoder, charged in every "
+              f"net sparsity figure")
     return 0

@@ -16,7 +16,8 @@ whole run at once, the per-round masked/dense decode ratios spanned 0.78-1.02 be
 are medians of the per-round ratios (a variant against the dense run of the same round), with their first
 and third quartiles; tokens/s are medians over rounds.
 The ideal speedup is the FLOP ratio of the whole forward, LM head included, under this project's
-semantics (a skipped attention still computes its keys and values): total / (total - skipped).
+semantics (a skipped attention still computes its keys and values): total / (total - skipped), the saving net
+of the routers' FLOPs.
 """
 
 from __future__ import annotations

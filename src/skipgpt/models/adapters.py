@@ -106,9 +106,11 @@ def _weight_numel(linear: nn.Module) -> int:
     return _numel(linear)
 
 
-def module_costs(model: nn.Module, layers: list[LayerParts], forecaster_params: int = 0) -> ModuleCosts:
+def module_costs(model: nn.Module, layers: list[LayerParts], forecaster_params: int = 0,
+                 router_params: int = 0) -> ModuleCosts:
     """Parameters and FLOPs of every module; a skipped token is charged `forecaster_params` (and twice as
-    many FLOPs) for the forecaster that stands in for the module (0 = plain skip)."""
+    many FLOPs) for the forecaster that stands in for the module (0 = plain skip), and every token whose routers
+    decide `router_params` per module (twice as many FLOPs) for its two routers."""
     config = unwrap(model).config
     rows = []
     for p in layers:
@@ -123,9 +125,10 @@ def module_costs(model: nn.Module, layers: list[LayerParts], forecaster_params: 
         window = getattr(a, "sliding_window", None) if hasattr(a, "sliding_window") else getattr(
             config, "sliding_window", None)
         rows.append((attn_params, mlp_params, 2.0 * q_o, 2.0 * k_v, 4.0 * heads * head_dim, 2.0 * _numel(p.mlp),
-                     forecaster_params, 2.0 * forecaster_params, float(window or "inf")))
+                     forecaster_params, 2.0 * forecaster_params, float(window or "inf"), 2.0 * router_params,
+                     4.0 * router_params))
     t = torch.tensor(rows, dtype=torch.float64)
-    return ModuleCosts(*(t[:, i].contiguous() for i in range(9)))
+    return ModuleCosts(*(t[:, i].contiguous() for i in range(t.shape[1])))
 
 
 def fingerprint(model: nn.Module, samples: int = 256) -> str:

@@ -58,6 +58,7 @@ class ForwardState:
     # (B, T) real keys up to each token, from a 2-D padding mask: bounds `context` at left-padded rows, whose
     # positions count the pads unless the caller passes position ids (generate does)
     real_keys: torch.Tensor | None = None
+    router_share: float = 1.0  # of the routers' cost each token pays: 0 when a fixed or random policy decides
 
     def __post_init__(self) -> None:
         self.gates = [[None, None] for _ in range(self.num_layers)]
@@ -77,7 +78,7 @@ class ForwardState:
 
     def totals(self, costs) -> dict[str, torch.Tensor]:
         """The sums behind every sparsity ratio of this pass (differentiable in the gates)."""
-        return skip_totals(*self.stacked(), costs)
+        return skip_totals(*self.stacked(), costs, self.router_share)
 
 
 # -- the routed model --------------------------------------------------------------------------------------
@@ -117,7 +118,8 @@ class RoutedModel(nn.Module):
         self.forecasters = None
         if rank:
             self.forecasters = ForecasterBank(len(self.layers), hf.config.hidden_size, rank).to(param.device)
-        self.costs = module_costs(model, self.layers, 0 if rank == 0 else self.forecasters.params_per_module())
+        self.costs = module_costs(model, self.layers, 0 if rank == 0 else self.forecasters.params_per_module(),
+                                  self.routers.params_per_module())
         self.meter = SparsityMeter(self.costs)
         self.gradient_checkpointing = False  # trade compute for activation memory in training
         self.adapter: Path | None = None  # the LoRA adapter folder applied to the model (artifact.apply_adapter)
@@ -209,7 +211,7 @@ class RoutedModel(nn.Module):
             real = real.to(torch.bool, copy=True)  # the meter keeps it: a caller may refill the tensor
         else:
             real = _tokens_from_mask(kwargs.get("attention_mask"), kwargs.get("cache"), *x.shape[:2], x.device)
-        self.state = ForwardState(real, len(self.layers))
+        self.state = ForwardState(real, len(self.layers), router_share=policies.router_share(self.policy))
         self.state.real_keys = _real_keys(kwargs.get("attention_mask"), kwargs.get("cache"), x.shape[1])
         inference = not self.training_routers
         self._folds = self.routers.folds(self.config.threshold) if inference else None

@@ -118,6 +118,10 @@ class RouterBank(nn.Module):
     def get(self, layer: int, kind: str) -> Router:
         return (self.attn if kind == "attn" else self.mlp)[layer]
 
+    def params_per_module(self) -> int:
+        """What one router costs a token: every module's router has the same shape."""
+        return sum(p.numel() for p in self.attn[0].parameters())
+
     def train(self, mode: bool = True) -> RouterBank:
         self._folds_key = None  # rebuild the folds: weights may have changed without a version bump
         return super().train(mode)

@@ -173,6 +173,15 @@ class CoupledPolicy:
         return g
 
 
+def router_share(policy: Policy | None) -> float:
+    """How much of the routers' cost a token pays under `policy`: all of it when the routers decide (no policy,
+    MoD-D's scores), the attention routers' half when the coupled variant reuses their decision for the MLP, none
+    under a fixed or random policy, which runs no router."""
+    if policy is None or isinstance(policy, ModPolicy):
+        return 1.0
+    return 0.5 if isinstance(policy, CoupledPolicy) else 0.0
+
+
 def reads_threshold(policy: Policy | None) -> bool:
     """Whether decisions under `policy` move with the routers' threshold (so calibrating it sets the sparsity):
     the routers' own argmax and the coupled variant do; fixed, random and MoD-D policies do not."""

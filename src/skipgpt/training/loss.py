@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..routing.policies import reads_threshold
 from ..routing.sparsity import ratios, skip_totals
 
 
@@ -53,12 +54,16 @@ def sequence_sparsity(routed, accounting: str) -> tuple[torch.Tensor, torch.Tens
     """Differentiable realised sparsity (B,) of each sequence of the last forward, and its real-token counts (B,).
 
     Reads the gates whatever produced them (routers or a policy with float gates), so the
-    regulariser trains whichever parameters the gates depend on.
+    regulariser trains whichever parameters the gates depend on. Net of the routers' own cost (a constant in the
+    gates: it moves the target by their share, so trained routers land near the net sparsity calibration then
+    meets) where a threshold sets the rate; not under MoD-D's fixed capacity, where it moved the scores instead
+    (a tiny model's MoD-D then skipped 2% of tokens, not 25%).
     """
     gates, mask, context = routed.state.stacked()
+    share = routed.state.router_share if reads_threshold(routed.policy) else 0.0
     values, counts = [], []
     for b in range(gates.shape[2]):
-        totals = skip_totals(gates[:, :, b : b + 1], mask[b : b + 1], context[b : b + 1], routed.costs)
+        totals = skip_totals(gates[:, :, b : b + 1], mask[b : b + 1], context[b : b + 1], routed.costs, share)
         values.append(ratios(totals, routed.costs)[accounting])
         counts.append(totals["tokens"])
     return torch.stack(values), torch.stack(counts)

@@ -70,7 +70,8 @@ def step_gradients(routed: RoutedModel, batches: list[dict[str, torch.Tensor]], 
                    forward: Callable | None = None, backward: Callable[[torch.Tensor], None] | None = None,
                    no_sync: Callable[[], contextlib.AbstractContextManager] | None = None,
                    seeds: list[int] | None = None) -> dict[str, float]:
-    """Forward/backward every micro-batch of one optimizer step; gradients equal those of one big batch.
+    """Forward/backward every micro-batch of one optimizer step; gradients equal those of one big batch, but for
+    the Gumbel noise, which each micro-batch draws from its own seed.
 
     `seeds`: one RNG seed per micro-batch, set before its forward (see micro_seed).
     """
