@@ -4,6 +4,7 @@ holds for the stage-2 threshold that --threshold-gain steers."""
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -31,15 +32,21 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
             "-m", "skipgpt.cli.main"]
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str]) -> str:
     # One thread per process: two processes share the two cores, and the matmul split is the same in every run.
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def log_columns(out: Path, *names: str) -> list[list[float]]:
+    with open(out / "train_log.csv", encoding="utf-8") as f:
+        return [[float(row[n]) for n in names] for row in csv.DictReader(f)]
 
 
 def test_two_process_ddp_equals_one_process_with_accumulation(tmp_path, tiny_dir):
-    run(TORCHRUN + train_argv(tiny_dir, tmp_path / "ddp", accum=1))
+    printed = run(TORCHRUN + train_argv(tiny_dir, tmp_path / "ddp", accum=1))
     run(CLI + train_argv(tiny_dir, tmp_path / "one", accum=2))
     run(CLI + train_argv(tiny_dir, tmp_path / "half", accum=1))  # half the global batch: must differ
 
@@ -52,13 +59,19 @@ def test_two_process_ddp_equals_one_process_with_accumulation(tmp_path, tiny_dir
     for key in ddp:
         torch.testing.assert_close(ddp[key], one[key], rtol=1e-5, atol=1e-6, msg=key)
     assert any(not torch.allclose(half[k], one[k], rtol=1e-3, atol=1e-4) for k in one)
+    # The log is the whole step's (both ranks' sequences), as accumulation's is, not rank 0's shard.
+    names = ("loss", "lm_loss", "reg", "attention", "mlp")
+    ddp_log, one_log, half_log = (log_columns(tmp_path / r, *names) for r in ("ddp", "one", "half"))
+    assert len(ddp_log) == len(one_log) == 4
+    for a, b in zip(ddp_log, one_log):
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-7)
+    assert half_log[0] != pytest.approx(one_log[0], rel=1e-5, abs=1e-7)  # rank 0's shard alone differs
+    assert printed.count("saved routers") == 1  # one report, not one per process
 
 
 def test_two_process_ddp_steers_the_threshold_like_one_process(tmp_path, tiny_dir):
     """Stage 2 with --threshold-gain: the ranks average their realised sparsity before moving the threshold,
     so 2 processes x 1 sequence end where 1 process x 2 accumulated sequences ends, not where rank 0 alone would."""
-    import csv
-
     from transformers import AutoModelForCausalLM
 
     from skipgpt.artifact import read_config, save_routers

@@ -82,14 +82,15 @@ def run(args: argparse.Namespace) -> int:
         skip = read_config(cfg.routers)
         check_frozen_target(cfg, given_options(args), skip)
     result = train(cfg)
+    # Under torchrun every process gets here; one writer (or a rank could lose its temporary file to the clean-up
+    # of another's save in the same folder), and one report.
+    if not PartialState().is_main_process:
+        return 0
     s = result.summary
     print(f"saved routers to {result.output_dir}" + (" (+ adapter/)" if cfg.trains_lora else ""))
     hs, accounting = s["held_out_sparsity"], s["accounting"]  # stage lora: the frozen routers', not the flag's
     print(f"held-out: {accounting} sparsity {hs[accounting]:.1%} (attention {hs['attention']:.1%}, "
           f"mlp {hs['mlp']:.1%}) at threshold {s['threshold']:+.3f}; perplexity {s['held_out_ppl']:.2f} "
           f"vs dense {s['held_out_dense_ppl']:.2f}; {s['tokens_per_s']:.0f} tokens/s")
-    # Under torchrun every process gets here; one writer, or a rank could lose its temporary file to the
-    # clean-up of another's save in the same folder.
-    if PartialState().is_main_process:
-        write_results(str(result.output_dir / SUMMARY_NAME), s)
+    write_results(str(result.output_dir / SUMMARY_NAME), s)
     return 0
