@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -683,6 +684,21 @@ def test_calibration_from_a_generator_equals_calibration_from_a_list():
     from_list = calibrate.calibrate_threshold(routed, batches, 0.3)
     routed.threshold = 0.0
     assert calibrate.calibrate_threshold(routed, (b for b in batches), 0.3) == from_list
+
+
+def test_a_target_no_threshold_reaches_is_warned_about_and_a_reached_one_is_not(monkeypatch):
+    from skipgpt.routing import calibrate
+
+    routed = _varied(RoutedModel(make_tiny("llama")))
+    batches = [{"input_ids": torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(i))}
+               for i in range(3)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # met: silent
+        calibrate.calibrate_threshold(routed, batches, 0.3)
+    assert abs(calibrate.measure(routed, batches) - 0.3) <= calibrate.FAR
+    monkeypatch.setattr(calibrate, "measure", lambda *args: 0.9)  # routers that skip 90% at every threshold
+    with pytest.warns(UserWarning, match=r"no threshold reaches param sparsity 25.0% .* nearest realises 90.0%"):
+        calibrate.calibrate_threshold(routed, batches, 0.25)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

@@ -10,6 +10,7 @@ forward passes (not a quantile of first-pass logits) lands on the target.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -30,6 +31,7 @@ def measure(routed, batches: Iterable[dict[str, torch.Tensor]], accounting: str 
     return getattr(report, accounting)
 
 
+FAR = 0.01  # a calibration that ends further from its target than this says so
 BRACKET = 30.0  # the first search interval, +-; trained routers' margins reach the hundreds: it widens on demand
 WIDEST = 1e7
 
@@ -46,8 +48,9 @@ def calibrate_threshold(
     """Set and return the threshold whose realised `accounting` sparsity on `batches` is closest to target.
 
     Bisection over [-30, 30]; when every step went one way (the target lies past an end), the interval widens
-    fourfold past that end until it holds the target, and the bisection runs again inside. The caller's
-    statistics and meter are left as they were."""
+    fourfold past that end until it holds the target, and the bisection runs again inside. A target no threshold
+    reaches (within FAR) is warned about, naming the nearest. The caller's statistics and meter are left as they
+    were."""
     check_sparsity(target)
     if accounting not in ACCOUNTINGS:
         raise ConfigError(f"accounting must be one of {ACCOUNTINGS}, got {accounting!r}")
@@ -58,14 +61,14 @@ def calibrate_threshold(
     if not batches:
         raise ValueError("calibration needs at least one batch of text")
     original = routed.threshold
-    best = (float("inf"), original)
+    best = (float("inf"), original, float("nan"))  # distance to the target, threshold, sparsity
 
     def at(threshold: float) -> float:
         nonlocal best
         routed.threshold = threshold
         s = measure(routed, batches, accounting)
         if abs(s - target) < best[0]:
-            best = (abs(s - target), threshold)
+            best = (abs(s - target), threshold, s)
         return s
 
     def bisect(lo: float, hi: float) -> tuple[float, float] | None:  # higher threshold -> fewer skips
@@ -93,8 +96,11 @@ def calibrate_threshold(
                 if abs(outer) <= WIDEST and best[0] > tolerance:
                     bisect(min(inner, outer), max(inner, outer))
         except BaseException:
-            best = (0.0, original)
+            best = (0.0, original, float("nan"))
             raise
         finally:
             routed.threshold = best[1]
+    if best[0] > FAR:
+        warnings.warn(f"no threshold reaches {accounting} sparsity {target:.1%} on the calibration text: the nearest "
+                      f"realises {best[2]:.1%} (threshold {best[1]:+.3f}), which is kept", stacklevel=2)
     return best[1]
