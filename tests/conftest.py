@@ -112,11 +112,12 @@ def run_cli(argv: list[str]) -> int:
 
 
 def linear_router_share(model: torch.nn.Module) -> float:
-    """By hand: the parameters of a Linear(hidden, 2) router before every attention and MLP, over the parameters
-    of the decoder layers (what routers charge every token they decide for)."""
+    """By hand: a Linear(hidden, 2) router before every attention and MLP, as inference runs it (its two rows
+    folded into one: hidden + 1 parameters), over the parameters of the decoder layers (what routers charge every
+    token they decide for)."""
     hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
     decoder = sum(p.numel() for name, p in model.named_parameters() if ".layers." in name)
-    return 2 * layers * (2 * hidden + 2) / decoder
+    return 2 * layers * (hidden + 1) / decoder
 
 
 def varied_routers(seed: int = 1, model: torch.nn.Module | None = None) -> RoutedModel:

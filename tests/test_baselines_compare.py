@@ -82,6 +82,15 @@ def test_compare_all_methods_end_to_end(tiny_folder, tmp_path, monkeypatch):
     again = run_comparison(settings, [0.25], log=logs.append)
     assert json.dumps(again, sort_keys=True) == json.dumps(rows, sort_keys=True)
     assert sum("reusing" in m for m in logs) == len(METHODS) - 1
+    # a trained build from before sparsity was charged the routers (no accounting on record) is rebuilt
+    log_rt = artifact_dir(settings, "skipgpt-rt", 0.25) / "build.json"
+    old = json.loads(log_rt.read_text())
+    del old["settings"]["sparsity"]
+    log_rt.write_text(json.dumps(old))
+    settings.methods = ["skipgpt-rt"]
+    logs.clear()
+    run_comparison(settings, [0.25], log=logs.append)
+    assert any("was built with other settings" in m for m in logs)
     # the informed recipe is part of an informed build's settings: under another one it is rebuilt
     monkeypatch.setattr(compare, "INFORMED_ROUTER", "linear")
     settings.methods = ["skipgpt-informed"]

@@ -12,7 +12,7 @@ import json
 from ..artifact import load_routers, read_config
 from ..models.loading import load_model
 from ..models.routed import RoutedModel
-from ..routing.policies import reads_threshold
+from ..routing.policies import reads_threshold, router_share
 from .common import add_command, add_model_flags, add_routers
 
 
@@ -38,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
               f"its decisions come from the policy saved in skip_config.json, not from router logits and a threshold")
     elif args.routers:
         own = sum(p.numel() for p in routed.routers.parameters())
+        run = float(c.router_params.sum()) * router_share(routed.policy)  # what a token runs: folded last layers
         print(f"routers: {routed.config.router} on {routed.config.router_input} input, "
               f"target {routed.config.target_sparsity:.0%}, threshold {routed.config.threshold:+.3f}; "
-              f"{own / 1e6:.2f}M parameters, run on every token: {own / total:.2%} of the decoder, charged in every "
+              f"{own / 1e6:.2f}M parameters; run on every token: {run / total:.2%} of the decoder, charged in every "
               f"net sparsity figure")
     return 0

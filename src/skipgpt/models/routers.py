@@ -119,8 +119,11 @@ class RouterBank(nn.Module):
         return (self.attn if kind == "attn" else self.mlp)[layer]
 
     def params_per_module(self) -> int:
-        """What one router costs a token: every module's router has the same shape."""
-        return sum(p.numel() for p in self.attn[0].parameters())
+        """What one router costs a token at inference, where its last layer runs folded into one row (Fold):
+        every module's router has the same shape."""
+        router = self.attn[0]
+        last = router.net if router.linear else router.net[-1]
+        return sum(p.numel() for p in router.parameters()) - (last.out_features - 1) * (last.in_features + 1)
 
     def train(self, mode: bool = True) -> RouterBank:
         self._folds_key = None  # rebuild the folds: weights may have changed without a version bump

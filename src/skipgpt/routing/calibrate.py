@@ -48,8 +48,8 @@ def calibrate_threshold(
     """Set and return the threshold whose realised `accounting` sparsity on `batches` is closest to target.
 
     Bisection over [-30, 30]; when every step went one way (the target lies past an end), the interval widens
-    fourfold past that end until it holds the target, and the bisection runs again inside. A target no threshold
-    reaches (within FAR) is warned about, naming the nearest. The caller's statistics and meter are left as they
+    fourfold past that end until it holds the target, and the bisection runs again inside. A search that ends
+    further than FAR from the target warns, naming the sparsity kept. The caller's statistics and meter are left as they
     were."""
     check_sparsity(target)
     if accounting not in ACCOUNTINGS:
@@ -100,7 +100,7 @@ def calibrate_threshold(
             raise
         finally:
             routed.threshold = best[1]
-    if best[0] > FAR:
-        warnings.warn(f"no threshold reaches {accounting} sparsity {target:.1%} on the calibration text: the nearest "
-                      f"realises {best[2]:.1%} (threshold {best[1]:+.3f}), which is kept", stacklevel=2)
+    if best[0] > FAR:  # stacklevel 3: past torch.no_grad's wrapper, at the caller
+        warnings.warn(f"calibration to {accounting} sparsity {target:.1%} ended at {best[2]:.1%} on the calibration "
+                      f"text, the nearest of the thresholds tried (kept: {best[1]:+.3f})", stacklevel=3)
     return best[1]

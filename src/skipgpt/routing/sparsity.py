@@ -6,7 +6,7 @@ Three ratios, all over non-pad tokens only:
 - flop:   skipped FLOPs / all decoder FLOPs, under this project's semantics that a skipped attention
           still computes its keys and values (they stay visible to later tokens).
 param and flop are net of what skipping adds: the routers, which run on every token when they decide (charged
-per real token; 0.07% of SmolLM2's decoder for linear routers, 4.71% for MLP ones), and with forecasters
+per real token; 0.03% of SmolLM2's decoder for linear routers, 4.70% for MLP ones), and with forecasters
 (informed skipping) a skipped module saves its own cost minus its forecaster's. So a model that skips nothing
 has a slightly negative param and flop sparsity. The module ratio counts skip decisions.
 Real tokens are those the attention mask marks: in batched generate(), a row that has finished goes on

@@ -93,8 +93,8 @@ def step_gradients(routed: RoutedModel, batches: list[dict[str, torch.Tensor]], 
             kd = L.kd_sum(logits, dense, batch) / n_pred if dense is not None else torch.zeros_like(nll)
             reg = L.regulariser_sum(routed, cfg.accounting, cfg.target_sparsity) / n_real
             total = (1.0 - cfg.distill) * nll + cfg.distill * kd + alpha * reg
-            if not torch.isfinite(total.detach()):
-                return {**stats, "loss": float("nan")}
+            # A NaN goes on into the stats rather than returning early: under DDP every rank must take part in
+            # the same gradient all-reduce and the stats' mean, and the caller stops every rank on that mean.
             backward(total)
         for key, value in (("loss", total), ("lm_loss", nll), ("kd_loss", kd), ("reg", reg)):
             stats[key] += float(value.detach())
