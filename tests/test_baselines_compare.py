@@ -66,9 +66,9 @@ def test_compare_all_methods_end_to_end(tiny_folder, tmp_path, monkeypatch):
             assert (artifact_dir(settings, name, 0.25) / "skip_config.json").exists(), name
     assert (artifact_dir(settings, "skipgpt-rt-lora", 0.25) / "adapter").exists() or any(
         p.name == "adapter_config.json" for p in artifact_dir(settings, "skipgpt-rt-lora", 0.25).rglob("*"))
-    # informed skipping: linear routers with rank-min(32, hidden) forecasters; their fitting tokens on record
+    # informed skipping: MLP routers with rank-min(32, hidden) forecasters; their fitting tokens on record
     informed = json.loads((artifact_dir(settings, "skipgpt-informed", 0.25) / "skip_config.json").read_text())
-    assert informed["router"] == "linear" and informed["forecaster_rank"] == min(32, informed["base"]["hidden_size"])
+    assert informed["router"] == "mlp" and informed["forecaster_rank"] == min(32, informed["base"]["hidden_size"])
     build = json.loads((artifact_dir(settings, "skipgpt-informed", 0.25) / "build.json").read_text())
     assert build["fit_tokens"] > 0 and build["tune_tokens"] == TrainConfig().forecaster_steps * 2 * 32  # steps x batch
     for name in ("skipgpt-informed", "skipgpt-informed-lora"):
@@ -92,13 +92,13 @@ def test_compare_all_methods_end_to_end(tiny_folder, tmp_path, monkeypatch):
     run_comparison(settings, [0.25], log=logs.append)
     assert any("was built with other settings" in m for m in logs)
     # the informed recipe is part of an informed build's settings: under another one it is rebuilt
-    monkeypatch.setattr(compare, "INFORMED_ROUTER", "mlp")
+    monkeypatch.setattr(compare, "INFORMED_ROUTER", "linear")
     settings.methods = ["skipgpt-informed"]
     logs.clear()
     run_comparison(settings, [0.25], log=logs.append)
     assert any("rebuilding" in m for m in logs)
     assert json.loads((artifact_dir(settings, "skipgpt-informed", 0.25) / "skip_config.json").read_text())[
-        "router"] == "mlp"
+        "router"] == "linear"
     # other build settings: that method is rebuilt and re-evaluated, not silently reused
     settings.calibration_sequences, settings.methods = 2, ["shortgpt"]
     logs.clear()
