@@ -70,6 +70,7 @@ def main() -> None:
     def policy(layer: int, kind: str, x: torch.Tensor) -> torch.Tensor:
         return routed.routers.get(layer, kind).executes(x, thresholds[kind])
 
+    policy.router_share = 1.0  # both kinds' routers run, the unrouted kind's deciding nothing: net sparsity pays
     routed.force(policy)
     if args.attention_rate is not None:
         ids = tokenize_text(tok, load_perplexity_text("wikitext2", args.calibration))

@@ -39,3 +39,11 @@ def test_info_names_the_routers_own_cost(tiny_dir, tmp_path, capsys):
     decoder = sum(p.numel() for name, p in model.named_parameters() if ".layers." in name)
     assert main(["info", "--model", str(tiny_dir / "model"), "--routers", str(tmp_path / "r")]) == 0
     assert f"run on every token: {routers / decoder:.2%} of the decoder" in capsys.readouterr().out
+    # MoD-D's routers score every token too (its decisions come from a saved policy): charged the same
+    from skipgpt.baselines import mod_d
+
+    save_routers(mod_d(load_model(str(tiny_dir / "model"))[0], 0.25, SkipConfig(router="mlp"),
+                       thresholds=[[0.0, 0.0]] * layers), tmp_path / "m")
+    assert main(["info", "--model", str(tiny_dir / "model"), "--routers", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "mod-d baseline" in out and f"run on every token: {routers / decoder:.2%} of the decoder" in out

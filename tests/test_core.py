@@ -187,8 +187,13 @@ def test_routers_are_charged_on_every_token_they_decide_for_by_hand():
                 per_token += 3 * (2 * 2 * d * d + 4 * heads * hd * int(mask.cumsum(-1)[b, t]) + 2 * 2 * d * (2 * hd)
                                   + 2 * 3 * d * inter)
     n = int(real.sum())
+
+    def own(layer, kind, x):  # a policy of one's own that says what router work it runs
+        return torch.ones(x.shape[:-1], dtype=torch.bool)
+
+    own.router_share = 0.25
     for policy, share in ((None, 1.0), (policies.CoupledPolicy(routed), 0.5),
-                          (policies.static(torch.ones(3, 2, dtype=torch.bool)), 0.0)):
+                          (policies.static(torch.ones(3, 2, dtype=torch.bool)), 0.0), (own, 0.25)):
         routed.force(policy).reset_sparsity()
         with torch.no_grad():
             routed(input_ids=ids, attention_mask=mask)
@@ -700,6 +705,18 @@ def test_a_calibration_that_ends_off_target_warns_and_one_on_target_does_not(mon
     with pytest.warns(UserWarning, match=r"calibration to param sparsity 25.0% ended at 90.0%") as caught:
         calibrate.calibrate_threshold(routed, batches, 0.25)
     assert caught[0].filename == __file__  # the caller's line, not torch's no_grad wrapper
+    with warnings.catch_warnings():  # a caller who accepts a wider miss is not warned about it
+        warnings.simplefilter("error")
+        calibrate.calibrate_threshold(routed, batches, 0.25, tolerance=0.7)
+    # under torchrun every rank calibrates the same: only rank 0 says so
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate.calibrate_threshold(routed, batches, 0.25)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    with pytest.warns(UserWarning, match="ended at 90.0%"):
+        calibrate.calibrate_threshold(routed, batches, 0.25)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

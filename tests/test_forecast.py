@@ -15,7 +15,7 @@ from skipgpt.training import forecast, trainer
 from skipgpt.training.config import TrainConfig
 from skipgpt.training.data import PackedData
 from skipgpt.training.forecast import fit_forecasters, solve, tune_forecasters
-from skipgpt.training.step import held_out_nll
+from skipgpt.training.step import TrainingError, held_out_nll
 
 from conftest import make_tiny, varied_routers, with_random_forecasters
 
@@ -324,3 +324,23 @@ def test_fitted_forecasters_are_not_refitted_on_dense_passes_before_the_routers_
     trainer.train(TrainConfig(**{**cfg.to_dict(), "output": str(tmp_path / "again")}), routed=fitted,
                   data=PackedData(ids, ids[:4], "t"))
     assert fits == [True, True]
+
+
+def test_a_nan_on_another_rank_stops_forecaster_tuning_on_this_one():
+    """Under torchrun each rank checks the loss averaged over all ranks: a rank whose own loss is finite stops
+    with the others (before the gradient reduce it would otherwise wait in), with the forecasters untouched."""
+    class OtherRankNaN:  # rank 0 of 2, the other rank's loss NaN: every mean it reduces is NaN
+        num_processes, process_index, device = 2, 0, torch.device("cpu")
+
+        def reduce(self, t, op):
+            return torch.full_like(t, float("nan"))
+
+    routed = RoutedModel(make_tiny("llama"), SkipConfig(forecaster_rank=2))
+    routed.force(policies.static(torch.tensor([[True, True], [True, False], [False, True]])))
+    ids = torch.randint(0, 128, (8, 12), generator=torch.Generator().manual_seed(0))
+    fit_forecasters(routed, [{"input_ids": ids}], on_policy=True)
+    before = {k: v.clone() for k, v in routed.forecasters.state_dict().items()}
+    cfg = TrainConfig(model="tiny", data="tiny", seq_len=12, batch_size=2, steps=3, forecaster_steps=5)
+    with pytest.raises(TrainingError, match="forecaster step 1"):
+        tune_forecasters(routed, PackedData(train=ids, val=ids, source="tiny"), cfg, OtherRankNaN())
+    assert all(torch.equal(v, before[k].float()) for k, v in routed.forecasters.state_dict().items())

@@ -38,9 +38,11 @@ def run(args: argparse.Namespace) -> int:
               f"its decisions come from the policy saved in skip_config.json, not from router logits and a threshold")
     elif args.routers:
         own = sum(p.numel() for p in routed.routers.parameters())
-        run = float(c.router_params.sum()) * router_share(routed.policy)  # what a token runs: folded last layers
         print(f"routers: {routed.config.router} on {routed.config.router_input} input, "
               f"target {routed.config.target_sparsity:.0%}, threshold {routed.config.threshold:+.3f}; "
-              f"{own / 1e6:.2f}M parameters; run on every token: {run / total:.2%} of the decoder, charged in every "
-              f"net sparsity figure")
+              f"{own / 1e6:.2f}M parameters")
+    share = router_share(routed.policy) if args.routers else 0.0  # MoD-D's scores are its routers too
+    if share:
+        run = float(c.router_params.sum()) * share  # what a token runs: the folded last layers
+        print(f"routers run on every token: {run / total:.2%} of the decoder, charged in every net sparsity figure")
     return 0

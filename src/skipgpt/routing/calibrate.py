@@ -49,8 +49,8 @@ def calibrate_threshold(
 
     Bisection over [-30, 30]; when every step went one way (the target lies past an end), the interval widens
     fourfold past that end until it holds the target, and the bisection runs again inside. A search that ends
-    further than FAR from the target warns, naming the sparsity kept. The caller's statistics and meter are left as they
-    were."""
+    further than FAR (or the tolerance, if wider) from the target warns, naming the sparsity kept. The caller's
+    statistics and meter are left as they were."""
     check_sparsity(target)
     if accounting not in ACCOUNTINGS:
         raise ConfigError(f"accounting must be one of {ACCOUNTINGS}, got {accounting!r}")
@@ -100,7 +100,14 @@ def calibrate_threshold(
             raise
         finally:
             routed.threshold = best[1]
-    if best[0] > FAR:  # stacklevel 3: past torch.no_grad's wrapper, at the caller
+    if best[0] > max(FAR, tolerance) and _main_rank():  # stacklevel 3: past torch.no_grad's wrapper, at the caller
         warnings.warn(f"calibration to {accounting} sparsity {target:.1%} ended at {best[2]:.1%} on the calibration "
                       f"text, the nearest of the thresholds tried (kept: {best[1]:+.3f})", stacklevel=3)
     return best[1]
+
+
+def _main_rank() -> bool:
+    """Whether this process speaks for the run: every rank calibrates on the same text under torchrun, and one
+    warning is enough."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0

@@ -1,6 +1,7 @@
 """Policies: routing decisions that do not come from the plain router argmax (tests, baselines, ablations).
 
-A policy is a callable (layer, kind, x) -> execute mask of shape x.shape[:-1], kind "attn" or "mlp".
+A policy is a callable (layer, kind, x) -> execute mask of shape x.shape[:-1], kind "attn" or "mlp". One
+that calls the routers itself says how much of their cost a token pays in a `router_share` attribute.
 Baselines save what their policy needs in the artifact's config (`extra["routing"]` names the variant),
 and `from_extra` rebuilds it, so a loaded baseline decides exactly as the saved one did.
 
@@ -176,7 +177,10 @@ class CoupledPolicy:
 def router_share(policy: Policy | None) -> float:
     """How much of the routers' cost a token pays under `policy`: all of it when the routers decide (no policy,
     MoD-D's scores), the attention routers' half when the coupled variant reuses their decision for the MLP, none
-    under a fixed or random policy, which runs no router."""
+    under a fixed or random policy, which runs no router; a policy of your own says so in `router_share`."""
+    share = getattr(policy, "router_share", None)
+    if share is not None:
+        return float(share)
     if policy is None or isinstance(policy, ModPolicy):
         return 1.0
     return 0.5 if isinstance(policy, CoupledPolicy) else 0.0

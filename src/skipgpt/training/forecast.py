@@ -187,8 +187,11 @@ def tune_forecasters(routed: RoutedModel, data: PackedData, cfg: TrainConfig, ac
         # the steps after the router steps in the same data order: text the routers did not train on
         batches = step_batches(data.train, cfg.steps + step, cfg, accelerator)
         optimizer.zero_grad(set_to_none=False)
-        stats = step_gradients(routed, batches, loss_cfg)
-        if not math.isfinite(stats["loss"]):
+        loss = step_gradients(routed, batches, loss_cfg)["loss"]
+        if world > 1:  # every rank sees a NaN on any rank and stops, rather than wait for it in the reduce below
+            loss = float(accelerator.reduce(torch.tensor([loss], dtype=torch.float64, device=accelerator.device),
+                                            "mean"))
+        if not math.isfinite(loss):
             raise TrainingError(f"loss became NaN/inf at forecaster step {step + 1}; lower --forecaster-lr")
         if world > 1:  # the forecasters are outside the DDP wrapper: average their gradients by hand
             for p in bank.parameters():
