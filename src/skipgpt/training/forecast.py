@@ -35,7 +35,7 @@ from ..routing.calibrate import calibrate_threshold
 from ..routing.policies import KINDS
 from .config import TrainConfig
 from .data import PackedData
-from .step import TrainingError, chunked, held_out_nll, learning_rate, step_batches, step_gradients
+from .step import TrainingError, chunked, held_out_nll, learning_rate, ranks_mean, step_batches, step_gradients
 
 FIT_SEQUENCES = 128  # training sequences a forecaster fit reads (forward passes only; 64 fitted worse)
 
@@ -187,10 +187,8 @@ def tune_forecasters(routed: RoutedModel, data: PackedData, cfg: TrainConfig, ac
         # the steps after the router steps in the same data order: text the routers did not train on
         batches = step_batches(data.train, cfg.steps + step, cfg, accelerator)
         optimizer.zero_grad(set_to_none=False)
-        loss = step_gradients(routed, batches, loss_cfg)["loss"]
-        if world > 1:  # every rank sees a NaN on any rank and stops, rather than wait for it in the reduce below
-            loss = float(accelerator.reduce(torch.tensor([loss], dtype=torch.float64, device=accelerator.device),
-                                            "mean"))
+        # every rank sees a NaN on any rank and stops, rather than wait for it in the gradient reduce below
+        loss = ranks_mean(step_gradients(routed, batches, loss_cfg), accelerator)["loss"]
         if not math.isfinite(loss):
             raise TrainingError(f"loss became NaN/inf at forecaster step {step + 1}; lower --forecaster-lr")
         if world > 1:  # the forecasters are outside the DDP wrapper: average their gradients by hand

@@ -61,6 +61,15 @@ def step_batches(train: torch.Tensor, step: int, cfg: TrainConfig,
         train, step, cfg.batch_size, cfg.grad_accum, cfg.seed, accelerator.process_index, accelerator.num_processes)]
 
 
+def ranks_mean(stats: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    """A step's statistics averaged over the processes (the ranks' token counts match), so every rank logs the
+    whole step and sees a NaN that any rank saw."""
+    if accelerator.num_processes == 1:
+        return stats
+    values = torch.tensor(list(stats.values()), dtype=torch.float64, device=accelerator.device)
+    return dict(zip(stats, accelerator.reduce(values, "mean").cpu().tolist()))
+
+
 def chunked(sequences: torch.Tensor, batch_size: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
     """`sequences` (N, T) in order, as batches of `batch_size` on `device` (forward passes only)."""
     return [{"input_ids": sequences[i : i + batch_size].to(device)} for i in range(0, len(sequences), batch_size)]

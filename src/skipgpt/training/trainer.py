@@ -61,6 +61,7 @@ from .step import (
     held_out_nll,
     learning_rate,
     micro_seed,
+    ranks_mean,
     steer_threshold,
     step_batches,
     step_gradients,
@@ -267,10 +268,7 @@ def train(cfg: TrainConfig, routed=None, tokenizer=None, data: PackedData | None
         seeds = [micro_seed(cfg.seed, step, m * world + rank) for m in range(cfg.grad_accum)]
         stats = step_gradients(routed, batches, cfg, forward=wrapped, backward=accelerator.backward,
                                no_sync=lambda: accelerator.no_sync(wrapped), seeds=seeds)
-        if world > 1:  # the log and summary show the whole step, not rank 0's shard (the ranks' token counts match)
-            values = torch.tensor(list(stats.values()), dtype=torch.float64, device=accelerator.device)
-            mean = accelerator.reduce(values, "mean")
-            stats = dict(zip(stats, mean.cpu().tolist()))
+        stats = ranks_mean(stats, accelerator)  # the log and summary show the whole step, not rank 0's shard
         if not math.isfinite(stats["loss"]):
             bar.close()
             kept = f"the last good checkpoint is {ckpt}" if ours else "no checkpoint of this run was written"
