@@ -3,11 +3,13 @@ tokens of a sequence (the attention sink every later token reads) should always 
 
     D=../shared/data
     python benchmarks/positions.py --routers runs/bench30/skipgpt-informed-25 --skip 500 --execute-first 1 \
+        --snippets $D/wikitext2/wiki.test.raw \
         --task piqa=$D/piqa --task hellaswag=$D/hellaswag --task arc_easy=$D/arc_easy
 
 Part 1: the extra NLL per token over dense, by position, on --items items of each task after the first --skip,
 each item's context and right answer as one text (task_text.py), scored one item at a time: for the routers as
-saved and for ShortGPT at the routers' target (Block Influence on the last 8 windows of 512 of --calibration).
+saved and for ShortGPT at the routers' target (Block Influence on the last 8 windows of 512 of --calibration);
+with --snippets FILE, also on as many pieces of 80 tokens of that WikiText-2 text, each scored from a fresh start.
 Part 2, with --execute-first N: the tasks scored (--limit items after the first --skip, masked mode) with the
 routers as saved and with the first N tokens of every sequence executing every module, each with the sparsity
 realised on the task. --skip 500 keeps to items docs/RESULTS.md's headline does not score (there --limit 500).
@@ -32,6 +34,7 @@ from skipgpt.models.routed import RoutedModel
 from skipgpt.routing.policies import KIND_INDEX
 
 SEQ = 512
+SNIPPET = 80  # tokens per piece of --snippets text: about an item's length
 EDGES = (1, 4, 8, 16, 32, 64)  # position buckets: [1, 4), [4, 8), ..., [64, end)
 
 
@@ -73,32 +76,42 @@ def main() -> None:
     p.add_argument("--execute-first", type=int, default=0, help="part 2: the first N tokens always execute (0: none)")
     p.add_argument("--calibration", default="../shared/data/wikitext2/wiki.valid.tokens",
                    help="text for ShortGPT's Block Influence (WikiText-2 format)")
+    p.add_argument("--snippets", help="also score pieces of 80 tokens of this WikiText-2 file (wiki.test.raw)")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype)
     tasks = {name: load_task(name, path) for name, path in (t.split("=", 1) for t in args.task)}
-    texts = [item_text(name, d) for name, data in tasks.items() for d in data.docs[args.skip:args.skip + args.items]]
-    items = [tok(t, return_tensors="pt").input_ids for t in texts]
+    texts = [item_text(name, d) for name, data in tasks.items() for d in data.docs[args.skip : args.skip + args.items]]
+    groups = {"task text": [tok(t, return_tensors="pt").input_ids for t in texts]}
+    if args.snippets:
+        # as many pieces of the running text as there are items, each SNIPPET tokens from a fresh start
+        ids = tokenize_text(tok, load_perplexity_text("wikitext2", args.snippets))
+        stride = max(SNIPPET, (ids.numel() - SNIPPET) // len(texts))
+        groups["WikiText snippets"] = [ids[i : i + SNIPPET][None] for i in range(0, stride * len(texts), stride)]
 
-    dense = nll_by_position(model, items)
-    ids = tokenize_text(tok, load_perplexity_text("wikitext2", args.calibration))
-    windows = ids[: ids.numel() // SEQ * SEQ].view(-1, SEQ)[-8:]
+    dense = {group: nll_by_position(model, items) for group, items in groups.items()}
     routed = load_routers(model, args.routers)
+    rows = {}
     with routed.using(mode="masked"):
-        rows = {"routers": nll_by_position(routed.model, items) - dense}
+        for group, items in groups.items():
+            rows[group, "routers"] = nll_by_position(routed.model, items) - dense[group]
     routed.unpatch()  # the layers take ShortGPT's routing for a while
-    static = shortgpt(RoutedModel(model), tok, routed.config.target_sparsity, [{"input_ids": w[None]} for w in windows])
-    rows["shortgpt"] = nll_by_position(static.model, items) - dense
+    ids = tokenize_text(tok, load_perplexity_text("wikitext2", args.calibration))
+    windows = [{"input_ids": w[None]} for w in ids[: ids.numel() // SEQ * SEQ].view(-1, SEQ)[-8:]]
+    static = shortgpt(RoutedModel(model), tok, routed.config.target_sparsity, windows)
+    for group, items in groups.items():
+        rows[group, "ShortGPT"] = nll_by_position(static.model, items) - dense[group]
     static.unpatch()
     routed.patch()
     heads = [f"{a}-{b - 1}" for a, b in zip(EDGES, EDGES[1:])] + [f"{EDGES[-1]}+"]
-    print(f"extra NLL per token over dense by position, {len(items)} items' text ({args.routers}; ShortGPT at "
-          f"{static.config.extra['realised_param_sparsity']:.1%}):")
-    print("| | " + " | ".join(heads) + " |\n|---|" + "---|" * len(heads))
-    print("| dense NLL | " + " | ".join(f"{v:.2f}" for v in dense) + " |")
-    for name, row in rows.items():
-        print(f"| {name} | " + " | ".join(f"{v:+.2f}" for v in row) + " |")
+    print(f"extra NLL per token over dense by position ({args.routers}; ShortGPT at "
+          f"{static.config.extra['realised_param_sparsity']:.1%}); {len(texts)} items' text:")
+    print("| text | | " + " | ".join(heads) + " |\n|---|---|" + "---|" * len(heads))
+    for group in groups:
+        print(f"| {group} | dense NLL | " + " | ".join(f"{v:.2f}" for v in dense[group]) + " |")
+        for who in ("routers", "ShortGPT"):
+            print(f"| {group} | {who} | " + " | ".join(f"{v:+.2f}" for v in rows[group, who]) + " |")
     if not args.execute_first:
         return
 
