@@ -39,15 +39,16 @@ EDGES = (1, 4, 8, 16, 32, 64)  # position buckets: [1, 4), [4, 8), ..., [64, end
 
 
 @torch.no_grad()
-def nll_by_position(model, items: list[torch.Tensor]) -> torch.Tensor:
-    """Mean NLL of the tokens at each position bucket (a token's position: how many tokens precede it)."""
+def nll_by_position(model, items: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean NLL of the tokens at each position bucket (a token's position: how many tokens precede it), and the
+    number of tokens in each."""
     sums, counts = torch.zeros(len(EDGES)), torch.zeros(len(EDGES))
     for ids in items:
         nll = F.cross_entropy(model(ids).logits[0, :-1].float(), ids[0, 1:], reduction="none")
         bucket = torch.bucketize(torch.arange(1, ids.shape[1]), torch.tensor(EDGES), right=True) - 1
         sums.index_add_(0, bucket, nll)
         counts.index_add_(0, bucket, torch.ones_like(nll))
-    return sums / counts.clamp_min(1)
+    return sums / counts.clamp_min(1), counts
 
 
 def first_tokens_execute(routed: RoutedModel, n: int) -> None:
@@ -64,11 +65,12 @@ def first_tokens_execute(routed: RoutedModel, n: int) -> None:
     routed.force(policy)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--routers", required=True, help="router directory (from `skipgpt train` or compare)")
+    p.add_argument("--routers", required=True, help="router directory (from `skipgpt train` or compare); an adapter "
+                   "in it is not applied, so that dense, the routers and ShortGPT share the base weights")
     p.add_argument("--task", action="append", required=True, metavar="NAME=PATH", help="as `skipgpt eval --task`")
     p.add_argument("--skip", type=int, default=500, help="leave out each task's first N items")
     p.add_argument("--items", type=int, default=200, help="items per task whose text part 1 scores")
@@ -78,7 +80,7 @@ def main() -> None:
                    help="text for ShortGPT's Block Influence (WikiText-2 format)")
     p.add_argument("--snippets", help="also score pieces of 80 tokens of this WikiText-2 file (wiki.test.raw)")
     p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model, dtype=args.dtype)
     tasks = {name: load_task(name, path) for name, path in (t.split("=", 1) for t in args.task)}
@@ -90,18 +92,22 @@ def main() -> None:
         stride = max(SNIPPET, (ids.numel() - SNIPPET) // len(texts))
         groups["WikiText snippets"] = [ids[i : i + SNIPPET][None] for i in range(0, stride * len(texts), stride)]
 
-    dense = {group: nll_by_position(model, items) for group, items in groups.items()}
-    routed = load_routers(model, args.routers)
-    rows = {}
+    dense, counts = {}, {}
+    for group, items in groups.items():
+        dense[group], counts[group] = nll_by_position(model, items)
+    routed = load_routers(model, args.routers, lora="none")
+    rows, skipped = {}, {}
     with routed.using(mode="masked"):
         for group, items in groups.items():
-            rows[group, "routers"] = nll_by_position(routed.model, items) - dense[group]
+            with routed.measuring():
+                rows[group, "routers"] = nll_by_position(routed.model, items)[0] - dense[group]
+                skipped[group] = routed.sparsity().param
     routed.unpatch()  # the layers take ShortGPT's routing for a while
     ids = tokenize_text(tok, load_perplexity_text("wikitext2", args.calibration))
     windows = [{"input_ids": w[None]} for w in ids[: ids.numel() // SEQ * SEQ].view(-1, SEQ)[-8:]]
     static = shortgpt(RoutedModel(model), tok, routed.config.target_sparsity, windows)
     for group, items in groups.items():
-        rows[group, "ShortGPT"] = nll_by_position(static.model, items) - dense[group]
+        rows[group, "ShortGPT"] = nll_by_position(static.model, items)[0] - dense[group]
     static.unpatch()
     routed.patch()
     heads = [f"{a}-{b - 1}" for a, b in zip(EDGES, EDGES[1:])] + [f"{EDGES[-1]}+"]
@@ -109,9 +115,11 @@ def main() -> None:
           f"{static.config.extra['realised_param_sparsity']:.1%}); {len(texts)} items' text:")
     print("| text | | " + " | ".join(heads) + " |\n|---|---|" + "---|" * len(heads))
     for group in groups:
+        print(f"| {group} | tokens | " + " | ".join(f"{int(c)}" for c in counts[group]) + " |")
         print(f"| {group} | dense NLL | " + " | ".join(f"{v:.2f}" for v in dense[group]) + " |")
         for who in ("routers", "ShortGPT"):
             print(f"| {group} | {who} | " + " | ".join(f"{v:+.2f}" for v in rows[group, who]) + " |")
+        print(f"| {group} | routers skip | {skipped[group]:.1%} of parameters |" + " |" * (len(heads) - 1))
     if not args.execute_first:
         return
 
