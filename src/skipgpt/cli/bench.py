@@ -3,12 +3,13 @@
 Time the same weights three ways, interleaved (order rotated), medians over --repeats after one warm-up round: the
 unmodified HF model (dense), routing with every module computed and gated (masked), and routing that
 computes only the tokens that execute (sparse). Prefill is one forward over BATCH x SEQ_LEN random tokens
-with logits for every position; decode is DECODE_TOKENS greedy steps from its KV cache. 'speedup' is the
-median over rounds of dense time / sparse time within a round (so it need not equal the ratio of the median
-tokens/s printed beside it), printed with the quartiles of those ratios ('speedup_quartiles'; with 3 rounds or
-fewer, their range); 'ideal_speedup' is the FLOP ratio of the whole forward (LM head included) given the
-modules actually skipped. Every run measures --batch-size sequences and also one sequence (what a single
-chat user sees): the JSON keeps the batch-N results at its top level and puts batch 1's under "batch_1".
+keeping the last position's logits, as generate() does; decode is DECODE_TOKENS greedy steps from its KV
+cache. 'speedup' is the median over rounds of dense time / sparse time within a round (so it need not equal
+the ratio of the median tokens/s printed beside it), printed with the quartiles of those ratios
+('speedup_quartiles'; with 3 rounds or fewer, their range); 'ideal_speedup' is the FLOP ratio of the whole
+forward (LM head included, where logits are kept) given the modules actually skipped. Every run measures
+--batch-size sequences and also one sequence (what a single chat user sees): the JSON keeps the batch-N
+results at its top level and puts batch 1's under "batch_1".
 """
 
 from __future__ import annotations
