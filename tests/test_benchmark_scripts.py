@@ -78,7 +78,10 @@ def test_positions_script_end_to_end(positions, tiny_dir, tmp_path, capsys):
     text = tiny_dir / "text.txt"
     positions.main(["--model", str(tiny_dir / "model"), "--dtype", "float32", "--routers", str(tmp_path / "r"),
                     "--task", f"piqa={FIXTURES / 'piqa'}", "--skip", "0", "--items", "3", "--limit", "3",
-                    "--calibration", str(text), "--snippets", str(text), "--execute-first", "1"])
+                    "--calibration", str(text), "--snippets", str(text), "--execute-first", "1",
+                    # main() sets torch's thread count for the whole process: this one's, or the tests after it
+                    # would compare runs at another count (a resumed run against a subprocess's, bitwise)
+                    "--threads", str(torch.get_num_threads())])
     out = capsys.readouterr().out
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in out.splitlines() if line.startswith("|")}
     for group in ("task text", "WikiText snippets"):
